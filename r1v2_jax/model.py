@@ -1,0 +1,193 @@
+"""The R1V2 vision-language model: ``logits = LLM(merge(adapter(ViT(images)), embed(text)))``."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from r1v2_jax.config import ModelConfig
+from r1v2_jax.sharding import DEFAULT_RULES, constrain, tree_shardings, use_mesh_rules
+from r1v2_jax.text import Qwen2, default_positions
+from r1v2_jax.vision import Adapter, InternViT
+
+
+def merge_image_features(text_embeds: jax.Array, input_ids: jax.Array, image_features: jax.Array,
+                         image_token_id: int) -> jax.Array:
+    """Replace the embeddings of ``<IMG_CONTEXT>`` tokens by adapter outputs, in order.
+
+    Args:
+      text_embeds: f[B, T, H], the token embeddings of ``input_ids``.
+      input_ids: i32[B, T]; positions equal to ``image_token_id`` are image slots.
+      image_features: f[N, H], adapter outputs of all tiles of all images, flattened in the
+        order the tiles were given (tile-major, then the tile's tokens row by row).
+      image_token_id: the id of ``<IMG_CONTEXT>``.
+
+    Returns:
+      f[B, T, H]: slot k (counting image slots in row-major order over [B, T]) holds
+      ``image_features[k]``; every other position keeps its text embedding.
+
+    The number of slots must equal N. Inside jit this cannot be checked; the
+    :class:`R1V2Model` wrapper checks it on concrete inputs. Extra slots would read the last
+    feature (indices are clamped), which is why the wrapper refuses them.
+    """
+    b, t, h = text_embeds.shape
+    is_img = input_ids == image_token_id
+    slot = jnp.cumsum(is_img.reshape(-1).astype(jnp.int32)) - 1
+    slot = jnp.clip(slot, 0, max(image_features.shape[0] - 1, 0))
+    gathered = jnp.take(image_features.astype(text_embeds.dtype), slot, axis=0).reshape(b, t, h)
+    return jnp.where(is_img[..., None], gathered, text_embeds)
+
+
+class R1V2(nn.Module):
+    """InternViT -> adapter (``mlp1``) -> Qwen2, with the multimodal merge in between."""
+
+    config: ModelConfig
+
+    def setup(self):
+        self.vision_model = InternViT(self.config)
+        self.mlp1 = Adapter(self.config)
+        self.language_model = Qwen2(self.config)
+
+    def encode_images(self, pixel_values: jax.Array) -> jax.Array:
+        """pixel_values: f[n_tiles, 3, H, W] -> f[n_tiles * tokens_per_tile, H_llm]."""
+        feats = self.mlp1(self.vision_model(pixel_values))
+        return feats.reshape(-1, feats.shape[-1])
+
+    def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None = None) -> jax.Array:
+        """Input embeddings with image slots filled: f[B, T, H]."""
+        embeds = self.language_model.embed(input_ids)
+        if pixel_values is not None:
+            embeds = merge_image_features(embeds, input_ids, self.encode_images(pixel_values),
+                                          self.config.image_token_id)
+            embeds = constrain(embeds, ("act_batch", "act_len", "act_embed"))
+        return embeds
+
+    def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
+                 attention_mask: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
+        """input_ids: i32[B, T]; pixel_values: f[n_tiles, 3, H, W] or None; attention_mask:
+        [B, T] (1 = real token) or None; positions: i32[B, T] or None -> logits f[B, T, V]."""
+        if positions is None:
+            positions = default_positions(input_ids.shape, attention_mask)
+        embeds = self.embed(input_ids, pixel_values)
+        hidden = self.language_model.decode(embeds, positions, attention_mask)
+        return self.language_model.logits(hidden)
+
+
+# ---------------------------------------------------------------------------------------
+# Parameters
+# ---------------------------------------------------------------------------------------
+
+def _dummy_inputs(config: ModelConfig):
+    v = config.vision
+    ids = jnp.zeros((1, config.tokens_per_tile() + 1), jnp.int32).at[0, 1:].set(config.image_token_id)
+    pix = jnp.zeros((1, v.num_channels, config.tile_size, config.tile_size), jnp.float32)
+    return ids, pix
+
+
+def init_params(config: ModelConfig, rng: jax.Array, *, boxed: bool = False):
+    """Random parameters (a nested dict under ``params``-less top level).
+
+    ``boxed=True`` keeps Flax's ``LogicallyPartitioned`` boxes (the logical axis names)."""
+    ids, pix = _dummy_inputs(config)
+    variables = R1V2(config).init(rng, ids, pix)
+    params = variables["params"]
+    return params if boxed else nn.unbox(params)
+
+
+def abstract_params(config: ModelConfig, *, boxed: bool = True):
+    """ShapeDtypeStructs of every parameter, without allocating anything."""
+    return jax.eval_shape(functools.partial(init_params, config, boxed=boxed), jax.random.key(0))
+
+
+def param_shardings(config: ModelConfig, mesh, rules=DEFAULT_RULES):
+    """NamedShardings for the (unboxed) parameter tree on ``mesh``."""
+    return nn.unbox(tree_shardings(abstract_params(config, boxed=True), mesh, rules),)
+
+
+def count_params(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+# ---------------------------------------------------------------------------------------
+# The user-facing model object
+# ---------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class R1V2Model:
+    """A model ready to run: config + parameters (+ optional mesh), callable on arrays.
+
+    ``model(input_ids, pixel_values=None)`` returns logits f32/bf16[B, T, V]. Forward passes
+    are jitted once per input shape. With a ``mesh``, parameters are expected to be sharded
+    on it (see :func:`param_shardings`) and activations are constrained by the rules table.
+    """
+
+    config: ModelConfig
+    params: Any
+    mesh: Any = None
+    rules: tuple = DEFAULT_RULES
+
+    def __post_init__(self):
+        self.module = R1V2(self.config)
+        self._forward = jax.jit(self._apply)
+
+    def _apply(self, params, input_ids, pixel_values, attention_mask):
+        with use_mesh_rules(self.mesh, self.rules):
+            return self.module.apply({"params": params}, input_ids, pixel_values, attention_mask)
+
+    def check_inputs(self, input_ids, pixel_values=None, attention_mask=None) -> None:
+        """Raise ValueError for inputs the forward pass cannot use (on concrete arrays)."""
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"input_ids: expected an integer array [B, T], got {ids.dtype}{list(ids.shape)}")
+        vocab = self.config.text.vocab_size
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            raise ValueError(f"input_ids: ids must lie in [0, {vocab}), got min {ids.min()} max {ids.max()}")
+        n_slots = int((ids == self.config.image_token_id).sum())
+        if pixel_values is None:
+            if n_slots:
+                raise ValueError(f"input_ids: {n_slots} <IMG_CONTEXT> tokens (id {self.config.image_token_id}) "
+                                 "but pixel_values is None")
+        else:
+            shape = tuple(np.shape(pixel_values))
+            v = self.config.vision
+            if len(shape) != 4 or shape[1] != v.num_channels or shape[2] % v.patch_size or shape[3] % v.patch_size:
+                raise ValueError(f"pixel_values: expected [n_tiles, {v.num_channels}, H, W] with H, W multiples "
+                                 f"of {v.patch_size}, got {list(shape)}")
+            if shape[2] != shape[3]:
+                raise ValueError(f"pixel_values: tiles must be square (InternVL reshapes the patch grid to a "
+                                 f"square), got H={shape[2]} W={shape[3]}")
+            n_feat = shape[0] * self.config.tokens_per_tile(shape[2])
+            if n_slots != n_feat:
+                raise ValueError(f"input_ids has {n_slots} <IMG_CONTEXT> tokens but pixel_values gives {shape[0]} "
+                                 f"tiles x {self.config.tokens_per_tile(shape[2])} tokens = {n_feat} image features")
+        if attention_mask is not None and tuple(np.shape(attention_mask)) != ids.shape:
+            raise ValueError(f"attention_mask: expected shape {list(ids.shape)}, got {list(np.shape(attention_mask))}")
+
+    def __call__(self, input_ids, pixel_values=None, attention_mask=None) -> jax.Array:
+        self.check_inputs(input_ids, pixel_values, attention_mask)
+        ids = jnp.asarray(input_ids, jnp.int32)
+        pix = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
+        return self._forward(self.params, ids, pix, attention_mask)
+
+    @property
+    def num_params(self) -> int:
+        return count_params(self.params)
+
+
+def init_model(config: ModelConfig | str, seed: int = 0, mesh=None, rules=DEFAULT_RULES) -> R1V2Model:
+    """A randomly initialised model (sharded on ``mesh`` when given)."""
+    from r1v2_jax.config import model_config
+
+    config = model_config(config)
+    init = functools.partial(init_params, config)
+    if mesh is None:
+        params = jax.jit(init)(jax.random.key(seed))
+    else:
+        params = jax.jit(init, out_shardings=param_shardings(config, mesh, rules))(jax.random.key(seed))
+    return R1V2Model(config, params, mesh, rules)

@@ -1,0 +1,47 @@
+"""``load_pretrained``: a released-format HF directory -> a ready :class:`R1V2Model`."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from r1v2_jax.config import DTYPES, ConfigError
+from r1v2_jax.hf_config import read_config
+from r1v2_jax.hf_io import SafetensorsDir
+from r1v2_jax.keymap import released_to_params
+from r1v2_jax.model import R1V2Model, param_shardings
+from r1v2_jax.sharding import DEFAULT_RULES
+
+
+def load_pretrained(path: str | os.PathLike, dtype: str = "float32", *, mesh=None, rules=DEFAULT_RULES,
+                    scan_layers: bool = True, remat_policy: str = "none", image_token_id: int | None = None,
+                    strict: bool = True) -> R1V2Model:
+    """Load a released-format checkpoint (``config.json`` + safetensors, sharded or not).
+
+    Args:
+      path: the HF directory (as downloaded from ``Skywork/Skywork-R1V2-38B``).
+      dtype: parameter and compute dtype (``float32``, ``bfloat16`` or ``float16``).
+      mesh: optional ``data`` x ``fsdp`` x ``tensor`` mesh; parameters are placed sharded on it.
+      scan_layers / remat_policy: how the towers run (see :class:`r1v2_jax.config.ModelConfig`).
+      image_token_id: the ``<IMG_CONTEXT>`` id; by default read from the tokenizer files.
+      strict: refuse unknown ``config.json`` keys (see :mod:`r1v2_jax.hf_config`).
+
+    Tensors are read one at a time; a missing key, an extra key or a wrong shape raises
+    :class:`r1v2_jax.keymap.CheckpointKeyError` naming the key and both shapes.
+    """
+    if dtype not in DTYPES:
+        raise ConfigError(f"load_pretrained: dtype must be one of {DTYPES}, got {dtype!r}")
+    config = read_config(path, image_token_id=image_token_id, strict=strict, dtype=dtype, param_dtype=dtype,
+                         scan_layers=scan_layers, remat_policy=remat_policy)
+    store = SafetensorsDir(path)
+    host = released_to_params(store.get, store.shapes, config, dtype=jnp.dtype(dtype),
+                              source=os.fspath(path))
+    if mesh is None:
+        params = jax.tree.map(jnp.asarray, host)
+    else:
+        shardings = param_shardings(config, mesh, rules)
+        params = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), host, shardings)
+    return R1V2Model(config, params, mesh, rules)

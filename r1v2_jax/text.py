@@ -1,0 +1,158 @@
+"""The Qwen2 decoder (QwQ-32B): GQA with q/k/v bias, RoPE, SwiGLU, RMSNorm, untied head."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+from jax.ad_checkpoint import checkpoint_name
+import jax.numpy as jnp
+
+from r1v2_jax.config import ModelConfig, TextConfig
+from r1v2_jax.layers import CKPT_ATTN_OUT, CKPT_QKV, LayerStack, Linear, RMSNorm
+from r1v2_jax.sharding import constrain
+
+ACT = ("act_batch", "act_len", "act_embed")
+NEG_INF = float(jnp.finfo(jnp.float32).min)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin: f32[B, T, head_dim] for integer positions [B, T] (HF's non-interleaved layout)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [B, T, H, hd]; cos/sin: [B, T, hd]."""
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rot * sin
+
+
+def causal_mask(positions: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
+    """bool[B, 1, 1, T, T]: query i sees key j iff j <= i (by sequence index) and j is not padding."""
+    t = positions.shape[1]
+    allowed = jnp.tril(jnp.ones((t, t), bool))[None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.astype(bool)[:, None, :]
+    return allowed[:, None, None]
+
+
+class TextAttention(nn.Module):
+    cfg: TextConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask):
+        """x: f[B, T, H]; cos/sin: f32[B, T, hd]; mask: bool[B, 1, 1, T, S] -> f[B, T, H]."""
+        c = self.cfg
+        b, t, _ = x.shape
+        hd, nh, nkv = c.resolved_head_dim, c.num_heads, c.num_kv_heads
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        q = Linear(nh * hd, ("embed", "heads"), name="q_proj", **kw)(x).reshape(b, t, nh, hd)
+        k = Linear(nkv * hd, ("embed", "kv_heads"), name="k_proj", **kw)(x).reshape(b, t, nkv, hd)
+        v = Linear(nkv * hd, ("embed", "kv_heads"), name="v_proj", **kw)(x).reshape(b, t, nkv, hd)
+        q, k, v = (checkpoint_name(a, CKPT_QKV) for a in (q, k, v))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attention(q, k, v, mask)
+        out = checkpoint_name(out.reshape(b, t, nh * hd), CKPT_ATTN_OUT)
+        return Linear(c.hidden_size, ("heads", "embed"), use_bias=False, name="o_proj", **kw)(out)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention, softmax in float32.
+
+    q: f[B, T, Hq, d]; k, v: f[B, S, Hkv, d]; mask: bool[B, 1, 1, T, S] (broadcastable) ->
+    f[B, T, Hq, d]. Query head h uses KV head h // (Hq / Hkv), as in HF's ``repeat_kv``.
+    """
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    q = q.reshape(b, t, hkv, g, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * (d**-0.5)
+    logits = jnp.where(mask, logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, hq, d)
+
+
+class TextMLP(nn.Module):
+    cfg: TextConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.cfg
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
+        gate = Linear(c.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
+        up = Linear(c.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
+        h = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_len", "act_mlp"))
+        return Linear(c.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(h)
+
+
+class DecoderLayer(nn.Module):
+    cfg: TextConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, _per_layer, cos, sin, mask):
+        c = self.cfg
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
+        x = x + TextAttention(c, name="self_attn", **kw)(h, cos, sin, mask)
+        h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
+        x = x + TextMLP(c, name="mlp", **kw)(h)
+        return constrain(x, ACT), None
+
+
+class Qwen2(nn.Module):
+    """The language model. ``embed`` / ``decode`` / ``logits`` are separate so the multimodal
+    model can replace image-token embeddings in between."""
+
+    config: ModelConfig
+
+    def setup(self):
+        mc, c = self.config, self.config.text
+        kw = dict(dtype=jnp.dtype(mc.dtype), param_dtype=jnp.dtype(mc.param_dtype))
+        self.embed_tokens = nn.Embed(
+            c.vocab_size, c.hidden_size, dtype=kw["dtype"], param_dtype=kw["param_dtype"],
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
+        self.layers = LayerStack(DecoderLayer, dict(cfg=c, **kw), num_layers=c.num_layers, scan=mc.scan_layers,
+                                 remat=mc.remat_policy, broadcast_args=3)
+        self.norm = RMSNorm(c.rms_norm_eps, **kw)
+        self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """input_ids: i32[B, T] -> f[B, T, H]."""
+        return constrain(self.embed_tokens(input_ids), ACT)
+
+    def decode(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
+        """embeds: f[B, T, H]; positions: i32[B, T]; attention_mask: [B, T] or None -> final-normed f[B, T, H]."""
+        c = self.config.text
+        cos, sin = rope_tables(positions, c.resolved_head_dim, c.rope_theta)
+        mask = causal_mask(positions, attention_mask)
+        return self.norm(self.layers(embeds, None, cos, sin, mask))
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden: f[B, T, H] -> f[B, T, V]."""
+        return constrain(self.lm_head(hidden), ("act_batch", "act_len", "act_vocab"))
+
+    def __call__(self, input_ids, positions=None, attention_mask=None):
+        if positions is None:
+            positions = default_positions(input_ids.shape, attention_mask)
+        return self.logits(self.decode(self.embed(input_ids), positions, attention_mask))
+
+
+def default_positions(shape: tuple[int, int], attention_mask: jax.Array | None) -> jax.Array:
+    """Positions 0..T-1, or for a padded batch the count of real tokens before each one
+    (so left padding does not shift RoPE)."""
+    b, t = shape
+    if attention_mask is None:
+        return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    m = attention_mask.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0)
