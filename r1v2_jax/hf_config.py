@@ -191,6 +191,8 @@ def config_from_dict(d: Mapping[str, Any], *, image_token_id: int, file: str = "
         raise _err(file, "downsample_ratio", f"expected a number, got {ratio!r}")
     vision = _vision(d["vision_config"], file, strict)
     text = _text(d["llm_config"], file, strict)
+    if force == vision.image_size:
+        force = None  # the ViT's own size: nothing forced
     try:
         return ModelConfig(vision=vision, text=text, image_token_id=image_token_id,
                            downsample_ratio=float(ratio), ps_version=ps, select_layer=select,
