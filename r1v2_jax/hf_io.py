@@ -1,4 +1,5 @@
-"""Read HF-format safetensors checkpoints lazily, one tensor at a time. Never unpickles."""
+"""HF-format safetensors checkpoints: read lazily one tensor at a time (never unpickling),
+and written atomically."""
 
 from __future__ import annotations
 
@@ -79,3 +80,59 @@ class SafetensorsDir:
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         for k in self._where:
             yield k, self.get(k)
+
+
+def write_safetensors_dir(tensors, out_dir: str | os.PathLike, *, config_json: dict,
+                          max_shard_bytes: int = 5 * 1024**3, overwrite: bool = False,
+                          extra_json: dict[str, dict] | None = None) -> list[str]:
+    """Write ``(key, numpy array)`` pairs as an HF safetensors directory.
+
+    One ``model.safetensors`` when everything fits in ``max_shard_bytes``, else
+    ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``. The
+    directory is assembled under a temporary name beside ``out_dir`` and renamed into place
+    only when complete; an existing non-empty ``out_dir`` is refused unless ``overwrite``.
+    ``extra_json`` maps further file names to JSON objects written alongside.
+    Returns the shard file names.
+    """
+    import shutil
+    import tempfile
+
+    from safetensors.numpy import save_file
+
+    out_dir = os.fspath(out_dir)
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir}: exists and is not empty (pass overwrite=True to replace it)")
+    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
+    try:
+        shards: list[dict] = [{}]
+        size = 0
+        for key, arr in tensors:
+            arr = np.ascontiguousarray(arr)
+            if shards[-1] and size + arr.nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][key] = arr
+            size += arr.nbytes
+        n = len(shards)
+        names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        weight_map, total = {}, 0
+        for name, part in zip(names, shards):
+            save_file(part, os.path.join(tmp, name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in part})
+            total += sum(a.nbytes for a in part.values())
+            part.clear()
+        if n > 1:
+            with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        for name, obj in {"config.json": config_json, **(extra_json or {})}.items():
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(obj, f, indent=2)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return names

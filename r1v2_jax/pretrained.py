@@ -45,3 +45,25 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", *, mesh=Non
         shardings = param_shardings(config, mesh, rules)
         params = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), host, shardings)
     return R1V2Model(config, params, mesh, rules)
+
+
+def save_released(model: R1V2Model, out_dir: str | os.PathLike, *, dtype: str | None = None,
+                  max_shard_bytes: int = 5 * 1024**3, overwrite: bool = False,
+                  image_context_token: str = "<IMG_CONTEXT>") -> list[str]:
+    """Write ``model`` in the released format (safetensors shards, index, config.json, and a
+    tokenizer_config.json naming the ``<IMG_CONTEXT>`` id).
+
+    Tensors are converted one at a time. ``dtype`` casts on the way out (default: as stored).
+    """
+    from r1v2_jax.hf_formats import released_config_dict
+    from r1v2_jax.hf_io import write_safetensors_dir
+    from r1v2_jax.keymap import params_to_released
+
+    np_dtype = None if dtype is None else jnp.dtype(dtype)
+    stored = str(np_dtype or jnp.dtype(model.config.param_dtype))
+    tensors = ((k, v if np_dtype is None else v.astype(np_dtype)) for k, v in params_to_released(model.params, model.config))
+    tokenizer = {"added_tokens_decoder": {str(model.config.image_token_id): {
+        "content": image_context_token, "special": True}}}
+    return write_safetensors_dir(tensors, out_dir, config_json=released_config_dict(model.config, stored),
+                                 max_shard_bytes=max_shard_bytes, overwrite=overwrite,
+                                 extra_json={"tokenizer_config.json": tokenizer})

@@ -119,3 +119,37 @@ def test_native_released_rename_round_trip():
     assert set(back) == set(sd)
     for k in sd:
         assert torch.equal(back[k], sd[k]), k
+
+
+@pytest.mark.parametrize("dtype,shard_bytes", [("float32", 10**9), ("bfloat16", 20_000)])
+def test_save_released_round_trip_is_bit_identical(tmp_path, dtype, shard_bytes):
+    cfg = model_config("tiny")
+    ref = internvl_reference(cfg, seed=2)
+    src = tmp_path / "src"
+    write_released(ref, cfg, str(src), dtype=getattr(torch, dtype))
+    m = r1v2_jax.load_pretrained(str(src), dtype=dtype)
+    names = r1v2_jax.save_released(m, str(tmp_path / "out"), max_shard_bytes=shard_bytes)
+    assert (len(names) > 1) == (shard_bytes < 10**9)
+    a, b = SafetensorsDir(str(src)), SafetensorsDir(str(tmp_path / "out"))
+    assert set(a.keys()) == set(b.keys())
+    for k in a.keys():
+        x, y = a.get(k), b.get(k)
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), k
+    if len(names) > 1:
+        idx = json.load(open(tmp_path / "out" / "model.safetensors.index.json"))
+        assert set(idx["weight_map"]) == set(a.keys())
+    m2 = r1v2_jax.load_pretrained(str(tmp_path / "out"), dtype=dtype)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), m.params, m2.params)
+
+
+def test_save_released_refuses_non_empty_dir_and_leaves_no_partial(tmp_path):
+    m = r1v2_jax.init_model("tiny")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="not empty"):
+        r1v2_jax.save_released(m, str(out))
+    assert (out / "keep.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    r1v2_jax.save_released(m, str(out), overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()

@@ -1,0 +1,119 @@
+"""The ``r1v2`` command line.
+
+    r1v2 demo [--preset tiny] [--out DIR]   the main job (for now: a short CPU run of the model)
+    r1v2 info --model PATH | --preset NAME   config and parameter counts of a checkpoint or preset
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+
+def _table(rows: list[tuple[str, str]], title: str) -> str:
+    w = max(len(r[0]) for r in rows)
+    line = "-" * (w + 3 + max(len(r[1]) for r in rows))
+    return "\n".join([title, line] + [f"{a:<{w}} | {b}" for a, b in rows] + [line])
+
+
+def cmd_demo(args) -> int:
+    """Init a model, save it in the released format, load it back, and run it on an image prompt:
+    the checkpoint path users take, end to end, on CPU."""
+    import jax
+    import numpy as np
+
+    import r1v2_jax
+
+    t0 = time.perf_counter()
+    cfg = r1v2_jax.model_config(args.preset)
+    model = r1v2_jax.init_model(cfg, seed=args.seed)
+    out = args.out or tempfile.mkdtemp(prefix="r1v2-demo-")
+    ckpt = os.path.join(out, "released")
+    r1v2_jax.save_released(model, ckpt, overwrite=True)
+    t_save = time.perf_counter()
+    loaded = r1v2_jax.load_pretrained(ckpt, dtype=cfg.param_dtype)
+    t_load = time.perf_counter()
+
+    rng = np.random.default_rng(args.seed)
+    n_img = cfg.tokens_per_tile()
+    prompt = rng.integers(0, cfg.image_token_id - 1, 8)
+    ids = np.concatenate([prompt[:2], np.full(n_img, cfg.image_token_id), prompt[2:]])[None]
+    pix = rng.standard_normal((1, 3, cfg.tile_size, cfg.tile_size)).astype(np.float32)
+    a = np.asarray(model(ids, pix))
+    b = np.asarray(loaded(ids, pix))
+    t_fwd = time.perf_counter()
+    # Greedy continuation by repeated full forward passes (the KV-cache sampler is r1v2_jax.generate).
+    seq = ids
+    for _ in range(args.new_tokens):
+        nxt = int(np.asarray(loaded(seq, pix))[0, -1].argmax())
+        seq = np.concatenate([seq, [[nxt]]], axis=1)
+    t_gen = time.perf_counter()
+    diff = float(np.abs(a - b).max())
+    print(_table([
+        ("preset", args.preset),
+        ("devices", f"{len(jax.devices())} x {jax.devices()[0].platform}"),
+        ("parameters", f"{model.num_params:,}"),
+        ("ViT / adapter / LLM", " / ".join(f"{r1v2_jax.count_params(model.params[k]):,}"
+                                           for k in ("vision_model", "mlp1", "language_model"))),
+        ("released checkpoint", ckpt),
+        ("save + load (s)", f"{t_save - t0:.2f} + {t_load - t_save:.2f}"),
+        ("prompt tokens (image)", f"{ids.shape[1]} ({n_img})"),
+        ("logits", f"{list(b.shape)}"),
+        ("reload max |diff|", f"{diff:.3g}"),
+        ("forward (s, incl. compile)", f"{t_fwd - t_load:.2f}"),
+        (f"greedy {args.new_tokens} tokens", " ".join(map(str, seq[0, ids.shape[1]:].tolist()))),
+        ("greedy time (s)", f"{t_gen - t_fwd:.2f}"),
+    ], "r1v2 demo: init -> save released -> load_pretrained -> forward"))
+    if diff != 0.0:
+        print(f"error: reloaded model differs from the saved one (max |diff| {diff})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_info(args) -> int:
+    import r1v2_jax
+    from r1v2_jax.hf_config import read_config
+    from r1v2_jax.model import abstract_params
+
+    cfg = read_config(args.model) if args.model else r1v2_jax.model_config(args.preset)
+    ap = abstract_params(cfg, boxed=False)
+    v, t = cfg.vision, cfg.text
+    print(_table([
+        ("ViT", f"{v.num_layers} layers, hidden {v.hidden_size}, {v.num_heads} heads, mlp {v.intermediate_size}, "
+                f"{v.norm_type}, qk_norm={v.qk_norm}, qkv_bias={v.qkv_bias}"),
+        ("tiles", f"{cfg.tile_size}px, patch {v.patch_size}, {cfg.tokens_per_tile()} tokens/tile, "
+                  f"pixel shuffle {cfg.ps_version}, select_layer {cfg.select_layer}"),
+        ("LLM", f"{t.num_layers} layers, hidden {t.hidden_size}, {t.num_heads}/{t.num_kv_heads} heads, "
+                f"mlp {t.intermediate_size}, vocab {t.vocab_size}, rope θ {t.rope_theta:g}"),
+        ("<IMG_CONTEXT> id", str(cfg.image_token_id)),
+        ("params ViT", f"{r1v2_jax.count_params(ap['vision_model']):,}"),
+        ("params adapter", f"{r1v2_jax.count_params(ap['mlp1']):,}"),
+        ("params LLM", f"{r1v2_jax.count_params(ap['language_model']):,}"),
+        ("params total", f"{r1v2_jax.count_params(ap):,}"),
+    ], f"r1v2 info: {args.model or args.preset}"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="r1v2", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="the main job: a short CPU run of the model")
+    d.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    d.add_argument("--out", default=None, help="output folder (default: a new temporary folder)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--new-tokens", type=int, default=8)
+    d.set_defaults(fn=cmd_demo)
+    i = sub.add_parser("info", help="config and parameter counts")
+    g = i.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model", help="a released-format checkpoint directory")
+    g.add_argument("--preset", choices=["tiny", "small", "r1v2_38b"])
+    i.set_defaults(fn=cmd_info)
+    args = p.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
