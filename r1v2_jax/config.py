@@ -276,11 +276,15 @@ def _r1v2_38b() -> ModelConfig:
 PRESETS = {"tiny": _tiny, "small": _small, "r1v2_38b": _r1v2_38b}
 
 
-def get_preset(name: str) -> ml_collections.ConfigDict:
-    """The named model preset as a ConfigDict (``tiny``, ``small`` or ``r1v2_38b``)."""
+def _preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}")
-    return PRESETS[name]().to_config_dict()
+    return PRESETS[name]()
+
+
+def get_preset(name: str) -> ml_collections.ConfigDict:
+    """The named model preset as a ConfigDict (``tiny``, ``small`` or ``r1v2_38b``)."""
+    return _preset(name).to_config_dict()
 
 
 def model_config(name_or_cd: str | ml_collections.ConfigDict | ModelConfig) -> ModelConfig:
@@ -288,7 +292,5 @@ def model_config(name_or_cd: str | ml_collections.ConfigDict | ModelConfig) -> M
     if isinstance(name_or_cd, ModelConfig):
         return name_or_cd
     if isinstance(name_or_cd, str):
-        if name_or_cd not in PRESETS:
-            raise ConfigError(f"unknown model preset {name_or_cd!r}; known presets: {sorted(PRESETS)}")
-        return PRESETS[name_or_cd]()
+        return _preset(name_or_cd)
     return ModelConfig.from_config_dict(name_or_cd)

@@ -106,6 +106,25 @@ def released_to_native(tensors: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
         yield new, v
 
 
+def _qwen2_fields(t) -> dict:
+    """The Qwen2 config fields both formats share."""
+    return {
+        "model_type": "qwen2",
+        "vocab_size": t.vocab_size,
+        "hidden_size": t.hidden_size,
+        "num_hidden_layers": t.num_layers,
+        "num_attention_heads": t.num_heads,
+        "num_key_value_heads": t.num_kv_heads,
+        "intermediate_size": t.intermediate_size,
+        "rms_norm_eps": t.rms_norm_eps,
+        "rope_theta": t.rope_theta,
+        "max_position_embeddings": t.max_position_embeddings,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        **({"head_dim": t.head_dim} if t.head_dim is not None else {}),
+    }
+
+
 def released_config_dict(c: ModelConfig, torch_dtype: str = "bfloat16") -> dict:
     """The InternVL-Chat ``config.json`` of the released format for this config."""
     v, t = c.vision, c.text
@@ -149,23 +168,11 @@ def released_config_dict(c: ModelConfig, torch_dtype: str = "bfloat16") -> dict:
         },
         "llm_config": {
             "architectures": ["Qwen2ForCausalLM"],
-            "model_type": "qwen2",
-            "vocab_size": t.vocab_size,
-            "hidden_size": t.hidden_size,
-            "num_hidden_layers": t.num_layers,
-            "num_attention_heads": t.num_heads,
-            "num_key_value_heads": t.num_kv_heads,
-            "intermediate_size": t.intermediate_size,
-            "rms_norm_eps": t.rms_norm_eps,
-            "rope_theta": t.rope_theta,
-            "max_position_embeddings": t.max_position_embeddings,
-            "tie_word_embeddings": False,
-            "hidden_act": "silu",
+            **_qwen2_fields(t),
             "use_sliding_window": False,
             "rope_scaling": None,
             "attention_dropout": 0.0,
             "torch_dtype": torch_dtype,
-            **({"head_dim": t.head_dim} if t.head_dim is not None else {}),
         },
     }
 
@@ -202,19 +209,5 @@ def native_config_dict(c: ModelConfig, torch_dtype: str = "bfloat16") -> dict:
             "use_mean_pooling": True,
             "use_absolute_position_embeddings": True,
         },
-        "text_config": {
-            "model_type": "qwen2",
-            "vocab_size": t.vocab_size,
-            "hidden_size": t.hidden_size,
-            "num_hidden_layers": t.num_layers,
-            "num_attention_heads": t.num_heads,
-            "num_key_value_heads": t.num_kv_heads,
-            "intermediate_size": t.intermediate_size,
-            "rms_norm_eps": t.rms_norm_eps,
-            "rope_theta": t.rope_theta,
-            "max_position_embeddings": t.max_position_embeddings,
-            "tie_word_embeddings": False,
-            "hidden_act": "silu",
-            **({"head_dim": t.head_dim} if t.head_dim is not None else {}),
-        },
+        "text_config": _qwen2_fields(t),
     }
