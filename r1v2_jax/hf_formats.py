@@ -90,20 +90,25 @@ def native_to_released(tensors: Mapping[str, Any], concat: Callable) -> Iterator
         yield f"vision_model.encoder.layers.{layer}.attn.qkv.{kind}", concat([parts["q"], parts["k"], parts["v"]], 0)
 
 
+def native_parts(key: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], slice | None]]:
+    """The native transformers tensors one released tensor becomes: (native key, shape, row
+    slice of the released tensor or None for the whole)."""
+    m = _RELEASED_QKV.fullmatch(key)
+    if m:
+        d = shape[0] // 3
+        return [(f"model.vision_tower.encoder.layer.{m.group(1)}.attention.{name}_proj.{m.group(2)}",
+                 (d,) + tuple(shape[1:]), slice(j * d, (j + 1) * d)) for j, name in enumerate("qkv")]
+    new = _rename(key, _INVERSE)
+    if new is None:
+        raise KeyError(f"released key {key!r} has no native transformers counterpart")
+    return [(new, tuple(shape), None)]
+
+
 def released_to_native(tensors: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
     """Yield native transformers (key, tensor) from released tensors (qkv split in three)."""
     for k, v in tensors.items():
-        m = _RELEASED_QKV.fullmatch(k)
-        if m:
-            d = v.shape[0] // 3
-            for j, name in enumerate("qkv"):
-                yield f"model.vision_tower.encoder.layer.{m.group(1)}.attention.{name}_proj.{m.group(2)}", \
-                    v[j * d:(j + 1) * d]
-            continue
-        new = _rename(k, _INVERSE)
-        if new is None:
-            raise KeyError(f"released key {k!r} has no native transformers counterpart")
-        yield new, v
+        for new, _, rows in native_parts(k, tuple(v.shape)):
+            yield new, v if rows is None else v[rows]
 
 
 def _qwen2_fields(t) -> dict:

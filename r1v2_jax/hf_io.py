@@ -49,7 +49,13 @@ class SafetensorsDir:
             hint = (f" (found {pickles}: pickle checkpoints are never loaded; convert them to safetensors "
                     "with a trusted tool first)") if pickles else ""
             raise CheckpointFormatError(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
-        self._handles = {fn: safetensors.safe_open(os.path.join(self.path, fn), framework="numpy") for fn in files}
+        self._handles = {}
+        for fn in files:
+            try:
+                self._handles[fn] = safetensors.safe_open(os.path.join(self.path, fn), framework="numpy")
+            except Exception as e:  # SafetensorError: truncated or corrupt file
+                raise CheckpointFormatError(f"{os.path.join(self.path, fn)}: not a readable safetensors file "
+                                            f"(truncated or corrupt?): {e}") from None
         self._where: dict[str, str] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         for fn, h in self._handles.items():
@@ -82,56 +88,132 @@ class SafetensorsDir:
             yield k, self.get(k)
 
 
-def write_safetensors_dir(tensors, out_dir: str | os.PathLike, *, config_json: dict,
-                          max_shard_bytes: int = 5 * 1024**3, overwrite: bool = False,
-                          extra_json: dict[str, dict] | None = None) -> list[str]:
-    """Write ``(key, numpy array)`` pairs as an HF safetensors directory.
+_ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64", "int64": "I64",
+              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
-    One ``model.safetensors`` when everything fits in ``max_shard_bytes``, else
-    ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``. The
-    directory is assembled under a temporary name beside ``out_dir`` and renamed into place
-    only when complete; an existing non-empty ``out_dir`` is refused unless ``overwrite``.
-    ``extra_json`` maps further file names to JSON objects written alongside.
-    Returns the shard file names.
+
+def plan_shards(specs, max_shard_bytes: int) -> list[list[tuple[str, tuple, np.dtype]]]:
+    """Split ``(key, shape, dtype)`` specs, in order, into shards of at most ``max_shard_bytes``
+    (a single tensor larger than that gets a shard of its own)."""
+    shards: list[list] = [[]]
+    size = 0
+    for key, shape, dtype in specs:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, tuple(shape), np.dtype(dtype)))
+        size += nbytes
+    return shards
+
+
+def _write_shard(path: str, specs, arrays) -> int:
+    """Stream one safetensors file: the header from the specs, then each array's bytes."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for key, shape, dtype in specs:
+        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[key] = {"dtype": _ST_DTYPES[dtype.name], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    with open(path, "wb") as f:
+        f.write(len(hb).to_bytes(8, "little"))
+        f.write(hb)
+        for key, shape, dtype in specs:
+            arr = next(arrays)
+            if tuple(arr.shape) != shape or arr.dtype != dtype:
+                raise ValueError(f"{path}: tensor {key}: got {arr.dtype}{list(arr.shape)}, planned {dtype}{list(shape)}")
+            f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
+            del arr
+        f.flush()
+        os.fsync(f.fileno())
+    return offset
+
+
+def fresh_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> tuple[str, str]:
+    """Check ``out_dir`` may be written and make a temporary sibling to assemble it in.
+
+    Returns (out_dir, tmp_dir). A non-empty ``out_dir`` is refused unless ``overwrite``.
+    Stale temporary folders of earlier, killed runs for the same ``out_dir`` are removed.
     """
     import shutil
     import tempfile
 
-    from safetensors.numpy import save_file
-
-    out_dir = os.fspath(out_dir)
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"{out_dir}: exists and is not a directory")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir}: exists and is not empty (pass overwrite=True to replace it)")
-    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
+        raise FileExistsError(f"{out_dir}: exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+    parent, base = os.path.split(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
+    prefix = f".{base}.partial-"
+    for name in os.listdir(parent):
+        if name.startswith(prefix):
+            pid = name[len(prefix):].split("-")[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    return out_dir, tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
+
+
+def _pid_alive(pid: int) -> bool:
     try:
-        shards: list[dict] = [{}]
-        size = 0
-        for key, arr in tensors:
-            arr = np.ascontiguousarray(arr)
-            if shards[-1] and size + arr.nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][key] = arr
-            size += arr.nbytes
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def publish_dir(tmp: str, out_dir: str) -> None:
+    """Move a completed temporary folder into place (replacing ``out_dir`` if it exists)."""
+    import shutil
+
+    if os.path.exists(out_dir):
+        old = tmp + ".old"
+        os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, out_dir)
+
+
+def write_safetensors_dir(specs, arrays, out_dir: str | os.PathLike, *, config_json: dict,
+                          max_shard_bytes: int = 5 * 1000**3, overwrite: bool = False,
+                          extra_json: dict[str, dict] | None = None,
+                          extra_files: dict[str, str] | None = None) -> list[str]:
+    """Write tensors as an HF safetensors directory, streaming one tensor at a time.
+
+    ``specs`` lists ``(key, shape, dtype)`` in order; ``arrays`` yields the matching numpy
+    arrays lazily (each is written and dropped before the next is asked for). One
+    ``model.safetensors`` when everything fits in ``max_shard_bytes``, else
+    ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``. The
+    directory is assembled under a temporary name beside ``out_dir`` and renamed into place
+    only when complete; an existing non-empty ``out_dir`` is refused unless ``overwrite``.
+    ``extra_json`` maps further file names to JSON objects; ``extra_files`` maps file names to
+    paths to copy. Returns the shard file names.
+    """
+    import shutil
+
+    out_dir, tmp = fresh_output_dir(out_dir, overwrite)
+    try:
+        shards = plan_shards(specs, max_shard_bytes)
         n = len(shards)
         names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        it = iter(arrays)
         weight_map, total = {}, 0
         for name, part in zip(names, shards):
-            save_file(part, os.path.join(tmp, name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in part})
-            total += sum(a.nbytes for a in part.values())
-            part.clear()
+            total += _write_shard(os.path.join(tmp, name), part, it)
+            weight_map.update({k: name for k, _, _ in part})
         if n > 1:
             with open(os.path.join(tmp, INDEX_FILE), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         for name, obj in {"config.json": config_json, **(extra_json or {})}.items():
             with open(os.path.join(tmp, name), "w") as f:
                 json.dump(obj, f, indent=2)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, os.path.join(tmp, name))
+        publish_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

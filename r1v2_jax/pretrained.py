@@ -48,7 +48,7 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", *, mesh=Non
 
 
 def save_released(model: R1V2Model, out_dir: str | os.PathLike, *, dtype: str | None = None,
-                  max_shard_bytes: int = 5 * 1024**3, overwrite: bool = False,
+                  max_shard_bytes: int = 5 * 1000**3, overwrite: bool = False,
                   image_context_token: str = "<IMG_CONTEXT>") -> list[str]:
     """Write ``model`` in the released format (safetensors shards, index, config.json, and a
     tokenizer_config.json naming the ``<IMG_CONTEXT>`` id).
@@ -57,13 +57,31 @@ def save_released(model: R1V2Model, out_dir: str | os.PathLike, *, dtype: str | 
     """
     from r1v2_jax.hf_formats import released_config_dict
     from r1v2_jax.hf_io import write_safetensors_dir
-    from r1v2_jax.keymap import params_to_released
+    from r1v2_jax.keymap import key_entries, params_to_released
 
     np_dtype = None if dtype is None else jnp.dtype(dtype)
     stored = str(np_dtype or jnp.dtype(model.config.param_dtype))
-    tensors = ((k, v if np_dtype is None else v.astype(np_dtype)) for k, v in params_to_released(model.params, model.config))
+    entries = key_entries(model.config)
+    specs = [(e.key, e.shape, np_dtype or jnp.dtype(model.config.param_dtype)) for e in entries]
+    arrays = (v if np_dtype is None else v.astype(np_dtype) for _, v in params_to_released(model.params, model.config))
     tokenizer = {"added_tokens_decoder": {str(model.config.image_token_id): {
         "content": image_context_token, "special": True}}}
-    return write_safetensors_dir(tensors, out_dir, config_json=released_config_dict(model.config, stored),
+    return write_safetensors_dir(specs, arrays, out_dir, config_json=released_config_dict(model.config, stored),
                                  max_shard_bytes=max_shard_bytes, overwrite=overwrite,
                                  extra_json={"tokenizer_config.json": tokenizer})
+
+
+def load_checkpoint(ckpt_dir: str | os.PathLike, dtype: str | None = None, *, mesh=None, rules=DEFAULT_RULES,
+                    scan_layers: bool = True, remat_policy: str = "none") -> R1V2Model:
+    """Load our parameter checkpoint (written by ``tools/convert_weights/hf_to_jax.py``), sharded
+    on ``mesh`` when given: each device reads only its own shard."""
+    from r1v2_jax.checkpoint import checkpoint_config, load_params
+
+    opts = dict(scan_layers=scan_layers, remat_policy=remat_policy)
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ConfigError(f"load_checkpoint: dtype must be one of {DTYPES}, got {dtype!r}")
+        opts.update(dtype=dtype, param_dtype=dtype)
+    config = checkpoint_config(os.fspath(ckpt_dir), **opts)
+    config, params = load_params(os.fspath(ckpt_dir), config, mesh=mesh, rules=rules)
+    return R1V2Model(config, params, mesh, rules)

@@ -1,0 +1,274 @@
+"""Streaming weight conversion between the released HF checkpoint and our parameter checkpoint.
+
+* :func:`hf_to_jax`: released safetensors (one file or shards) -> :mod:`r1v2_jax.checkpoint`.
+* :func:`jax_to_hf`: our checkpoint -> released format (``released``) or the native
+  transformers ``InternVLForConditionalGeneration`` format (``transformers``).
+
+Both read and write one tensor at a time (stacked layers one layer at a time), so peak memory
+is a few of the largest tensors, not the model. Both check every key and shape before
+writing anything, assemble the output in a temporary folder beside ``out_dir`` and rename it
+into place only when complete, and refuse a non-empty ``out_dir`` unless ``overwrite``.
+Pickle files are never loaded. The command-line wrappers are ``tools/convert_weights/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+from r1v2_jax.checkpoint import META_FILE, ParamWriter, default_chunks, leaf_name, read_metadata
+from r1v2_jax.config import ModelConfig
+from r1v2_jax.hf_config import read_config
+from r1v2_jax.hf_formats import native_config_dict, native_parts, released_config_dict
+from r1v2_jax.hf_io import INDEX_FILE, SINGLE_FILE, SafetensorsDir, fresh_output_dir, publish_dir, \
+    write_safetensors_dir
+from r1v2_jax.keymap import check_keys, key_entries
+
+# Files of an HF directory that travel with the weights (never weights, never pickles).
+_SIDE_FILES = (".json", ".py", ".txt", ".model", ".tiktoken", ".md", ".jinja")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
+                    "special_tokens_map.json", "chat_template.json", "chat_template.jinja", "generation_config.json")
+
+
+def _side_files(src: str) -> list[str]:
+    skip = {INDEX_FILE, SINGLE_FILE}
+    return sorted(f for f in os.listdir(src) if f.endswith(_SIDE_FILES) and f not in skip
+                  and os.path.isfile(os.path.join(src, f)))
+
+
+def _progress(total_bytes: int, desc: str, quiet: bool):
+    if quiet:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is optional
+        return None
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, file=sys.stderr, leave=False)
+
+
+def hf_to_jax(hf_dir: str, out_dir: str, *, dtype: str | None = None, mesh_shape: tuple[int, int, int] | None = None,
+              overwrite: bool = False, strict: bool = True, image_token_id: int | None = None,
+              quiet: bool = True) -> ModelConfig:
+    """Convert a released-format directory to our parameter checkpoint at ``out_dir``.
+
+    ``dtype``: target parameter dtype (None keeps the checkpoint's, which must be uniform).
+    ``mesh_shape``: (data, fsdp, tensor); chunks are aligned with each device's shard on such
+    a mesh so a sharded restore reads whole chunks (no devices are needed to convert).
+    """
+    store = SafetensorsDir(hf_dir)
+    if dtype is None:
+        stored = {store.dtype(k) for k in store.keys()}
+        names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+        if len(stored) != 1 or next(iter(stored)) not in names:
+            raise ValueError(f"{hf_dir}: tensors have dtypes {sorted(stored)}; pass dtype= to choose one")
+        dtype = names[next(iter(stored))]
+    config = read_config(hf_dir, strict=strict, image_token_id=image_token_id, dtype=dtype, param_dtype=dtype,
+                         scan_layers=True)
+    check_keys(store.shapes, config, hf_dir)  # every key and shape, before anything is written
+    entries = key_entries(config)
+    leaves = _plan_leaves(config, dtype, mesh_shape)
+    out_dir, tmp = fresh_output_dir(out_dir, overwrite)
+    try:
+        writer = ParamWriter(tmp, leaves)
+        total = sum(int(np.prod(e.shape)) * jnp.dtype(dtype).itemsize for e in entries)
+        bar = _progress(total, "hf_to_jax", quiet)
+        for e in entries:
+            x = e.transform.to_ours(store.get(e.key))
+            writer.write(leaf_name(e.path), x, e.layer)
+            if bar is not None:
+                bar.update(x.size * jnp.dtype(dtype).itemsize)
+            del x
+        if bar is not None:
+            bar.close()
+        os.makedirs(os.path.join(tmp, "hf"))
+        for f in _side_files(hf_dir):
+            shutil.copyfile(os.path.join(hf_dir, f), os.path.join(tmp, "hf", f))
+        writer.finish(config, {"source": os.path.abspath(hf_dir), "mesh_shape": list(mesh_shape or ())})
+        publish_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return config
+
+
+def _plan_leaves(config: ModelConfig, dtype: str, mesh_shape) -> dict[str, dict]:
+    """Shape, dtype and chunk shape of every leaf (scan layout)."""
+    import flax.linen as nn
+    import jax
+
+    from r1v2_jax.model import abstract_params
+    from r1v2_jax.sharding import DEFAULT_RULES, logical_to_pspec
+
+    boxed = abstract_params(config, boxed=True)
+    out = {}
+    for kp, x in jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned))[0]:
+        path = tuple(k.key for k in kp)
+        shape = tuple(x.value.shape)
+        stacked = "block" in path
+        shard = None
+        if mesh_shape is not None:
+            sizes = dict(zip(("data", "fsdp", "tensor"), mesh_shape))
+            spec = logical_to_pspec(x.names, DEFAULT_RULES, shape, _FakeMesh(sizes))
+            shard = []
+            for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+                axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+                shard.append(dim // int(np.prod([sizes[a] for a in axes])) if axes else dim)
+        out[leaf_name(path)] = {"shape": list(shape), "dtype": dtype,
+                                "chunks": default_chunks(shape, jnp.dtype(dtype), stacked, shard)}
+    return out
+
+
+class _FakeMesh:
+    """Just the axis sizes, for planning shards without devices."""
+
+    def __init__(self, sizes):
+        self.shape = sizes
+
+
+def jax_to_hf(ckpt_dir: str, out_dir: str, *, fmt: str = "released", dtype: str | None = None,
+              max_shard_bytes: int = 5 * 1000**3, overwrite: bool = False, quiet: bool = True) -> list[str]:
+    """Export our checkpoint as ``released`` (InternVL-Chat keys, the source's config and code
+    files) or ``transformers`` (native InternVLForConditionalGeneration). Returns shard names."""
+    if fmt not in ("released", "transformers"):
+        raise ValueError(f"jax_to_hf: format must be 'released' or 'transformers', got {fmt!r}")
+    meta = read_metadata(ckpt_dir)
+    config = ModelConfig.from_config_dict(meta["model_config"]).replace(scan_layers=True)
+    out_dtype = jnp.dtype(dtype or config.param_dtype)
+    from r1v2_jax.checkpoint import open_leaves
+
+    arrays = open_leaves(ckpt_dir, meta)
+    entries = key_entries(config)
+    for e in entries:  # the stored arrays must give exactly the released tensors
+        shape = tuple(arrays[leaf_name(e.path)].shape)
+        ours = shape[1:] if e.layer is not None else shape
+        if e.transform.released_shape(ours) != e.shape:
+            raise ValueError(f"{ckpt_dir}: {leaf_name(e.path)} has shape {list(shape)}, which does not give "
+                             f"{e.key} {list(e.shape)}")
+    plan = []  # (out key, shape, entry, row slice)
+    for e in entries:
+        parts = [(e.key, e.shape, None)] if fmt == "released" else native_parts(e.key, e.shape)
+        plan += [(k, s, e, rows) for k, s, rows in parts]
+    specs = [(k, s, out_dtype) for k, s, _, _ in plan]
+    bar = _progress(sum(int(np.prod(s)) * out_dtype.itemsize for _, s, _ in specs), "jax_to_hf", quiet)
+
+    def arrays_iter():
+        cache = (None, None)
+        for k, s, e, rows in plan:
+            if cache[0] is not e:
+                arr = arrays[leaf_name(e.path)]
+                x = np.asarray((arr if e.layer is None else arr[e.layer]).read().result())
+                cache = (e, e.transform.to_released(x).astype(out_dtype, copy=False))
+            x = cache[1] if rows is None else cache[1][rows]
+            if bar is not None:
+                bar.update(x.nbytes)
+            yield x
+
+    src_hf = os.path.join(ckpt_dir, "hf")
+    side = _side_files(src_hf) if os.path.isdir(src_hf) else []
+    if fmt == "released":
+        if "config.json" in side:
+            import json
+
+            with open(os.path.join(src_hf, "config.json")) as f:
+                config_json = json.load(f)
+            config_json["torch_dtype"] = str(out_dtype)
+            side.remove("config.json")
+        else:
+            config_json = released_config_dict(config, str(out_dtype))
+        extra = {f: os.path.join(src_hf, f) for f in side}
+        extra_json = None if any(f in side for f in _TOKENIZER_FILES) else _img_token_json(config)
+    else:
+        import transformers
+
+        config_json = native_config_dict(config, str(out_dtype))
+        config_json["transformers_version"] = transformers.__version__
+        extra = {f: os.path.join(src_hf, f) for f in side if f in _TOKENIZER_FILES and f != "config.json"}
+        extra_json = None if extra else _img_token_json(config)
+    try:
+        names = write_safetensors_dir(specs, arrays_iter(), out_dir, config_json=config_json,
+                                      max_shard_bytes=max_shard_bytes, overwrite=overwrite,
+                                      extra_json=extra_json, extra_files=extra)
+    finally:
+        if bar is not None:
+            bar.close()
+    return names
+
+
+def _img_token_json(config: ModelConfig) -> dict:
+    return {"tokenizer_config.json": {"added_tokens_decoder": {
+        str(config.image_token_id): {"content": "<IMG_CONTEXT>", "special": True}}}}
+
+
+def _parse_size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
+    t = text.strip().upper()
+    num = t.rstrip("KMGIB")
+    unit = t[len(num):]
+    if unit not in units or not num:
+        raise argparse.ArgumentTypeError(f"size {text!r}: expected e.g. 5GB, 500MB or a byte count")
+    return int(float(num) * units[unit])
+
+
+def _parse_mesh(text: str) -> tuple[int, int, int]:
+    try:
+        parts = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"mesh {text!r}: expected DATA,FSDP,TENSOR, e.g. 1,16,4")
+    return parts
+
+
+def main_hf_to_jax(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="hf_to_jax.py", description="Released R1V2 safetensors -> r1v2-jax checkpoint.")
+    p.add_argument("hf_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="target parameter dtype (default: as stored)")
+    p.add_argument("--mesh", type=_parse_mesh, default=None, metavar="DATA,FSDP,TENSOR",
+                   help="align chunks with the shards of this mesh for a sharded restore")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    p.add_argument("--image-token-id", type=int, default=None, help="<IMG_CONTEXT> id if no tokenizer file has it")
+    p.add_argument("--no-strict", action="store_true", help="ignore unknown config.json keys")
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        cfg = hf_to_jax(a.hf_dir, a.out_dir, dtype=a.dtype, mesh_shape=a.mesh, overwrite=a.overwrite,
+                        strict=not a.no_strict, image_token_id=a.image_token_id, quiet=a.quiet)
+    except (ValueError, KeyError, FileExistsError, FileNotFoundError) as e:
+        print(f"hf_to_jax: error: {e}", file=sys.stderr)
+        return 2
+    print(f"hf_to_jax: wrote {a.out_dir} ({cfg.param_dtype}, {len(key_entries(cfg))} tensors) "
+          f"in {time.perf_counter() - t0:.1f}s; restore with r1v2_jax.load_checkpoint({a.out_dir!r})")
+    return 0
+
+
+def main_jax_to_hf(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="jax_to_hf.py", description="r1v2-jax checkpoint -> HF safetensors.")
+    p.add_argument("ckpt_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--format", dest="fmt", choices=["released", "transformers"], default="released")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--shard-size", type=_parse_size, default=5 * 1000**3, help="max bytes per shard (default 5GB)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        names = jax_to_hf(a.ckpt_dir, a.out_dir, fmt=a.fmt, dtype=a.dtype, max_shard_bytes=a.shard_size,
+                          overwrite=a.overwrite, quiet=a.quiet)
+    except (ValueError, KeyError, FileExistsError, FileNotFoundError) as e:
+        print(f"jax_to_hf: error: {e}", file=sys.stderr)
+        return 2
+    print(f"jax_to_hf: wrote {a.out_dir} ({a.fmt}, {len(names)} shard(s)) in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+__all__ = ["hf_to_jax", "jax_to_hf", "main_hf_to_jax", "main_jax_to_hf", "META_FILE"]
