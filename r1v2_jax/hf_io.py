@@ -8,7 +8,6 @@ import os
 from typing import Iterator
 
 import numpy as np
-import safetensors
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -19,11 +18,59 @@ class CheckpointFormatError(ValueError):
     """A checkpoint directory is missing files or has a malformed index."""
 
 
+_NP_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _read_header(path: str) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and the offset where its data starts; checks that
+    every tensor's bytes lie inside the file (a truncated file is refused here)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointFormatError(f"{path}: not a safetensors file (only {size} bytes)")
+        n = int.from_bytes(head, "little")
+        if n <= 0 or 8 + n > size:
+            raise CheckpointFormatError(f"{path}: not a readable safetensors file (header of {n} bytes in a file "
+                                        f"of {size}; truncated or corrupt?)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointFormatError(f"{path}: not a readable safetensors file (bad header: {e})") from None
+    header.pop("__metadata__", None)
+    data_start = 8 + n
+    for k, info in header.items():
+        try:
+            dtype = np.dtype(_dtype_of(info["dtype"]))
+            begin, end = info["data_offsets"]
+            expect = int(np.prod(info["shape"], dtype=np.int64)) * dtype.itemsize
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointFormatError(f"{path}: tensor {k!r} has a malformed header entry ({e})") from None
+        if end - begin != expect:
+            raise CheckpointFormatError(f"{path}: tensor {k!r} has {end - begin} bytes for shape {info['shape']}")
+        if data_start + end > size:
+            raise CheckpointFormatError(f"{path}: not a readable safetensors file (tensor {k!r} ends at byte "
+                                        f"{data_start + end} but the file has {size}; truncated?)")
+    return header, data_start
+
+
+def _dtype_of(code: str):
+    if code not in _NP_DTYPES:
+        raise ValueError(f"unsupported safetensors dtype {code!r}")
+    if code == "BF16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return _NP_DTYPES[code]
+
+
 class SafetensorsDir:
     """The tensors of an HF checkpoint directory (``model.safetensors`` or shards + index).
 
     ``shapes`` maps every key to its shape (read from the headers only); ``get(key)`` reads
-    one tensor as a numpy array (bfloat16 via ml_dtypes).
+    one tensor into a fresh numpy array with plain positional reads (no memory mapping, so a
+    conversion's resident memory is the tensors it holds, not the files it has touched).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -49,42 +96,50 @@ class SafetensorsDir:
             hint = (f" (found {pickles}: pickle checkpoints are never loaded; convert them to safetensors "
                     "with a trusted tool first)") if pickles else ""
             raise CheckpointFormatError(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
-        self._handles = {}
-        for fn in files:
-            try:
-                self._handles[fn] = safetensors.safe_open(os.path.join(self.path, fn), framework="numpy")
-            except Exception as e:  # SafetensorError: truncated or corrupt file
-                raise CheckpointFormatError(f"{os.path.join(self.path, fn)}: not a readable safetensors file "
-                                            f"(truncated or corrupt?): {e}") from None
-        self._where: dict[str, str] = {}
+        self._info: dict[str, tuple[str, int, dict]] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
-        for fn, h in self._handles.items():
-            for k in h.keys():
-                if k in self._where:
-                    raise CheckpointFormatError(f"{self.path}: key {k!r} is in both {self._where[k]} and {fn}")
+        for fn in files:
+            header, start = _read_header(os.path.join(self.path, fn))
+            for k, info in header.items():
+                if k in self._info:
+                    raise CheckpointFormatError(f"{self.path}: key {k!r} is in both {self._info[k][0]} and {fn}")
                 if weight_map is not None and weight_map.get(k) != fn:
                     raise CheckpointFormatError(f"{index}: key {k!r} is stored in {fn} but the index says "
                                                 f"{weight_map.get(k)!r}")
-                self._where[k] = fn
-                self.shapes[k] = tuple(h.get_slice(k).get_shape())
+                self._info[k] = (fn, start, info)
+                self.shapes[k] = tuple(info["shape"])
         if weight_map is not None:
-            absent = sorted(set(weight_map) - set(self._where))
+            absent = sorted(set(weight_map) - set(self._info))
             if absent:
                 raise CheckpointFormatError(f"{index}: lists keys not found in any shard: {absent[:10]}")
 
     def keys(self) -> list[str]:
-        return list(self._where)
+        return list(self._info)
 
     def dtype(self, key: str) -> str:
-        return self._handles[self._where[key]].get_slice(key).get_dtype()
+        return self._info[key][2]["dtype"]
 
     def get(self, key: str) -> np.ndarray:
-        if key not in self._where:
+        if key not in self._info:
             raise KeyError(f"{self.path}: no tensor {key!r}")
-        return self._handles[self._where[key]].get_tensor(key)
+        fn, start, info = self._info[key]
+        begin, end = info["data_offsets"]
+        buf = np.empty(end - begin, np.uint8)
+        path = os.path.join(self.path, fn)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            done, view = 0, memoryview(buf)
+            while done < len(buf):
+                n = os.preadv(fd, [view[done:done + (1 << 30)]], start + begin + done)
+                if n <= 0:
+                    raise CheckpointFormatError(f"{path}: unexpected end of file reading {key!r}")
+                done += n
+        finally:
+            os.close(fd)
+        return buf.view(_dtype_of(info["dtype"])).reshape(info["shape"])
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
-        for k in self._where:
+        for k in self._info:
             yield k, self.get(k)
 
 
