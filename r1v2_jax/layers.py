@@ -106,14 +106,15 @@ def remat_policy(name: str):
 
 
 class LayerStack(nn.Module):
-    """A tower's layers: ``LayerStack(...)(x, per_layer, *broadcast) -> x``.
+    """A tower's layers: ``LayerStack(...)(x, per_layer, *broadcast) -> (x, ys)``.
 
     With ``scan=True`` the layers run under one ``nn.scan`` over a stacked parameter tree
     (``block/...`` with a leading axis named ``layers``); otherwise as ``block_0 ...
     block_{L-1}``. ``block`` modules have the signature ``block(x, per_layer, *broadcast) ->
-    (x, None)``: ``per_layer`` is row i of an array with a leading ``num_layers`` axis when
-    ``per_layer_input`` is set, None otherwise. ``remat`` names a policy of
-    :func:`remat_policy` (``"none"``: no remat).
+    (x, y)``: ``per_layer`` is a pytree whose leaves have a leading ``num_layers`` axis
+    (row i goes to layer i; None for nothing), and the per-layer outputs ``y`` come back
+    stacked the same way as ``ys`` (e.g. a KV cache in, the updated cache out). ``remat``
+    names a policy of :func:`remat_policy` (``"none"``: no remat).
     """
 
     block: type[nn.Module]
@@ -122,7 +123,6 @@ class LayerStack(nn.Module):
     scan: bool
     remat: str
     broadcast_args: int
-    per_layer_input: bool = False
 
     @nn.compact
     def __call__(self, x, per_layer, *args):
@@ -134,12 +134,14 @@ class LayerStack(nn.Module):
                 cls,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(0 if self.per_layer_input else nn.broadcast,) + (nn.broadcast,) * self.broadcast_args,
+                in_axes=(0,) + (nn.broadcast,) * self.broadcast_args,
                 length=self.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = scanned(name="block", **self.block_kwargs)(x, per_layer, *args)
-            return x
+            return scanned(name="block", **self.block_kwargs)(x, per_layer, *args)
+        ys = []
         for i in range(self.num_layers):
-            x, _ = cls(name=f"block_{i}", **self.block_kwargs)(x, None if per_layer is None else per_layer[i], *args)
-        return x
+            row = jax.tree.map(lambda a: a[i], per_layer)
+            x, y = cls(name=f"block_{i}", **self.block_kwargs)(x, row, *args)
+            ys.append(y)
+        return x, jax.tree.map(lambda *a: jnp.stack(a), *ys) if ys and ys[0] is not None else None

@@ -13,7 +13,7 @@ import numpy as np
 
 from r1v2_jax.config import ModelConfig
 from r1v2_jax.sharding import DEFAULT_RULES, constrain, tree_shardings, use_mesh_rules
-from r1v2_jax.text import Qwen2, default_positions
+from r1v2_jax.text import Qwen2, cache_mask, default_positions
 from r1v2_jax.vision import Adapter, InternViT
 
 
@@ -77,6 +77,30 @@ class R1V2(nn.Module):
         embeds = self.embed(input_ids, pixel_values)
         hidden = self.language_model.decode(embeds, positions, attention_mask)
         return self.language_model.logits(hidden)
+
+    def prefill(self, input_ids: jax.Array, pixel_values: jax.Array | None, kv_valid: jax.Array,
+                cache) -> tuple[jax.Array, Any]:
+        """Run the prompt into an empty KV cache.
+
+        input_ids: i32[B, P] (left-padded); pixel_values: f[n_tiles, 3, H, W] or None;
+        kv_valid: bool[B, S] (S >= P: slot j < P holds a real prompt token); cache: (k, v)
+        each f[L, B, S, Hkv, hd]. Returns (logits of the last prompt position f[B, V], cache).
+        """
+        p = input_ids.shape[1]
+        positions = default_positions(input_ids.shape, kv_valid[:, :p])
+        embeds = self.embed(input_ids, pixel_values)
+        mask = cache_mask(kv_valid, jnp.int32(0), p)
+        hidden, cache = self.language_model.decode_cached(embeds, positions, mask, cache, jnp.int32(0))
+        return self.language_model.logits(hidden[:, -1:])[:, 0], cache
+
+    def decode_step(self, tokens: jax.Array, positions: jax.Array, kv_valid: jax.Array, cache,
+                    cache_index: jax.Array) -> tuple[jax.Array, Any]:
+        """One cached step. tokens, positions: i32[B, 1]; kv_valid: bool[B, S] (including the
+        slot written now); cache_index: i32[] -> (logits f[B, V], cache)."""
+        embeds = self.language_model.embed(tokens)
+        mask = cache_mask(kv_valid, cache_index, tokens.shape[1])
+        hidden, cache = self.language_model.decode_cached(embeds, positions, mask, cache, cache_index)
+        return self.language_model.logits(hidden)[:, -1], cache
 
 
 # ---------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("act_len", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
 )

@@ -13,6 +13,8 @@ from r1v2_jax.sharding import constrain
 
 ACT = ("act_batch", "act_len", "act_embed")
 NEG_INF = float(jnp.finfo(jnp.float32).min)
+# KV cache [L, B, S, Hkv, hd]
+CACHE_AXES = ("layers", "act_batch", "act_len", "act_kv_heads", None)
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -31,6 +33,21 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rot * sin
 
 
+def init_cache(config: TextConfig, batch: int, length: int, dtype) -> tuple[jax.Array, jax.Array]:
+    """Zeroed KV cache (k, v), each [L, B, length, Hkv, hd]."""
+    shape = (config.num_layers, batch, length, config.num_kv_heads, config.resolved_head_dim)
+    return constrain(jnp.zeros(shape, dtype), CACHE_AXES), constrain(jnp.zeros(shape, dtype), CACHE_AXES)
+
+
+def cache_mask(kv_valid: jax.Array, cache_index: jax.Array, t: int) -> jax.Array:
+    """bool[B, 1, 1, t, S] for t queries written at slots cache_index..cache_index+t-1: query i
+    sees slot j iff j <= cache_index + i and ``kv_valid[b, j]`` (slot holds a real token)."""
+    s = kv_valid.shape[1]
+    q_slot = cache_index + jnp.arange(t)[:, None]
+    causal = jnp.arange(s)[None, :] <= q_slot  # [t, S]
+    return (causal[None] & kv_valid.astype(bool)[:, None, :])[:, None, None]
+
+
 def causal_mask(positions: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
     """bool[B, 1, 1, T, T]: query i sees key j iff j <= i (by sequence index) and j is not padding."""
     t = positions.shape[1]
@@ -46,8 +63,13 @@ class TextAttention(nn.Module):
     param_dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask):
-        """x: f[B, T, H]; cos/sin: f32[B, T, hd]; mask: bool[B, 1, 1, T, S] -> f[B, T, H]."""
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+        """x: f[B, T, H]; cos/sin: f32[B, T, hd]; mask: bool[B, 1, 1, T, S].
+
+        Without a cache S = T. With ``cache`` = (k, v) each f[B, S, Hkv, hd], this call's keys
+        and values are written at slots ``cache_index .. cache_index + T`` and attention runs
+        over all S slots (the mask says which are valid). Returns (f[B, T, H], new cache or None).
+        """
         c = self.cfg
         b, t, _ = x.shape
         hd, nh, nkv = c.resolved_head_dim, c.num_heads, c.num_kv_heads
@@ -57,9 +79,14 @@ class TextAttention(nn.Module):
         v = Linear(nkv * hd, ("embed", "kv_heads"), name="v_proj", **kw)(x).reshape(b, t, nkv, hd)
         q, k, v = (checkpoint_name(a, CKPT_QKV) for a in (q, k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            ck = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), cache_index, axis=1)
+            cv = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), cache_index, axis=1)
+            cache = (constrain(ck, CACHE_AXES[1:]), constrain(cv, CACHE_AXES[1:]))
+            k, v = cache
         out = attention(q, k, v, mask)
         out = checkpoint_name(out.reshape(b, t, nh * hd), CKPT_ATTN_OUT)
-        return Linear(c.hidden_size, ("heads", "embed"), use_bias=False, name="o_proj", **kw)(out)
+        return Linear(c.hidden_size, ("heads", "embed"), use_bias=False, name="o_proj", **kw)(out), cache
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -100,14 +127,16 @@ class DecoderLayer(nn.Module):
     param_dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x, _per_layer, cos, sin, mask):
+    def __call__(self, x, cache, cos, sin, mask, cache_index):
+        """One pre-norm block; ``cache`` is this layer's (k, v) or None. Returns (x, cache)."""
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
-        x = x + TextAttention(c, name="self_attn", **kw)(h, cos, sin, mask)
+        h, cache = TextAttention(c, name="self_attn", **kw)(h, cos, sin, mask, cache, cache_index)
+        x = x + h
         h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
         x = x + TextMLP(c, name="mlp", **kw)(h)
-        return constrain(x, ACT), None
+        return constrain(x, ACT), cache
 
 
 class Qwen2(nn.Module):
@@ -123,7 +152,7 @@ class Qwen2(nn.Module):
             c.vocab_size, c.hidden_size, dtype=kw["dtype"], param_dtype=kw["param_dtype"],
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
         self.layers = LayerStack(DecoderLayer, dict(cfg=c, **kw), num_layers=c.num_layers, scan=mc.scan_layers,
-                                 remat=mc.remat_policy, broadcast_args=3)
+                                 remat=mc.remat_policy, broadcast_args=4)
         self.norm = RMSNorm(c.rms_norm_eps, **kw)
         self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
 
@@ -133,10 +162,20 @@ class Qwen2(nn.Module):
 
     def decode(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
         """embeds: f[B, T, H]; positions: i32[B, T]; attention_mask: [B, T] or None -> final-normed f[B, T, H]."""
+        hidden, _ = self.decode_cached(embeds, positions, causal_mask(positions, attention_mask), None, None)
+        return hidden
+
+    def decode_cached(self, embeds, positions, mask, cache, cache_index):
+        """The layer stack with an explicit mask and an optional KV cache.
+
+        embeds: f[B, T, H]; positions: i32[B, T]; mask: bool[B, 1, 1, T, S]; cache: (k, v)
+        each f[L, B, S, Hkv, hd] or None; cache_index: i32[] (first slot written) ->
+        (final-normed f[B, T, H], updated cache or None).
+        """
         c = self.config.text
         cos, sin = rope_tables(positions, c.resolved_head_dim, c.rope_theta)
-        mask = causal_mask(positions, attention_mask)
-        return self.norm(self.layers(embeds, None, cos, sin, mask))
+        x, cache = self.layers(embeds, cache, cos, sin, mask, cache_index)
+        return self.norm(x), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden: f[B, T, H] -> f[B, T, V]."""

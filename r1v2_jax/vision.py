@@ -138,9 +138,9 @@ class InternViT(nn.Module):
         x = constrain(x, ACT)
         used = mc.vision_layers_used
         active = None if used == c.num_layers else jnp.asarray(np.arange(c.num_layers) < used)
-        return LayerStack(VisionBlock, dict(cfg=c, **kw), num_layers=c.num_layers, scan=mc.scan_layers,
-                          remat=mc.remat_policy, broadcast_args=0, per_layer_input=active is not None,
-                          name="layers")(x, active)
+        x, _ = LayerStack(VisionBlock, dict(cfg=c, **kw), num_layers=c.num_layers, scan=mc.scan_layers,
+                          remat=mc.remat_policy, broadcast_args=0, name="layers")(x, active)
+        return x
 
 
 def pixel_shuffle(x: jax.Array, ratio: float, version: str) -> jax.Array:

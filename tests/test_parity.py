@@ -94,7 +94,7 @@ def test_decoder_layer(released, layer):
     cos, sin = rope_tables(jnp.asarray(pos), cfg.text.resolved_head_dim, cfg.text.rope_theta)
     mask = causal_mask(jnp.asarray(pos), None)
     ours, _ = DecoderLayer(cfg.text, jnp.float32, jnp.float32).apply(
-        {"params": m.params["language_model"]["layers"][f"block_{layer}"]}, x, None, cos, sin, mask)
+        {"params": m.params["language_model"]["layers"][f"block_{layer}"]}, x, None, cos, sin, mask, None)
     lm = ref.model.language_model
     with torch.no_grad():
         hx = _t(x)

@@ -1,0 +1,296 @@
+"""The jitted rollout sampler: prefill once per prompt, decode under one ``lax.while_loop``.
+
+``generate(model, input_ids, ...)`` is the public call. Under the hood a :class:`Sampler`
+holds two compiled programs per shape bucket:
+
+* ``prefill`` (batch B): encodes the images once, runs the left-padded prompts into an empty
+  KV cache, returns the last position's logits;
+* ``decode`` (batch B·G): repeats the prefix cache G times (a copy, not a recomputation),
+  then samples up to ``max_new_tokens`` tokens inside one ``lax.while_loop``, the cache
+  donated and updated in place.
+
+Prompt lengths are left-padded up to a multiple of ``bucket`` so recompiles are rare; the
+sampler counts them (``num_compiles``). Each sample has its own PRNG key, derived from
+``seed``, its prompt's index in the batch and its sample index: the same call gives the same
+samples, whatever the mesh.
+
+Sampling follows transformers' order: repetition penalty, temperature, top-k, top-p, then
+a categorical draw (``temperature == 0``: greedy argmax after the penalty). For every sampled
+token two log-probabilities come back: under the sampling distribution (after penalty,
+temperature and truncation; 0 for greedy) and under the unmodified model (plain
+``log_softmax`` of the logits), the one the learner's importance ratios need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from r1v2_jax.model import R1V2, R1V2Model
+from r1v2_jax.sharding import constrain, use_mesh_rules
+from r1v2_jax.text import CACHE_AXES, init_cache
+
+NEG = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Static sampling settings (part of the compiled program's cache key)."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    eos_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature: must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k: must be >= 0 (0 = off), got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty: must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@flax.struct.dataclass
+class SampleOutput:
+    """What :func:`generate` returns (a pytree of arrays).
+
+    tokens:       i32[N, T + max_new]  prompt (as given, left-padded) + generated tokens
+                  (``pad_id`` after a sample finished); N = B * num_samples, sample g of
+                  prompt b at row b * num_samples + g.
+    logprobs:     f32[N, max_new]  log-prob of each generated token under the sampling
+                  distribution (0 for greedy and after finishing).
+    ref_logprobs: f32[N, max_new]  log-prob under the unmodified model (log_softmax of the
+                  logits at temperature 1); 0 after finishing.
+    lengths:      i32[N]  generated tokens, counting the eos token.
+    finished:     bool[N]  whether an eos id was produced.
+    prompt_lengths: i32[N]  real (unpadded) prompt tokens.
+    """
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    ref_logprobs: jax.Array
+    lengths: jax.Array
+    finished: jax.Array
+    prompt_lengths: jax.Array
+
+    @property
+    def completion_mask(self) -> jax.Array:
+        """bool[N, max_new]: True at generated tokens (up to and including eos)."""
+        return jnp.arange(self.logprobs.shape[1])[None] < self.lengths[:, None]
+
+
+# --- logits processing (pure functions) ----------------------------------------------------
+
+def process_logits(logits: jax.Array, presence: jax.Array | None, sp: SamplingParams) -> jax.Array:
+    """Repetition penalty -> temperature -> top-k -> top-p, as transformers applies them.
+
+    logits: f32[B, V]; presence: bool[B, V] (tokens seen so far) or None -> f32[B, V] with
+    removed tokens at -1e30. For greedy decoding only the penalty applies.
+    """
+    x = logits.astype(jnp.float32)
+    if sp.repetition_penalty != 1.0 and presence is not None:
+        pen = jnp.where(x > 0, x / sp.repetition_penalty, x * sp.repetition_penalty)
+        x = jnp.where(presence, pen, x)
+    if sp.greedy:
+        return x
+    x = x / sp.temperature
+    if sp.top_k and sp.top_k < x.shape[-1]:
+        kth = jax.lax.top_k(x, sp.top_k)[0][:, -1:]
+        x = jnp.where(x < kth, NEG, x)
+    if sp.top_p < 1.0:
+        order = jnp.argsort(-x, axis=-1)
+        sorted_x = jnp.take_along_axis(x, order, axis=-1)
+        probs = jax.nn.softmax(sorted_x, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly ahead of each token
+        keep_sorted = before < sp.top_p
+        keep_sorted = keep_sorted.at[:, 0].set(True)
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(x.shape[0])[:, None], order].set(keep_sorted)
+        x = jnp.where(keep, x, NEG)
+    return x
+
+
+def sample_step(logits: jax.Array, presence: jax.Array | None, keys: jax.Array,
+                sp: SamplingParams) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Draw one token per row. logits: f32[B, V]; keys: [B] PRNG keys ->
+    (tokens i32[B], sampling log-probs f32[B], model log-probs f32[B])."""
+    processed = process_logits(logits, presence, sp)
+    if sp.greedy:
+        tokens = jnp.argmax(processed, axis=-1).astype(jnp.int32)
+        lp = jnp.zeros(tokens.shape, jnp.float32)
+    else:
+        tokens = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, processed).astype(jnp.int32)
+        lp = jnp.take_along_axis(jax.nn.log_softmax(processed, -1), tokens[:, None], -1)[:, 0]
+    ref = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), -1), tokens[:, None], -1)[:, 0]
+    return tokens, lp, ref
+
+
+# --- the sampler ------------------------------------------------------------------------------
+
+def _left_pad(input_ids, attention_mask, bucket: int, pad_id: int):
+    """Ragged or padded prompts -> (ids i32[B, P], mask bool[B, P], given length T), P a multiple of bucket."""
+    if isinstance(input_ids, (list, tuple)) and input_ids and not np.isscalar(input_ids[0]):
+        rows = [np.asarray(r, np.int64).reshape(-1) for r in input_ids]
+        t = max(len(r) for r in rows)
+        ids = np.full((len(rows), t), pad_id, np.int64)
+        mask = np.zeros((len(rows), t), bool)
+        for i, r in enumerate(rows):
+            ids[i, t - len(r):], mask[i, t - len(r):] = r, True
+    else:
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids: expected [B, T] or a list of sequences, got shape {list(ids.shape)}")
+        mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask: expected shape {list(ids.shape)}, got {list(mask.shape)}")
+        if (np.diff(mask.astype(np.int8), axis=1) < 0).any():
+            raise ValueError("attention_mask: prompts must be left-padded (no real token after padding)")
+        t = ids.shape[1]
+    if not mask.any(axis=1).all():
+        raise ValueError("input_ids: every prompt needs at least one real token")
+    p = -(-t // bucket) * bucket
+    if p > t:
+        ids = np.concatenate([np.full((ids.shape[0], p - t), pad_id, ids.dtype), ids], axis=1)
+        mask = np.concatenate([np.zeros((mask.shape[0], p - t), bool), mask], axis=1)
+    return ids.astype(np.int32), mask, t
+
+
+class Sampler:
+    """Compiled prefill + decode for one model. Reuse it across calls to reuse compilations."""
+
+    def __init__(self, model: R1V2Model, bucket: int = 32):
+        self.model = model
+        self.module = R1V2(model.config)
+        self.bucket = bucket
+        self.signatures: set = set()
+        self.prefill_batches: list[int] = []  # batch size of every prefill run, in order
+        self._prefill = jax.jit(self._prefill_impl, static_argnames=("cache_len", "num_samples"))
+        self._decode = jax.jit(self._decode_impl, static_argnames=("sp",), donate_argnames=("cache",))
+
+    @property
+    def num_compiles(self) -> int:
+        """Distinct (shape, settings) signatures compiled so far."""
+        return len(self.signatures)
+
+    def _prefill_impl(self, params, ids, kv_valid_prompt, pixel_values, cache_len: int, num_samples: int):
+        """Prefill B prompts once, then share the prefix: each prompt's cache, logits and masks
+        are copied to its G samples (rows b*G .. b*G+G-1)."""
+        cfg = self.model.config
+        with use_mesh_rules(self.model.mesh, self.model.rules):
+            b, p = ids.shape
+            kv_valid = jnp.zeros((b, cache_len), bool).at[:, :p].set(kv_valid_prompt)
+            cache = init_cache(cfg.text, b, cache_len, jnp.dtype(cfg.dtype))
+            logits, cache = self.module.apply({"params": params}, ids, pixel_values, kv_valid, cache,
+                                              method=R1V2.prefill)
+            rep = functools.partial(jnp.repeat, repeats=num_samples, axis=0)
+            cache = jax.tree.map(lambda c: constrain(jnp.repeat(c, num_samples, axis=1), CACHE_AXES), cache)
+            return rep(logits.astype(jnp.float32)), cache, rep(kv_valid), rep(ids)
+
+    def _decode_impl(self, params, logits, cache, kv_valid, ids, keys, sp: SamplingParams):
+        with use_mesh_rules(self.model.mesh, self.model.rules):
+            return self._decode_loop(params, logits, cache, kv_valid, ids, keys, sp)
+
+    def _decode_loop(self, params, logits, cache, kv_valid, ids, keys, sp):
+        cfg = self.model.config
+        n, p = ids.shape
+        prompt_len = kv_valid[:, :p].sum(axis=1).astype(jnp.int32)
+        presence = None
+        if sp.repetition_penalty != 1.0:
+            presence = jnp.zeros((n, cfg.text.vocab_size), bool)
+            presence = presence.at[jnp.arange(n)[:, None], ids].max(kv_valid[:, :p])
+        eos = jnp.asarray(sp.eos_ids if sp.eos_ids else (-1,), jnp.int32)
+        m = sp.max_new_tokens
+        state = dict(
+            step=jnp.int32(0), logits=logits, cache=cache, kv_valid=kv_valid, presence=presence,
+            out=jnp.full((n, m), sp.pad_id, jnp.int32), lp=jnp.zeros((n, m), jnp.float32),
+            ref=jnp.zeros((n, m), jnp.float32), finished=jnp.zeros((n,), bool), lengths=jnp.zeros((n,), jnp.int32))
+
+        def cond(s):
+            return (s["step"] < m) & ~jnp.all(s["finished"])
+
+        def body(s):
+            step = s["step"]
+            step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
+            tok, lp, ref = sample_step(s["logits"], s["presence"], step_keys, sp)
+            live = ~s["finished"]
+            tok = jnp.where(live, tok, sp.pad_id)
+            lp, ref = jnp.where(live, lp, 0.0), jnp.where(live, ref, 0.0)
+            finished = s["finished"] | (live & jnp.isin(tok, eos))
+            slot = p + step
+            kv_valid = s["kv_valid"].at[:, slot].set(live)
+            new = dict(s, step=step + 1, finished=finished, lengths=s["lengths"] + live.astype(jnp.int32),
+                       out=s["out"].at[:, step].set(tok), lp=s["lp"].at[:, step].set(lp),
+                       ref=s["ref"].at[:, step].set(ref), kv_valid=kv_valid)
+            if s["presence"] is not None:
+                new["presence"] = s["presence"].at[jnp.arange(n), tok].max(live)
+            positions = (prompt_len + step)[:, None]
+            logits, cache = self.module.apply({"params": params}, tok[:, None], positions, kv_valid, s["cache"], slot,
+                                              method=R1V2.decode_step)
+            new["logits"], new["cache"] = logits.astype(jnp.float32), cache
+            return new
+
+        s = jax.lax.while_loop(cond, body, state)
+        # The final cache is returned only so the donated input buffer can alias it: the loop
+        # then updates one cache in place instead of holding two.
+        return s["out"], s["lp"], s["ref"], s["lengths"], s["finished"], prompt_len, s["cache"]
+
+    def __call__(self, input_ids, *, pixel_values=None, attention_mask=None, sp: SamplingParams,
+                 num_samples: int = 1, seed: int = 0) -> SampleOutput:
+        if num_samples < 1:
+            raise ValueError(f"num_samples: must be >= 1, got {num_samples}")
+        ids, mask, t = _left_pad(input_ids, attention_mask, self.bucket, sp.pad_id)
+        self.model.check_inputs(np.where(mask, ids, 0), pixel_values)
+        b, p = ids.shape
+        cache_len = -(-(p + sp.max_new_tokens) // self.bucket) * self.bucket
+        pix = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
+        self.signatures.add((b, p, cache_len, None if pix is None else pix.shape, sp, num_samples))
+        self.prefill_batches.append(b)
+        logits, cache, kv_valid, rep_ids = self._prefill(self.model.params, jnp.asarray(ids), jnp.asarray(mask), pix,
+                                                         cache_len=cache_len, num_samples=num_samples)
+        base = jax.random.key(seed)
+        keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(base, i), j)
+                          for i in range(b) for j in range(num_samples)])
+        out, lp, ref, lengths, finished, prompt_len, _ = self._decode(
+            self.model.params, logits, cache, kv_valid, rep_ids, keys, sp=sp)
+        prompt = jnp.repeat(jnp.asarray(ids[:, p - t:]), num_samples, axis=0)
+        return SampleOutput(tokens=jnp.concatenate([prompt, out], axis=1), logprobs=lp, ref_logprobs=ref,
+                            lengths=lengths, finished=finished, prompt_lengths=prompt_len)
+
+
+_SAMPLERS: dict[int, Sampler] = {}
+
+
+def generate(model: R1V2Model, input_ids, *, pixel_values=None, attention_mask=None, max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
+             num_samples: int = 1, eos_ids: Sequence[int] | None = None, pad_id: int | None = None,
+             seed: int = 0) -> SampleOutput:
+    """Sample continuations of ``input_ids`` ([B, T] left-padded with ``attention_mask``, or a
+    list of token lists). ``pixel_values``: f[n_tiles, 3, H, W] for the ``<IMG_CONTEXT>``
+    slots, tiles in prompt order. See :class:`SampleOutput` for what comes back. The compiled
+    programs are cached per model object."""
+    eos = tuple(int(e) for e in (eos_ids or ()))
+    sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
+                        top_k=int(top_k), repetition_penalty=float(repetition_penalty), eos_ids=eos,
+                        pad_id=int(pad_id if pad_id is not None else (eos[0] if eos else 0)))
+    sampler = _SAMPLERS.get(id(model))
+    if sampler is None or sampler.model is not model:
+        sampler = _SAMPLERS[id(model)] = Sampler(model)
+    return sampler(input_ids, pixel_values=pixel_values, attention_mask=attention_mask, sp=sp,
+                   num_samples=num_samples, seed=seed)
