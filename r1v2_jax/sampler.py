@@ -127,16 +127,26 @@ def process_logits(logits: jax.Array, presence: jax.Array | None, sp: SamplingPa
     return x
 
 
+def fast_argmax(x: jax.Array) -> jax.Array:
+    """``argmax`` over the last axis (first index on ties), as a max and a min reduction:
+    several times faster than XLA CPU's variadic argmax reduction over a 152k vocabulary."""
+    v = x.shape[-1]
+    hit = x == x.max(axis=-1, keepdims=True)
+    idx = jnp.min(jnp.where(hit, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+    return jnp.minimum(idx, v - 1)
+
+
 def sample_step(logits: jax.Array, presence: jax.Array | None, keys: jax.Array,
                 sp: SamplingParams) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Draw one token per row. logits: f32[B, V]; keys: [B] PRNG keys ->
     (tokens i32[B], sampling log-probs f32[B], model log-probs f32[B])."""
     processed = process_logits(logits, presence, sp)
     if sp.greedy:
-        tokens = jnp.argmax(processed, axis=-1).astype(jnp.int32)
+        tokens = fast_argmax(processed)
         lp = jnp.zeros(tokens.shape, jnp.float32)
-    else:
-        tokens = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, processed).astype(jnp.int32)
+    else:  # Gumbel-max: argmax(logits + Gumbel noise) is a draw from softmax(logits)
+        noise = jax.vmap(lambda k: jax.random.gumbel(k, processed.shape[-1:], jnp.float32))(keys)
+        tokens = fast_argmax(processed + noise)
         lp = jnp.take_along_axis(jax.nn.log_softmax(processed, -1), tokens[:, None], -1)[:, 0]
     ref = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), -1), tokens[:, None], -1)[:, 0]
     return tokens, lp, ref

@@ -63,12 +63,14 @@ class TextAttention(nn.Module):
     param_dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+    def __call__(self, x, cos, sin, mask, cache=None, layer=None, cache_index=None):
         """x: f[B, T, H]; cos/sin: f32[B, T, hd]; mask: bool[B, 1, 1, T, S].
 
-        Without a cache S = T. With ``cache`` = (k, v) each f[B, S, Hkv, hd], this call's keys
-        and values are written at slots ``cache_index .. cache_index + T`` and attention runs
-        over all S slots (the mask says which are valid). Returns (f[B, T, H], new cache or None).
+        Without a cache S = T. With ``cache`` = (k, v), the whole stack's cache, each
+        f[L, B, S, Hkv, hd], this call's keys and values are written into layer ``layer`` at
+        slots ``cache_index .. cache_index + T`` (an in-place update of the loop-carried
+        buffer, never a copy of the cache) and attention runs over that layer's S slots (the
+        mask says which are valid). Returns (f[B, T, H], updated cache or None).
         """
         c = self.cfg
         b, t, _ = x.shape
@@ -80,10 +82,11 @@ class TextAttention(nn.Module):
         q, k, v = (checkpoint_name(a, CKPT_QKV) for a in (q, k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            ck = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), cache_index, axis=1)
-            cv = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), cache_index, axis=1)
-            cache = (constrain(ck, CACHE_AXES[1:]), constrain(cv, CACHE_AXES[1:]))
-            k, v = cache
+            zero = jnp.zeros((), jnp.int32)
+            start = (layer, zero, cache_index, zero, zero)
+            cache = tuple(constrain(jax.lax.dynamic_update_slice(c_, new[None].astype(c_.dtype), start), CACHE_AXES)
+                          for c_, new in zip(cache, (k, v)))
+            k, v = (jax.lax.dynamic_index_in_dim(c_, layer, axis=0, keepdims=False) for c_ in cache)
         out = attention(q, k, v, mask)
         out = checkpoint_name(out.reshape(b, t, nh * hd), CKPT_ATTN_OUT)
         return Linear(c.hidden_size, ("heads", "embed"), use_bias=False, name="o_proj", **kw)(out), cache
@@ -127,16 +130,18 @@ class DecoderLayer(nn.Module):
     param_dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x, cache, cos, sin, mask, cache_index):
-        """One pre-norm block; ``cache`` is this layer's (k, v) or None. Returns (x, cache)."""
+    def __call__(self, carry, layer, cos, sin, mask, cache_index):
+        """One pre-norm block. carry: (x, the stack's KV cache or None); layer: i32[] index of
+        this layer (scanned). Returns ((x, cache), None)."""
+        x, cache = carry
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
-        h, cache = TextAttention(c, name="self_attn", **kw)(h, cos, sin, mask, cache, cache_index)
+        h, cache = TextAttention(c, name="self_attn", **kw)(h, cos, sin, mask, cache, layer, cache_index)
         x = x + h
         h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
         x = x + TextMLP(c, name="mlp", **kw)(h)
-        return constrain(x, ACT), cache
+        return (constrain(x, ACT), cache), None
 
 
 class Qwen2(nn.Module):
@@ -174,7 +179,8 @@ class Qwen2(nn.Module):
         """
         c = self.config.text
         cos, sin = rope_tables(positions, c.resolved_head_dim, c.rope_theta)
-        x, cache = self.layers(embeds, cache, cos, sin, mask, cache_index)
+        layers = jnp.arange(c.num_layers, dtype=jnp.int32) if cache is not None else None
+        (x, cache), _ = self.layers((embeds, cache), layers, cos, sin, mask, cache_index)
         return self.norm(x), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:

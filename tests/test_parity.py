@@ -93,8 +93,8 @@ def test_decoder_layer(released, layer):
     pos = np.broadcast_to(np.arange(t) + 3, (b, t)).astype(np.int32)  # offset positions exercise RoPE
     cos, sin = rope_tables(jnp.asarray(pos), cfg.text.resolved_head_dim, cfg.text.rope_theta)
     mask = causal_mask(jnp.asarray(pos), None)
-    ours, _ = DecoderLayer(cfg.text, jnp.float32, jnp.float32).apply(
-        {"params": m.params["language_model"]["layers"][f"block_{layer}"]}, x, None, cos, sin, mask, None)
+    (ours, _), _ = DecoderLayer(cfg.text, jnp.float32, jnp.float32).apply(
+        {"params": m.params["language_model"]["layers"][f"block_{layer}"]}, (x, None), None, cos, sin, mask, None)
     lm = ref.model.language_model
     with torch.no_grad():
         hx = _t(x)
