@@ -2,6 +2,7 @@
 
     r1v2 demo [--preset tiny] [--out DIR]   the main job (for now: a short CPU run of the model)
     r1v2 info --model PATH | --preset NAME   config and parameter counts of a checkpoint or preset
+    r1v2 generate --model PATH [--image FILE] --prompt TEXT   answer a prompt (released HF dir or our checkpoint)
 """
 
 from __future__ import annotations
@@ -97,6 +98,89 @@ def cmd_info(args) -> int:
     return 0
 
 
+class _Spinner:
+    """A progress line on stderr while a compiled call runs (the decode loop is one program)."""
+
+    def __init__(self, label: str):
+        import threading
+
+        self.label, self._stop = label, threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        t0, frames, i = time.perf_counter(), "|/-\\", 0
+        while not self._stop.wait(0.2):
+            print(f"\r{self.label} {frames[i % 4]} {time.perf_counter() - t0:5.1f}s", end="", file=sys.stderr, flush=True)
+            i += 1
+
+    def __enter__(self):
+        if sys.stderr.isatty():
+            self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._t.is_alive():
+            self._t.join()
+            print("\r" + " " * (len(self.label) + 12) + "\r", end="", file=sys.stderr, flush=True)
+
+
+def _find_file(model_dir: str, name: str) -> str | None:
+    for d in (model_dir, os.path.join(model_dir, "hf")):
+        if os.path.exists(os.path.join(d, name)):
+            return os.path.join(d, name)
+    return None
+
+
+def cmd_generate(args) -> int:
+    import numpy as np
+
+    import r1v2_jax
+    from r1v2_jax.checkpoint import META_FILE
+    from r1v2_jax.data.image import load_image
+    from r1v2_jax.data.prompt import IMAGE_PLACEHOLDER, chatml, expand_images
+
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        print("error: r1v2 generate needs the 'tokenizers' package", file=sys.stderr)
+        return 2
+    tok_file = _find_file(args.model, "tokenizer.json")
+    if tok_file is None:
+        print(f"error: {args.model}: no tokenizer.json (looked in the folder and its hf/)", file=sys.stderr)
+        return 2
+    tokenizer = Tokenizer.from_file(tok_file)
+    t0 = time.perf_counter()
+    with _Spinner("loading model"):
+        if os.path.exists(os.path.join(args.model, META_FILE)):
+            model = r1v2_jax.load_checkpoint(args.model, dtype=args.dtype)
+        else:
+            model = r1v2_jax.load_pretrained(args.model, dtype=args.dtype or "float32")
+    cfg = model.config
+    text, pix = args.prompt, None
+    if args.image:
+        pix = load_image(args.image, tile_size=cfg.tile_size, max_num=args.max_tiles)
+        if IMAGE_PLACEHOLDER not in text:
+            text = f"{IMAGE_PLACEHOLDER}\n{text}"
+        text = expand_images(text, [len(pix)], cfg.tokens_per_tile())
+    ids = tokenizer.encode(chatml(text, think=not args.no_think), add_special_tokens=False).ids
+    eos = [i for i in (tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")) if i is not None]
+    t1 = time.perf_counter()
+    with _Spinner(f"generating up to {args.max_new_tokens} tokens"):
+        out = r1v2_jax.generate(model, [ids], pixel_values=pix, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                repetition_penalty=args.repetition_penalty, eos_ids=eos, seed=args.seed)
+        n = int(out.lengths[0])
+        gen = np.asarray(out.tokens)[0, len(ids):len(ids) + n].tolist()
+    t2 = time.perf_counter()
+    if gen and gen[-1] in eos:
+        gen = gen[:-1]
+    print(tokenizer.decode(gen, skip_special_tokens=False))
+    print(f"[{n} tokens in {t2 - t1:.1f}s ({n / max(t2 - t1, 1e-9):.1f} tok/s); load {t1 - t0:.1f}s; "
+          f"{'eos' if bool(out.finished[0]) else 'max_new_tokens reached'}]", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="r1v2", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -111,6 +195,20 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--model", help="a released-format checkpoint directory")
     g.add_argument("--preset", choices=["tiny", "small", "r1v2_38b"])
     i.set_defaults(fn=cmd_info)
+    g = sub.add_parser("generate", help="answer a prompt about an image")
+    g.add_argument("--model", required=True, help="a released-format HF directory or an r1v2-jax checkpoint")
+    g.add_argument("--image", default=None)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=1024)
+    g.add_argument("--temperature", type=float, default=0.6, help="released setting 0.6; 0 = greedy")
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--repetition-penalty", type=float, default=1.05)
+    g.add_argument("--max-tiles", type=int, default=12)
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-think", action="store_true", help="do not pre-fill <think>")
+    g.set_defaults(fn=cmd_generate)
     args = p.parse_args(argv)
     return args.fn(args)
 

@@ -1,0 +1,1 @@
+"""Data: image preprocessing and prompt building (InternVL conventions)."""

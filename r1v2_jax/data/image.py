@@ -1,0 +1,91 @@
+"""InternVL image preprocessing: dynamic tiling, bicubic resize, ImageNet normalisation.
+
+``load_image(path, tile_size=448, max_num=12, use_thumbnail=True)`` -> float32
+[n_tiles, 3, tile, tile] (NCHW), tiles row-major, then the thumbnail when there is more than
+one tile, exactly as the released model's ``dynamic_preprocess`` + transform.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def target_ratios(min_num: int, max_num: int) -> list[tuple[int, int]]:
+    """Grids (cols, rows) with min_num <= cols*rows <= max_num, by increasing tile count."""
+    ratios = {(i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+              if min_num <= i * j <= max_num}
+    return sorted(ratios, key=lambda r: r[0] * r[1])
+
+
+def closest_grid(width: int, height: int, ratios, tile_size: int) -> tuple[int, int]:
+    """The grid whose aspect ratio is closest to the image's; on a tie the later (larger) grid
+    wins when the image has more than half that grid's pixels (InternVL's rule)."""
+    aspect = width / height
+    best, best_diff = (1, 1), float("inf")
+    for r in ratios:
+        diff = abs(aspect - r[0] / r[1])
+        if diff < best_diff:
+            best, best_diff = r, diff
+        elif diff == best_diff and width * height > 0.5 * tile_size * tile_size * r[0] * r[1]:
+            best = r
+    return best
+
+
+def to_rgb(image):
+    """RGB conversion of palette, alpha (composited on white) and greyscale images."""
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def dynamic_tiles(image, tile_size: int = 448, min_num: int = 1, max_num: int = 12, use_thumbnail: bool = True):
+    """Cut a PIL image into tiles as InternVL's ``dynamic_preprocess`` does."""
+    from PIL import Image
+
+    w, h = image.size
+    cols, rows = closest_grid(w, h, target_ratios(min_num, max_num), tile_size)
+    resized = image.resize((tile_size * cols, tile_size * rows), Image.Resampling.BICUBIC)
+    tiles = [resized.crop(((i % cols) * tile_size, (i // cols) * tile_size,
+                           (i % cols + 1) * tile_size, (i // cols + 1) * tile_size)) for i in range(cols * rows)]
+    if use_thumbnail and len(tiles) != 1:
+        tiles.append(image.resize((tile_size, tile_size), Image.Resampling.BICUBIC))
+    return tiles
+
+
+def normalize(tile, tile_size: int) -> np.ndarray:
+    """PIL tile -> float32 [3, S, S]: bicubic resize to S (identity for tiles already S), [0, 1], ImageNet norm."""
+    from PIL import Image
+
+    if tile.size != (tile_size, tile_size):
+        tile = tile.resize((tile_size, tile_size), Image.Resampling.BICUBIC)
+    x = np.asarray(tile, np.float32) / 255.0
+    x = (x - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+    return x.transpose(2, 0, 1)
+
+
+def preprocess(image, tile_size: int = 448, max_num: int = 12, use_thumbnail: bool = True,
+               dynamic: bool = True) -> np.ndarray:
+    """A PIL image -> pixel_values f32[n_tiles, 3, tile_size, tile_size]."""
+    image = to_rgb(image)
+    tiles = dynamic_tiles(image, tile_size, 1, max_num, use_thumbnail) if dynamic else [image]
+    return np.stack([normalize(t, tile_size) for t in tiles])
+
+
+def load_image(path: str, **kw) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return preprocess(im, **kw)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the image ({e})") from None

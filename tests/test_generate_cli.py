@@ -1,0 +1,96 @@
+"""``r1v2 generate`` end to end on a tiny model with a small tokenizer, and the image preprocessing."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+import r1v2_jax
+from r1v2_jax.cli import main
+from r1v2_jax.config import model_config
+from r1v2_jax.data.image import IMAGENET_MEAN, IMAGENET_STD, closest_grid, preprocess, target_ratios
+from r1v2_jax.data.prompt import chatml, expand_images
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<img>", "</img>"]
+
+
+def tiny_tokenizer(image_token_id: int) -> Tokenizer:
+    """Characters as tokens, the chat and image special tokens, <IMG_CONTEXT> at ``image_token_id``."""
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {t: i for i, t in enumerate(SPECIALS + chars + ["[UNK]"])}
+    vocab["<IMG_CONTEXT>"] = image_token_id
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.add_special_tokens(SPECIALS + ["<IMG_CONTEXT>"])
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    cfg = model_config("tiny")
+    model = r1v2_jax.init_model(cfg, seed=4)
+    r1v2_jax.save_released(model, str(d / "model"))
+    tiny_tokenizer(cfg.image_token_id).save(str(d / "model" / "tokenizer.json"))
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 90, 3), np.uint8)).save(d / "img.png")
+    return d, model
+
+
+def test_generate_command_prints_the_greedy_answer(tiny_dir, capsys):
+    d, model = tiny_dir
+    rc = main(["generate", "--model", str(d / "model"), "--image", str(d / "img.png"), "--prompt", "How many?",
+               "--temperature", "0", "--max-new-tokens", "12", "--max-tiles", "2"])
+    assert rc == 0
+    printed = capsys.readouterr()
+    # The same call through the API:
+    tok = Tokenizer.from_file(str(d / "model" / "tokenizer.json"))
+    cfg = model.config
+    pix = preprocess(Image.open(d / "img.png"), tile_size=cfg.tile_size, max_num=2)
+    assert pix.shape == (3, 3, 56, 56)  # a wide image: 2x1 grid + thumbnail
+    text = expand_images("<image>\nHow many?", [3], cfg.tokens_per_tile())
+    ids = tok.encode(chatml(text), add_special_tokens=False).ids
+    assert ids.count(cfg.image_token_id) == 3 * cfg.tokens_per_tile()
+    out = r1v2_jax.generate(model, [ids], pixel_values=pix, max_new_tokens=12, repetition_penalty=1.05,
+                            eos_ids=[tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")])
+    gen = np.asarray(out.tokens)[0, len(ids):len(ids) + int(out.lengths[0])].tolist()
+    if bool(out.finished[0]):
+        gen = gen[:-1]
+    assert printed.out.rstrip("\n") == tok.decode(gen, skip_special_tokens=False)
+    assert "tokens in" in printed.err
+
+
+def test_generate_from_our_checkpoint(tiny_dir, capsys):
+    from r1v2_jax.convert import hf_to_jax
+
+    d, _ = tiny_dir
+    hf_to_jax(str(d / "model"), str(d / "ours"))
+    rc = main(["generate", "--model", str(d / "ours"), "--prompt", "hi", "--temperature", "0",
+               "--max-new-tokens", "5"])
+    assert rc == 0
+
+
+def test_tiling_grid_choice():
+    ratios = target_ratios(1, 12)
+    assert ratios[0] == (1, 1) and max(r[0] * r[1] for r in ratios) == 12
+    assert closest_grid(448, 448, ratios, 448) == (1, 1)
+    assert closest_grid(900, 448, ratios, 448) == (2, 1)
+    assert closest_grid(448, 1400, ratios, 448) == (1, 3)
+    # a tie between (1,1), (2,2), (3,3)...: a big square image takes the largest grid it fills
+    assert closest_grid(2000, 2000, ratios, 448) == (3, 3)
+
+
+def test_normalisation_and_rgb_conversion():
+    white = Image.new("RGBA", (56, 56), (0, 0, 0, 0))  # fully transparent -> white background
+    x = preprocess(white, tile_size=56, max_num=1)
+    assert x.shape == (1, 3, 56, 56)
+    np.testing.assert_allclose(x[0, :, 0, 0], (1 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD), rtol=1e-6)
+    grey = preprocess(Image.new("L", (56, 56), 0), tile_size=56, max_num=1)
+    np.testing.assert_allclose(grey[0, :, 5, 5], -np.array(IMAGENET_MEAN) / np.array(IMAGENET_STD), rtol=1e-6)
+
+
+def test_placeholder_count_must_match():
+    with pytest.raises(ValueError, match="1 <image> placeholder"):
+        expand_images("<image> and", [1, 2], 4)
