@@ -1,0 +1,177 @@
+"""GRPO's clipped policy loss, KL penalties and loss aggregation, as pure functions.
+
+Every loss comes back as a :class:`LossSum` (sum, count) so that accumulating over
+micro-batches is exact: add the pairs, divide once at the end (:func:`LossSum.value`).
+
+Shapes: N sequences (completions) of T tokens. ``mask`` f32/bool[N, T] marks completion
+tokens that count (1) and padding (0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax
+import jax
+import jax.numpy as jnp
+
+AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+@flax.struct.dataclass
+class LossSum:
+    """A loss as (sum, count): ``value = sum / count``. Add two to accumulate micro-batches."""
+
+    sum: jax.Array
+    count: jax.Array
+
+    def __add__(self, other: "LossSum") -> "LossSum":
+        return LossSum(self.sum + other.sum, self.count + other.count)
+
+    @property
+    def value(self) -> jax.Array:
+        return self.sum / jnp.maximum(self.count, 1e-9)
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyLossConfig:
+    """GRPO/DAPO/Dr.GRPO policy-loss settings (static)."""
+
+    clip_low: float = 0.2  # ratio lower bound 1 - clip_low
+    clip_high: float = 0.2  # ratio upper bound 1 + clip_high (DAPO's clip-higher: e.g. 0.28)
+    dual_clip: float | None = None  # c > 1: for negative advantages, loss <= c * |A| (None = off)
+    log_ratio_clamp: float = 20.0  # log-ratio clamped to +-this before exp
+    kl_coef: float = 0.0  # weight of the KL penalty to the reference policy (0 = off)
+    kl_estimator: str = "k3"
+    aggregation: str = "seq-mean-token-mean"
+    norm_tokens: int | None = None  # seq-mean-token-sum-norm: the constant divisor (e.g. max new tokens)
+
+    def __post_init__(self):
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation: expected one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator: expected one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ValueError(f"dual_clip: must be > 1 (or None), got {self.dual_clip}")
+        if self.clip_low < 0 or self.clip_high < 0 or self.clip_low >= 1:
+            raise ValueError(f"clip_low/clip_high: need 0 <= clip_low < 1 and clip_high >= 0, "
+                             f"got {self.clip_low}, {self.clip_high}")
+        if self.aggregation == "seq-mean-token-sum-norm" and not self.norm_tokens:
+            raise ValueError("aggregation seq-mean-token-sum-norm needs norm_tokens (e.g. max new tokens)")
+
+
+def kl_penalty(logp: jax.Array, ref_logp: jax.Array, estimator: str = "k3") -> jax.Array:
+    """Per-token estimate of KL(π‖π_ref) from samples of π.
+
+    k1 = logπ − logπ_ref;  k2 = ½ (logπ − logπ_ref)²;  k3 = exp(logπ_ref − logπ) − (logπ_ref − logπ) − 1 (≥ 0).
+    """
+    d = logp - ref_logp
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d * d
+    if estimator == "k3":
+        return jnp.exp(-d) - (-d) - 1.0
+    raise ValueError(f"kl_estimator: expected one of {KL_ESTIMATORS}, got {estimator!r}")
+
+
+def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, norm_tokens: int | None = None) -> LossSum:
+    """Reduce per-token values f32[N, T] to a LossSum.
+
+    * ``seq-mean-token-mean`` (the paper's GRPO): mean over sequences of each sequence's token mean;
+    * ``token-mean`` (DAPO): mean over all tokens of the batch;
+    * ``seq-mean-token-sum-norm`` (Dr. GRPO): mean over sequences of token sums / ``norm_tokens``.
+
+    Sequences without any counted token are left out of the sequence count.
+    """
+    m = mask.astype(jnp.float32)
+    x = per_token * m
+    if mode == "token-mean":
+        return LossSum(x.sum(), m.sum())
+    n_tok = m.sum(axis=1)
+    has = (n_tok > 0).astype(jnp.float32)
+    if mode == "seq-mean-token-mean":
+        return LossSum((x.sum(axis=1) / jnp.maximum(n_tok, 1.0)).sum(), has.sum())
+    if mode == "seq-mean-token-sum-norm":
+        return LossSum((x.sum(axis=1) / float(norm_tokens)).sum(), has.sum())
+    raise ValueError(f"aggregation: expected one of {AGGREGATIONS}, got {mode!r}")
+
+
+def token_entropy(logits: jax.Array) -> jax.Array:
+    """Entropy of softmax(logits) per position: f[..., V] -> f32[...]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
+def _masked_mean(x, m):
+    return (x * m).sum() / jnp.maximum(m.sum(), 1.0)
+
+
+def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: jax.Array,
+                cfg: PolicyLossConfig, ref_logp: jax.Array | None = None,
+                entropy: jax.Array | None = None) -> tuple[LossSum, dict[str, jax.Array]]:
+    """GRPO's clipped surrogate (+ optional KL), aggregated.
+
+    logp: f32[N, T] log-probs of the sampled tokens under the policy being trained;
+    old_logp: f32[N, T] under the sampling policy; advantages: f32[N] (one per sequence);
+    mask: [N, T]; ref_logp: f32[N, T] under the reference (needed when kl_coef > 0);
+    entropy: f32[N, T] optional, only reported.
+
+    Per token, with ρ = exp(clamp(logp − old_logp)):
+      pg = max(−Â ρ, −Â clip(ρ, 1 − clip_low, 1 + clip_high)), and with dual clip, for Â < 0,
+      pg = min(pg, −Â c). The gradient is exactly zero where the clipped branch is taken.
+    Returns (LossSum of pg + kl_coef · KL, metrics) — metrics are masked token means of this
+    batch: clip fractions, ratio mean/min/max, KL, entropy.
+    """
+    m = mask.astype(jnp.float32)
+    adv = advantages.astype(jnp.float32)[:, None]
+    log_ratio = jnp.clip(logp - old_logp, -cfg.log_ratio_clamp, cfg.log_ratio_clamp)
+    ratio = jnp.exp(log_ratio)
+    pg1 = -adv * ratio
+    pg2 = -adv * jnp.clip(ratio, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
+    pg = jnp.maximum(pg1, pg2)
+    dual_clipped = jnp.zeros_like(pg, bool)
+    if cfg.dual_clip is not None:
+        pg3 = -adv * cfg.dual_clip
+        dual_clipped = (adv < 0) & (pg > pg3)
+        pg = jnp.where(adv < 0, jnp.minimum(pg, pg3), pg)
+    per_token = pg
+    metrics = {}
+    if cfg.kl_coef:
+        if ref_logp is None:
+            raise ValueError("policy_loss: kl_coef > 0 needs ref_logp")
+        kl = kl_penalty(logp, ref_logp, cfg.kl_estimator)
+        per_token = per_token + cfg.kl_coef * kl
+        metrics["kl"] = _masked_mean(kl, m)
+    elif ref_logp is not None:
+        metrics["kl"] = _masked_mean(kl_penalty(logp, ref_logp, cfg.kl_estimator), m)
+    loss = aggregate(per_token, m, cfg.aggregation, cfg.norm_tokens)
+    clipped_high = (adv > 0) & (ratio > 1.0 + cfg.clip_high)
+    clipped_low = (adv < 0) & (ratio < 1.0 - cfg.clip_low)
+    big = jnp.where(m > 0, ratio, -jnp.inf)
+    small = jnp.where(m > 0, ratio, jnp.inf)
+    metrics.update(
+        pg_loss=aggregate(pg, m, cfg.aggregation, cfg.norm_tokens).value,
+        clip_frac=_masked_mean((clipped_high | clipped_low).astype(jnp.float32), m),
+        clip_frac_high=_masked_mean(clipped_high.astype(jnp.float32), m),
+        clip_frac_low=_masked_mean(clipped_low.astype(jnp.float32), m),
+        dual_clip_frac=_masked_mean(dual_clipped.astype(jnp.float32), m),
+        ratio_mean=_masked_mean(ratio, m),
+        ratio_max=big.max(),
+        ratio_min=small.min(),
+    )
+    if entropy is not None:
+        metrics["entropy"] = _masked_mean(entropy, m)
+    return loss, metrics
+
+
+def sequence_logprobs(token_logp: jax.Array, mask: jax.Array) -> jax.Array:
+    """Sum of token log-probs per sequence: f32[N, T], [N, T] -> f32[N]."""
+    return (token_logp * mask.astype(token_logp.dtype)).sum(axis=-1)
+
+
+def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """log softmax(logits)[target] per position: f[N, T, V], i32[N, T] -> f32[N, T]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
