@@ -3,6 +3,7 @@
     r1v2 demo [--preset tiny] [--out DIR]   the main job (for now: a short CPU run of the model)
     r1v2 info --model PATH | --preset NAME   config and parameter counts of a checkpoint or preset
     r1v2 generate --model PATH [--image FILE] --prompt TEXT   answer a prompt (released HF dir or our checkpoint)
+    r1v2 make-data synthetic OUT --n N      the synthetic visual-reasoning task (train/test JSONL + images)
 """
 
 from __future__ import annotations
@@ -125,31 +126,20 @@ class _Spinner:
             print("\r" + " " * (len(self.label) + 12) + "\r", end="", file=sys.stderr, flush=True)
 
 
-def _find_file(model_dir: str, name: str) -> str | None:
-    for d in (model_dir, os.path.join(model_dir, "hf")):
-        if os.path.exists(os.path.join(d, name)):
-            return os.path.join(d, name)
-    return None
-
-
 def cmd_generate(args) -> int:
     import numpy as np
 
     import r1v2_jax
     from r1v2_jax.checkpoint import META_FILE
     from r1v2_jax.data.image import load_image
-    from r1v2_jax.data.prompt import IMAGE_PLACEHOLDER, chatml, expand_images
+    from r1v2_jax.data.prompt import PromptBuilder
+    from r1v2_jax.data.tokenizer import chat_template, load_tokenizer
 
     try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        print("error: r1v2 generate needs the 'tokenizers' package", file=sys.stderr)
+        tokenizer = load_tokenizer(args.model)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    tok_file = _find_file(args.model, "tokenizer.json")
-    if tok_file is None:
-        print(f"error: {args.model}: no tokenizer.json (looked in the folder and its hf/)", file=sys.stderr)
-        return 2
-    tokenizer = Tokenizer.from_file(tok_file)
     t0 = time.perf_counter()
     with _Spinner("loading model"):
         if os.path.exists(os.path.join(args.model, META_FILE)):
@@ -157,13 +147,10 @@ def cmd_generate(args) -> int:
         else:
             model = r1v2_jax.load_pretrained(args.model, dtype=args.dtype or "float32")
     cfg = model.config
-    text, pix = args.prompt, None
-    if args.image:
-        pix = load_image(args.image, tile_size=cfg.tile_size, max_num=args.max_tiles)
-        if IMAGE_PLACEHOLDER not in text:
-            text = f"{IMAGE_PLACEHOLDER}\n{text}"
-        text = expand_images(text, [len(pix)], cfg.tokens_per_tile())
-    ids = tokenizer.encode(chatml(text, think=not args.no_think), add_special_tokens=False).ids
+    pix = load_image(args.image, tile_size=cfg.tile_size, max_num=args.max_tiles) if args.image else None
+    builder = PromptBuilder(tokenizer, cfg.tokens_per_tile(), template=chat_template(args.model),
+                            think=not args.no_think, max_prompt_len=1 << 20)
+    ids = builder.encode_prompt(args.prompt, [len(pix)] if pix is not None else [])
     eos = [i for i in (tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")) if i is not None]
     t1 = time.perf_counter()
     with _Spinner(f"generating up to {args.max_new_tokens} tokens"):
@@ -178,6 +165,19 @@ def cmd_generate(args) -> int:
     print(tokenizer.decode(gen, skip_special_tokens=False))
     print(f"[{n} tokens in {t2 - t1:.1f}s ({n / max(t2 - t1, 1e-9):.1f} tok/s); load {t1 - t0:.1f}s; "
           f"{'eos' if bool(out.finished[0]) else 'max_new_tokens reached'}]", file=sys.stderr)
+    return 0
+
+
+def cmd_make_data(args) -> int:
+    from r1v2_jax.data.synthetic import make_synthetic
+
+    try:
+        counts = make_synthetic(args.out, args.n, seed=args.seed, image_size=args.image_size,
+                                test_fraction=args.test_fraction, overwrite=args.overwrite)
+    except (FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: {counts['train']} train / {counts['test']} test examples")
     return 0
 
 
@@ -209,6 +209,15 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-think", action="store_true", help="do not pre-fill <think>")
     g.set_defaults(fn=cmd_generate)
+    md = sub.add_parser("make-data", help="make a dataset")
+    md.add_argument("kind", choices=["synthetic"])
+    md.add_argument("out")
+    md.add_argument("--n", type=int, required=True)
+    md.add_argument("--seed", type=int, default=0)
+    md.add_argument("--image-size", type=int, default=448)
+    md.add_argument("--test-fraction", type=float, default=0.2)
+    md.add_argument("--overwrite", action="store_true")
+    md.set_defaults(fn=cmd_make_data)
     args = p.parse_args(argv)
     return args.fn(args)
 

@@ -6,27 +6,14 @@ import os
 import numpy as np
 import pytest
 from PIL import Image
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer
 
 import r1v2_jax
 from r1v2_jax.cli import main
 from r1v2_jax.config import model_config
 from r1v2_jax.data.image import IMAGENET_MEAN, IMAGENET_STD, closest_grid, preprocess, target_ratios
 from r1v2_jax.data.prompt import chatml, expand_images
-
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<img>", "</img>"]
-
-
-def tiny_tokenizer(image_token_id: int) -> Tokenizer:
-    """Characters as tokens, the chat and image special tokens, <IMG_CONTEXT> at ``image_token_id``."""
-    chars = [chr(c) for c in range(32, 127)] + ["\n"]
-    vocab = {t: i for i, t in enumerate(SPECIALS + chars + ["[UNK]"])}
-    vocab["<IMG_CONTEXT>"] = image_token_id
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.add_special_tokens(SPECIALS + ["<IMG_CONTEXT>"])
-    return tok
-
+from r1v2_jax.data.tokenizer import tiny_tokenizer
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):

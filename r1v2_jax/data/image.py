@@ -89,3 +89,27 @@ def load_image(path: str, **kw) -> np.ndarray:
             return preprocess(im, **kw)
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot read the image ({e})") from None
+
+
+def image_settings(model_dir: str) -> dict:
+    """Preprocessing settings from a released checkpoint's config.json: tile size
+    (``force_image_size`` or the ViT's ``image_size``), ``dynamic_image_size``, ``use_thumbnail``,
+    ``min_dynamic_patch`` / ``max_dynamic_patch`` (InternVL defaults where absent)."""
+    import json
+    import os
+
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.exists(path):
+        path = os.path.join(model_dir, "hf", "config.json")
+    with open(path, encoding="utf-8") as f:
+        c = json.load(f)
+    vision = c.get("vision_config") or {}
+    size = c.get("force_image_size") or vision.get("image_size", 448)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    out = {"tile_size": int(size), "dynamic": bool(c.get("dynamic_image_size", True)),
+           "use_thumbnail": bool(c.get("use_thumbnail", True)), "min_num": int(c.get("min_dynamic_patch", 1)),
+           "max_num": int(c.get("max_dynamic_patch", 12))}
+    if not 1 <= out["min_num"] <= out["max_num"]:
+        raise ValueError(f"{path}: need 1 <= min_dynamic_patch <= max_dynamic_patch, got {out['min_num']}, "
+                         f"{out['max_num']}")
+    return out

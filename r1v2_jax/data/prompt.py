@@ -1,9 +1,28 @@
-"""Prompt building: ``<image>`` placeholders and the chat format."""
+"""Prompt building: ``<image>`` expansion, chat format, completion masks, truncation.
+
+A prompt for the model is the chat-formatted user turn with every ``<image>`` replaced by
+``<img>`` + ``<IMG_CONTEXT>`` x (tokens_per_tile * tiles) + ``</img>``, followed by the opened
+assistant turn. The checkpoint tokenizer's chat template is used when there is one
+(rendered with Jinja2 in a sandbox); otherwise ChatML. With ``think=True`` the assistant turn
+is pre-filled with ``<think>\\n`` (added after the template's output unless it already ends
+so). Truncation never cuts an image's tokens: a prompt longer than ``max_prompt_len`` is an
+error for that sample (:class:`PromptTooLong`), while a completion is cut on the right.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
+
+from r1v2_jax.data.tokenizer import IM_END, IMG_CONTEXT, IMG_END, IMG_START
+
 IMAGE_PLACEHOLDER = "<image>"
-IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+THINK_PREFILL = "<think>\n"
+
+
+class PromptTooLong(ValueError):
+    """The prompt (with its image tokens) does not fit in max_prompt_len."""
 
 
 def expand_images(text: str, tiles_per_image: list[int], tokens_per_tile: int) -> str:
@@ -19,4 +38,76 @@ def expand_images(text: str, tiles_per_image: list[int], tokens_per_tile: int) -
 
 def chatml(user: str, think: bool = True) -> str:
     """ChatML with the assistant turn opened (and ``<think>\\n`` pre-filled for reasoning)."""
-    return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n" + ("<think>\n" if think else "")
+    return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n" + (THINK_PREFILL if think else "")
+
+
+def render_template(template: str, user: str) -> str:
+    """Render an HF chat template for one user message with the generation prompt."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    import json
+
+    def raise_exception(msg):
+        raise TemplateError(msg)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(messages=[{"role": "user", "content": user}],
+                                            add_generation_prompt=True, bos_token="", eos_token=IM_END)
+
+
+@dataclasses.dataclass
+class PromptBuilder:
+    """Turns questions (and completions) into token ids for one tokenizer and model config."""
+
+    tokenizer: object  # tokenizers.Tokenizer
+    tokens_per_tile: int
+    template: str | None = None
+    think: bool = True
+    max_prompt_len: int = 4096
+    max_completion_len: int = 2048
+
+    def prompt_text(self, question: str, tiles_per_image: list[int]) -> str:
+        if tiles_per_image and IMAGE_PLACEHOLDER not in question:
+            question = IMAGE_PLACEHOLDER * len(tiles_per_image) + "\n" + question
+        user = expand_images(question, tiles_per_image, self.tokens_per_tile)
+        if self.template is None:
+            return chatml(user, self.think)
+        text = render_template(self.template, user)
+        if self.think:
+            # Templates that pre-fill <think> themselves may lose the newline (Jinja drops a
+            # template's trailing newline): normalise to exactly one "<think>\n".
+            if text.rstrip("\n").endswith("<think>"):
+                text = text.rstrip("\n") + "\n"
+            else:
+                text += THINK_PREFILL
+        return text
+
+    def encode_prompt(self, question: str, tiles_per_image: list[int]) -> list[int]:
+        ids = self.tokenizer.encode(self.prompt_text(question, tiles_per_image), add_special_tokens=False).ids
+        if len(ids) > self.max_prompt_len:
+            raise PromptTooLong(f"prompt has {len(ids)} tokens (images included) > max_prompt_len "
+                                f"{self.max_prompt_len}; images are never cut")
+        return ids
+
+    def encode_completion(self, completion: str, close: bool = True) -> tuple[list[int], bool]:
+        """Completion ids (with ``<|im_end|>`` when ``close``) and whether they were truncated.
+
+        A completion that repeats the pre-filled ``<think>\\n`` has it removed (the prompt
+        already holds it)."""
+        if self.think and completion.startswith(THINK_PREFILL):
+            completion = completion[len(THINK_PREFILL):]
+        ids = self.tokenizer.encode(completion + (IM_END if close else ""), add_special_tokens=False).ids
+        if len(ids) > self.max_completion_len:
+            return ids[: self.max_completion_len], True
+        return ids, False
+
+    def encode_pair(self, question: str, completion: str, tiles_per_image: list[int]):
+        """(ids i32[P+C], loss_mask bool[P+C] True exactly at completion tokens, truncated)."""
+        p = self.encode_prompt(question, tiles_per_image)
+        c, truncated = self.encode_completion(completion)
+        ids = np.asarray(p + c, np.int32)
+        mask = np.zeros(len(ids), bool)
+        mask[len(p):] = True
+        return ids, mask, truncated

@@ -1,0 +1,156 @@
+"""grain input pipelines: shuffled, sharded per host, preprocessed in worker processes,
+batched to static shapes, and resumable from a checkpointed iterator state.
+
+    it = rl_prompt_iterator(records, builder, PipelineConfig(batch_size=8, seed=0), tile_size=448)
+    batch = next(it)        # dict of numpy arrays (see collate_prompts)
+    state = it.get_state()  # JSON-able: save it with the train state
+    it.set_state(state)     # ... and resume exactly there
+
+Order of operations: records -> this host's shard (``process_index::process_count``: disjoint
+shards that cover the set) -> shuffle (seeded, reshuffled each epoch) -> repeat -> per-example
+preprocessing (images tiled, prompt tokenised; in ``worker_count`` processes) -> drop and
+count bad samples (in the main process, so counts survive) -> batch. Batches have static
+shapes: prompts are left-padded to the smallest length bucket that fits the longest
+prompt of the batch, and tiles are padded to a multiple of ``tiles_bucket`` (the extra
+tiles are zeros that no ``<IMG_CONTEXT>`` token refers to).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import grain
+import numpy as np
+
+from r1v2_jax.data.formats import BadSample, SkipCounter, open_image
+from r1v2_jax.data.image import preprocess
+from r1v2_jax.data.prompt import PromptBuilder, PromptTooLong
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    batch_size: int
+    seed: int = 0
+    num_epochs: int | None = None  # None: repeat forever
+    worker_count: int = 0  # 0: preprocess in the main process
+    worker_buffer_size: int = 2
+    length_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
+    tiles_bucket: int = 8
+    max_tiles: int = 6  # dynamic tiling: tiles per image (the thumbnail comes on top)
+    use_thumbnail: bool = True
+    dynamic_tiling: bool = True
+    process_index: int | None = None  # None: jax.process_index()
+    process_count: int | None = None  # None: jax.process_count()
+    drop_remainder: bool = True
+
+
+def host_shard(n: int, cfg: PipelineConfig) -> tuple[int, int]:
+    if cfg.process_index is not None and cfg.process_count is not None:
+        return cfg.process_index, cfg.process_count
+    import jax
+
+    return jax.process_index(), jax.process_count()
+
+
+class PreparePrompt(grain.transforms.Map):
+    """record -> example dict (or a ``_skip`` marker with the reason); picklable for workers."""
+
+    def __init__(self, builder: PromptBuilder, tile_size: int, cfg: PipelineConfig):
+        self.builder, self.tile_size, self.cfg = builder, tile_size, cfg
+
+    def map(self, record: dict) -> dict:
+        try:
+            tiles = [preprocess(open_image(record, im), tile_size=self.tile_size, max_num=self.cfg.max_tiles,
+                                use_thumbnail=self.cfg.use_thumbnail, dynamic=self.cfg.dynamic_tiling)
+                     for im in record["images"]]
+            ids = self.builder.encode_prompt(record["question"], [len(t) for t in tiles])
+        except BadSample as e:
+            return {"_skip": e.reason, "_detail": str(e)}
+        except PromptTooLong as e:
+            return {"_skip": "prompt_too_long", "_detail": f"{record.get('_where')}: {e}"}
+        pix = np.concatenate(tiles) if tiles else np.zeros((0, 3, self.tile_size, self.tile_size), np.float32)
+        return {"input_ids": np.asarray(ids, np.int32), "pixel_values": pix.astype(np.float32),
+                "answer": record["answer"], "choices": list(record.get("choices") or []),
+                "category": record.get("category") or "", "facts": record.get("facts") or [],
+                "where": record["_where"]}
+
+
+def _bucket(n: int, buckets) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"length {n} exceeds the largest bucket {buckets[-1]}")
+
+
+def collate_prompts(examples: list[dict], cfg: PipelineConfig, tile_size: int, pad_id: int = 0) -> dict[str, Any]:
+    """A static-shape batch: input_ids i32[B, P] left-padded, attention_mask bool[B, P],
+    pixel_values f32[T, 3, S, S] (tiles in prompt order, zero-padded), num_tiles i32[B], and
+    the answers/choices/categories/facts as Python lists."""
+    b = len(examples)
+    p = _bucket(max(len(e["input_ids"]) for e in examples), cfg.length_buckets)
+    ids = np.full((b, p), pad_id, np.int32)
+    mask = np.zeros((b, p), bool)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, p - n:], mask[i, p - n:] = e["input_ids"], True
+    tiles = [e["pixel_values"] for e in examples]
+    total = sum(len(t) for t in tiles)
+    padded = max(cfg.tiles_bucket, -(-total // cfg.tiles_bucket) * cfg.tiles_bucket)
+    pix = np.zeros((padded, 3, tile_size, tile_size), np.float32)
+    if total:
+        pix[:total] = np.concatenate(tiles)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pix,
+            "num_tiles": np.asarray([len(t) for t in tiles], np.int32),
+            "answer": [e["answer"] for e in examples], "choices": [e["choices"] for e in examples],
+            "category": [e["category"] for e in examples], "facts": [e["facts"] for e in examples],
+            "where": [e["where"] for e in examples]}
+
+
+class DataIterator:
+    """A grain iterator plus the skip counts, with one checkpointable state."""
+
+    def __init__(self, dataset: grain.IterDataset, skips: SkipCounter):
+        self._dataset, self.skips = dataset, skips
+        self._it = iter(dataset)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._it)
+
+    def get_state(self) -> dict:
+        return {"grain": self._it.get_state(), "skips": self.skips.as_dict()}
+
+    def set_state(self, state: dict) -> None:
+        self._it.set_state(state["grain"])
+        self.skips.counts.clear()
+        self.skips.counts.update(state.get("skips", {}))
+
+
+def rl_prompt_iterator(records: list[dict], builder: PromptBuilder, cfg: PipelineConfig, *, tile_size: int,
+                       pad_id: int = 0, skips: SkipCounter | None = None) -> DataIterator:
+    """Batches of RL prompts (``rl`` records from :func:`r1v2_jax.data.formats.load_records`)."""
+    skips = skips if skips is not None else SkipCounter()
+    index, count = host_shard(len(records), cfg)
+    ds = grain.MapDataset.source(records)[index::count]
+    ds = ds.shuffle(seed=cfg.seed).repeat(cfg.num_epochs)
+    it = ds.to_iter_dataset().map(PreparePrompt(builder, tile_size, cfg))
+    if cfg.worker_count > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
+                                                         per_worker_buffer_size=cfg.worker_buffer_size))
+
+    def keep(e):
+        if "_skip" in e:
+            skips.skip(e["_skip"], e["_detail"])
+            return False
+        return True
+
+    it = it.filter(keep).batch(cfg.batch_size, drop_remainder=cfg.drop_remainder,
+                               batch_fn=lambda xs: collate_prompts(list(xs), cfg, tile_size, pad_id))
+    return DataIterator(it, skips)
