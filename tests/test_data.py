@@ -10,7 +10,7 @@ from PIL import Image
 
 from r1v2_jax.data.formats import SkipCounter, load_records
 from r1v2_jax.data.image import IMAGENET_MEAN, IMAGENET_STD, closest_grid, dynamic_tiles, preprocess, target_ratios
-from r1v2_jax.data.pipeline import PipelineConfig, rl_prompt_iterator
+from r1v2_jax.data.pipeline import PipelineConfig, rl_prompt_iterator, sequence_iterator
 from r1v2_jax.data.prompt import PromptBuilder, PromptTooLong, chatml
 from r1v2_jax.data.synthetic import make_synthetic
 from r1v2_jax.data.tokenizer import IMG_CONTEXT, build_qwen2_tokenizer, tiny_tokenizer
@@ -168,7 +168,8 @@ def _write_dataset(root, n=10):
 
 def test_bad_samples_are_skipped_and_counted(tmp_path):
     recs = _write_dataset(tmp_path, 4)
-    (tmp_path / "img" / "trunc.jpg").write_bytes(open(tmp_path / "img" / "0.png", "rb").read()[:60])
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(tmp_path / "img" / "full.jpg")
+    (tmp_path / "img" / "trunc.jpg").write_bytes(open(tmp_path / "img" / "full.jpg", "rb").read()[:300])
     (tmp_path / "img" / "empty.png").write_bytes(b"")
     bad = [dict(recs[0], images=["img/missing.png"]), dict(recs[0], images=["img/trunc.jpg"]),
            dict(recs[0], images=["img/empty.png"]), dict(recs[0], images=["../outside.png"]),
@@ -270,3 +271,28 @@ def test_synthetic_task(tmp_path):
     assert open(tmp_path / "syn" / "train.jsonl").read() == open(tmp_path / "syn2" / "train.jsonl").read()
     with pytest.raises(FileExistsError):
         make_synthetic(str(tmp_path / "syn"), 3)
+
+
+def test_preference_and_sft_batches(tmp_path):
+    recs = _write_dataset(tmp_path, 4)
+    pref = [{"images": r["images"], "prompt": r["question"], "chosen": f"yes {i}", "rejected": "no"}
+            for i, r in enumerate(recs)]
+    (tmp_path / "pref.jsonl").write_text("\n".join(json.dumps(r) for r in pref))
+    tok = tiny_tokenizer(255)
+    b = PromptBuilder(tok, tokens_per_tile=4)
+    cfg = PipelineConfig(batch_size=2, num_epochs=1, length_buckets=(64,), process_index=0, process_count=1)
+    batches = list(sequence_iterator(load_records(str(tmp_path / "pref.jsonl"), "preference"), b, cfg,
+                                     kind="preference", tile_size=28))
+    assert len(batches) == 2
+    bt = batches[0]
+    for n in ("chosen", "rejected"):
+        assert bt[f"{n}_ids"].shape == (2, 64)
+        assert not (bt[f"{n}_loss_mask"] & ~bt[f"{n}_mask"]).any()
+    row = bt["chosen_ids"][0][bt["chosen_loss_mask"][0]]
+    assert tok.decode(row.tolist(), skip_special_tokens=False).startswith("yes ")
+    assert tok.decode(bt["rejected_ids"][0][bt["rejected_loss_mask"][0]].tolist(), skip_special_tokens=False) == \
+        "no<|im_end|>"
+    sft = [{"images": r["images"], "prompt": r["question"], "response": "ok"} for r in recs]
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in sft))
+    bt = next(sequence_iterator(load_records(str(tmp_path / "sft.jsonl"), "sft"), b, cfg, kind="sft", tile_size=28))
+    assert bt["response_loss_mask"].sum() == 2 * len(tok.encode("ok<|im_end|>", add_special_tokens=False).ids)

@@ -76,6 +76,64 @@ class PreparePrompt(grain.transforms.Map):
                 "where": record["_where"]}
 
 
+class PrepareSequences(grain.transforms.Map):
+    """``sft`` / ``preference`` record -> prompt + completion ids with loss masks."""
+
+    def __init__(self, builder: PromptBuilder, tile_size: int, cfg: PipelineConfig, kind: str):
+        self.builder, self.tile_size, self.cfg, self.kind = builder, tile_size, cfg, kind
+
+    def map(self, record: dict) -> dict:
+        try:
+            tiles = [preprocess(open_image(record, im), tile_size=self.tile_size, max_num=self.cfg.max_tiles,
+                                use_thumbnail=self.cfg.use_thumbnail, dynamic=self.cfg.dynamic_tiling)
+                     for im in record["images"]]
+            n_tiles = [len(t) for t in tiles]
+            names = ("response",) if self.kind == "sft" else ("chosen", "rejected")
+            seqs = {n: self.builder.encode_pair(record["prompt"], record[n], n_tiles) for n in names}
+        except BadSample as e:
+            return {"_skip": e.reason, "_detail": str(e)}
+        except PromptTooLong as e:
+            return {"_skip": "prompt_too_long", "_detail": f"{record.get('_where')}: {e}"}
+        pix = np.concatenate(tiles) if tiles else np.zeros((0, 3, self.tile_size, self.tile_size), np.float32)
+        out = {"pixel_values": pix.astype(np.float32), "where": record["_where"]}
+        for n, (ids, mask, truncated) in seqs.items():
+            out[n] = (ids, mask, truncated)
+        return out
+
+
+def collate_sequences(examples: list[dict], cfg: PipelineConfig, tile_size: int, names: tuple[str, ...],
+                      pad_id: int = 0) -> dict[str, Any]:
+    """Right-padded sequences per name: ``{name}_ids`` i32[B, L], ``{name}_mask`` (1 = real
+    token), ``{name}_loss_mask`` (1 = completion token), ``{name}_truncated``; plus the
+    tiles as in :func:`collate_prompts` (each example's images serve all its sequences)."""
+    b = len(examples)
+    longest = max(len(e[n][0]) for e in examples for n in names)
+    length = _bucket(longest, cfg.length_buckets)
+    out: dict[str, Any] = {}
+    for n in names:
+        ids = np.full((b, length), pad_id, np.int32)
+        real = np.zeros((b, length), bool)
+        loss = np.zeros((b, length), bool)
+        for i, e in enumerate(examples):
+            x, m, _ = e[n]
+            ids[i, :len(x)], real[i, :len(x)], loss[i, :len(x)] = x, True, m
+        out.update({f"{n}_ids": ids, f"{n}_mask": real, f"{n}_loss_mask": loss,
+                    f"{n}_truncated": np.asarray([e[n][2] for e in examples])})
+    out.update(_collate_tiles(examples, cfg, tile_size))
+    out["where"] = [e["where"] for e in examples]
+    return out
+
+
+def _collate_tiles(examples, cfg, tile_size):
+    tiles = [e["pixel_values"] for e in examples]
+    total = sum(len(t) for t in tiles)
+    padded = max(cfg.tiles_bucket, -(-total // cfg.tiles_bucket) * cfg.tiles_bucket)
+    pix = np.zeros((padded, 3, tile_size, tile_size), np.float32)
+    if total:
+        pix[:total] = np.concatenate(tiles)
+    return {"pixel_values": pix, "num_tiles": np.asarray([len(t) for t in tiles], np.int32)}
+
+
 def _bucket(n: int, buckets) -> int:
     for b in buckets:
         if n <= b:
@@ -94,14 +152,7 @@ def collate_prompts(examples: list[dict], cfg: PipelineConfig, tile_size: int, p
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
         ids[i, p - n:], mask[i, p - n:] = e["input_ids"], True
-    tiles = [e["pixel_values"] for e in examples]
-    total = sum(len(t) for t in tiles)
-    padded = max(cfg.tiles_bucket, -(-total // cfg.tiles_bucket) * cfg.tiles_bucket)
-    pix = np.zeros((padded, 3, tile_size, tile_size), np.float32)
-    if total:
-        pix[:total] = np.concatenate(tiles)
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pix,
-            "num_tiles": np.asarray([len(t) for t in tiles], np.int32),
+    return {"input_ids": ids, "attention_mask": mask, **_collate_tiles(examples, cfg, tile_size),
             "answer": [e["answer"] for e in examples], "choices": [e["choices"] for e in examples],
             "category": [e["category"] for e in examples], "facts": [e["facts"] for e in examples],
             "where": [e["where"] for e in examples]}
@@ -129,14 +180,12 @@ class DataIterator:
         self.skips.counts.update(state.get("skips", {}))
 
 
-def rl_prompt_iterator(records: list[dict], builder: PromptBuilder, cfg: PipelineConfig, *, tile_size: int,
-                       pad_id: int = 0, skips: SkipCounter | None = None) -> DataIterator:
-    """Batches of RL prompts (``rl`` records from :func:`r1v2_jax.data.formats.load_records`)."""
+def _iterator(records, prepare, collate, cfg: PipelineConfig, skips: SkipCounter | None) -> DataIterator:
     skips = skips if skips is not None else SkipCounter()
     index, count = host_shard(len(records), cfg)
     ds = grain.MapDataset.source(records)[index::count]
     ds = ds.shuffle(seed=cfg.seed).repeat(cfg.num_epochs)
-    it = ds.to_iter_dataset().map(PreparePrompt(builder, tile_size, cfg))
+    it = ds.to_iter_dataset().map(prepare)
     if cfg.worker_count > 0:
         from absl import flags
 
@@ -151,6 +200,22 @@ def rl_prompt_iterator(records: list[dict], builder: PromptBuilder, cfg: Pipelin
             return False
         return True
 
-    it = it.filter(keep).batch(cfg.batch_size, drop_remainder=cfg.drop_remainder,
-                               batch_fn=lambda xs: collate_prompts(list(xs), cfg, tile_size, pad_id))
+    it = it.filter(keep).batch(cfg.batch_size, drop_remainder=cfg.drop_remainder, batch_fn=lambda xs: collate(list(xs)))
     return DataIterator(it, skips)
+
+
+def rl_prompt_iterator(records: list[dict], builder: PromptBuilder, cfg: PipelineConfig, *, tile_size: int,
+                       pad_id: int = 0, skips: SkipCounter | None = None) -> DataIterator:
+    """Batches of RL prompts (``rl`` records from :func:`r1v2_jax.data.formats.load_records`)."""
+    return _iterator(records, PreparePrompt(builder, tile_size, cfg),
+                     lambda xs: collate_prompts(xs, cfg, tile_size, pad_id), cfg, skips)
+
+
+def sequence_iterator(records: list[dict], builder: PromptBuilder, cfg: PipelineConfig, *, kind: str,
+                      tile_size: int, pad_id: int = 0, skips: SkipCounter | None = None) -> DataIterator:
+    """Batches of ``sft`` (``response_*``) or ``preference`` (``chosen_*``, ``rejected_*``) sequences."""
+    if kind not in ("sft", "preference"):
+        raise ValueError(f"sequence_iterator: kind must be 'sft' or 'preference', got {kind!r}")
+    names = ("response",) if kind == "sft" else ("chosen", "rejected")
+    return _iterator(records, PrepareSequences(builder, tile_size, cfg, kind),
+                     lambda xs: collate_sequences(xs, cfg, tile_size, names, pad_id), cfg, skips)
