@@ -53,6 +53,12 @@ def host_shard(n: int, cfg: PipelineConfig) -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
+def load_tiles(record: dict, tile_size: int, cfg: PipelineConfig) -> list[np.ndarray]:
+    """Each image of a record as f32[n_tiles, 3, S, S] (raises BadSample for unusable images)."""
+    return [preprocess(open_image(record, im), tile_size=tile_size, max_num=cfg.max_tiles,
+                       use_thumbnail=cfg.use_thumbnail, dynamic=cfg.dynamic_tiling) for im in record["images"]]
+
+
 class PreparePrompt(grain.transforms.Map):
     """record -> example dict (or a ``_skip`` marker with the reason); picklable for workers."""
 
@@ -61,9 +67,7 @@ class PreparePrompt(grain.transforms.Map):
 
     def map(self, record: dict) -> dict:
         try:
-            tiles = [preprocess(open_image(record, im), tile_size=self.tile_size, max_num=self.cfg.max_tiles,
-                                use_thumbnail=self.cfg.use_thumbnail, dynamic=self.cfg.dynamic_tiling)
-                     for im in record["images"]]
+            tiles = load_tiles(record, self.tile_size, self.cfg)
             ids = self.builder.encode_prompt(record["question"], [len(t) for t in tiles])
         except BadSample as e:
             return {"_skip": e.reason, "_detail": str(e)}
@@ -84,9 +88,7 @@ class PrepareSequences(grain.transforms.Map):
 
     def map(self, record: dict) -> dict:
         try:
-            tiles = [preprocess(open_image(record, im), tile_size=self.tile_size, max_num=self.cfg.max_tiles,
-                                use_thumbnail=self.cfg.use_thumbnail, dynamic=self.cfg.dynamic_tiling)
-                     for im in record["images"]]
+            tiles = load_tiles(record, self.tile_size, self.cfg)
             n_tiles = [len(t) for t in tiles]
             names = ("response",) if self.kind == "sft" else ("chosen", "rejected")
             seqs = {n: self.builder.encode_pair(record["prompt"], record[n], n_tiles) for n in names}
