@@ -78,6 +78,13 @@ class R1V2(nn.Module):
         hidden = self.language_model.decode(embeds, positions, attention_mask)
         return self.language_model.logits(hidden)
 
+    def hidden(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
+               attention_mask: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
+        """Final-normed hidden states f[B, T, H] (what the LM head and a value head read)."""
+        if positions is None:
+            positions = default_positions(input_ids.shape, attention_mask)
+        return self.language_model.decode(self.embed(input_ids, pixel_values), positions, attention_mask)
+
     def prefill(self, input_ids: jax.Array, pixel_values: jax.Array | None, kv_valid: jax.Array,
                 cache) -> tuple[jax.Array, Any]:
         """Run the prompt into an empty KV cache.

@@ -1,0 +1,1 @@
+"""Hybrid rewards: rule-based verifier, format reward, reward models, calibration."""
