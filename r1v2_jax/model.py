@@ -44,6 +44,22 @@ def merge_image_features(text_embeds: jax.Array, input_ids: jax.Array, image_fea
     return jnp.where(is_img[..., None], gathered, text_embeds)
 
 
+def merge_image_features_per_row(text_embeds: jax.Array, input_ids: jax.Array, image_features: jax.Array,
+                                 image_token_id: int) -> jax.Array:
+    """Like :func:`merge_image_features`, but row b's slots take row b's own features.
+
+    image_features: f[B, F, H] (row b's tiles' adapter outputs, zero-padded to F). Rows may
+    have different numbers of tiles: padded features are never read as long as a row has
+    no more slots than real features. This is the layout of training batches, where the
+    G samples of a prompt each carry their prompt's tiles.
+    """
+    b, t, h = text_embeds.shape
+    is_img = input_ids == image_token_id
+    slot = jnp.clip(jnp.cumsum(is_img.astype(jnp.int32), axis=1) - 1, 0, max(image_features.shape[1] - 1, 0))
+    gathered = jnp.take_along_axis(image_features.astype(text_embeds.dtype), slot[..., None], axis=1)
+    return jnp.where(is_img[..., None], gathered, text_embeds)
+
+
 class R1V2(nn.Module):
     """InternViT -> adapter (``mlp1``) -> Qwen2, with the multimodal merge in between."""
 
@@ -60,9 +76,18 @@ class R1V2(nn.Module):
         return feats.reshape(-1, feats.shape[-1])
 
     def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None = None) -> jax.Array:
-        """Input embeddings with image slots filled: f[B, T, H]."""
+        """Input embeddings with image slots filled: f[B, T, H].
+
+        pixel_values f[n_tiles, 3, H, W] fill the slots of the whole batch in order; f[B, K,
+        3, H, W] gives each row its own K tiles (see :func:`merge_image_features_per_row`)."""
         embeds = self.language_model.embed(input_ids)
-        if pixel_values is not None:
+        if pixel_values is not None and pixel_values.ndim == 5:
+            b, k = pixel_values.shape[:2]
+            feats = self.encode_images(pixel_values.reshape((b * k,) + pixel_values.shape[2:]))
+            embeds = merge_image_features_per_row(embeds, input_ids, feats.reshape(b, -1, feats.shape[-1]),
+                                                  self.config.image_token_id)
+            embeds = constrain(embeds, ("act_batch", "act_len", "act_embed"))
+        elif pixel_values is not None:
             embeds = merge_image_features(embeds, input_ids, self.encode_images(pixel_values),
                                           self.config.image_token_id)
             embeds = constrain(embeds, ("act_batch", "act_len", "act_embed"))
@@ -187,16 +212,24 @@ class R1V2Model:
         else:
             shape = tuple(np.shape(pixel_values))
             v = self.config.vision
-            if len(shape) != 4 or shape[1] != v.num_channels or shape[2] % v.patch_size or shape[3] % v.patch_size:
-                raise ValueError(f"pixel_values: expected [n_tiles, {v.num_channels}, H, W] with H, W multiples "
-                                 f"of {v.patch_size}, got {list(shape)}")
-            if shape[2] != shape[3]:
+            tile = shape[-4:]
+            if len(shape) not in (4, 5) or tile[1] != v.num_channels or tile[2] % v.patch_size or tile[3] % v.patch_size:
+                raise ValueError(f"pixel_values: expected [n_tiles, {v.num_channels}, H, W] or [B, K, "
+                                 f"{v.num_channels}, H, W] with H, W multiples of {v.patch_size}, got {list(shape)}")
+            if tile[2] != tile[3]:
                 raise ValueError(f"pixel_values: tiles must be square (InternVL reshapes the patch grid to a "
-                                 f"square), got H={shape[2]} W={shape[3]}")
-            n_feat = shape[0] * self.config.tokens_per_tile(shape[2])
-            if n_slots != n_feat:
+                                 f"square), got H={tile[2]} W={tile[3]}")
+            per_tile = self.config.tokens_per_tile(tile[2])
+            if len(shape) == 5:
+                if shape[0] != ids.shape[0]:
+                    raise ValueError(f"pixel_values: {shape[0]} rows of tiles for {ids.shape[0]} sequences")
+                slots = (ids == self.config.image_token_id).sum(axis=1)
+                if (slots > shape[1] * per_tile).any():
+                    raise ValueError(f"input_ids: a row has {int(slots.max())} <IMG_CONTEXT> tokens but only "
+                                     f"{shape[1]} tiles x {per_tile} features")
+            elif n_slots != shape[0] * per_tile:
                 raise ValueError(f"input_ids has {n_slots} <IMG_CONTEXT> tokens but pixel_values gives {shape[0]} "
-                                 f"tiles x {self.config.tokens_per_tile(shape[2])} tokens = {n_feat} image features")
+                                 f"tiles x {per_tile} tokens = {shape[0] * per_tile} image features")
         if attention_mask is not None and tuple(np.shape(attention_mask)) != ids.shape:
             raise ValueError(f"attention_mask: expected shape {list(ids.shape)}, got {list(np.shape(attention_mask))}")
 

@@ -73,3 +73,17 @@ def test_merge_no_image_tokens_is_identity():
     text = jnp.ones((1, 3, 2))
     out = merge_image_features(text, jnp.array([[1, 2, 3]]), jnp.zeros((4, 2)), image_token_id=9)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(text))
+
+
+def test_per_row_merge_matches_flat_merge_and_ignores_padding():
+    from r1v2_jax.model import merge_image_features_per_row
+
+    rng = np.random.default_rng(0)
+    text = jnp.asarray(rng.normal(size=(2, 6, 3)), jnp.float32)
+    ids = jnp.array([[9, 9, 1, 9, 9, 2], [1, 9, 9, 3, 4, 5]])
+    feats_flat = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
+    # row 0 has 4 features, row 1 has 2 (+2 padding rows of garbage)
+    per_row = jnp.stack([feats_flat[:4], jnp.concatenate([feats_flat[4:], jnp.full((2, 3), 1e9)])])
+    a = merge_image_features(text, ids, feats_flat, 9)
+    b = merge_image_features_per_row(text, ids, per_row, 9)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

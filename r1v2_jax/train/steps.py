@@ -1,0 +1,141 @@
+"""Jitted train steps for SFT, reward model, MPO and GRPO, sharing one structure:
+
+    loss_fn(params, micro_batch) -> (LossSum, metrics)
+    grads = Σ_micro ∇ LossSum.sum / Σ_micro LossSum.count      (exact accumulation)
+    state = apply_gradients(state, grads)                      (skipped if not finite)
+
+Batches are dicts of arrays with a leading batch axis; ``n_micro`` splits it evenly.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from r1v2_jax.model import R1V2
+from r1v2_jax.rewards.reward_model import RewardModel, bradley_terry_loss
+from r1v2_jax.rl.losses import LossSum, PolicyLossConfig, policy_loss, sequence_logprobs, token_entropy
+from r1v2_jax.rl.mpo import MPOConfig, bco_delta_update, implicit_rewards, mpo_loss
+from r1v2_jax.sharding import use_mesh_rules
+from r1v2_jax.train.state import TrainState, apply_gradients
+
+
+def next_token_logprobs(module: R1V2, params, ids, mask, pixel_values=None, with_entropy: bool = False):
+    """log p(ids[:, t] | ids[:, :t]) for t >= 1: f32[B, T-1] (and the entropy of each
+    predictive distribution when asked)."""
+    logits = module.apply({"params": params}, ids, pixel_values, mask).astype(jnp.float32)
+    logp_all = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    lp = jnp.take_along_axis(logp_all, ids[:, 1:, None], axis=-1)[..., 0]
+    if with_entropy:
+        return lp, token_entropy(logits[:, :-1])
+    return lp
+
+
+def sft_loss(module, params, batch, ref_params=None, state=None):
+    """Token-mean NLL of the completion tokens (``response_loss_mask``)."""
+    lp = next_token_logprobs(module, params, batch["response_ids"], batch["response_mask"], batch.get("pixel_values"))
+    m = batch["response_loss_mask"][:, 1:].astype(jnp.float32)
+    loss = LossSum(-(lp * m).sum(), m.sum())
+    return loss, {"nll": loss.value}
+
+
+def rm_loss(module: RewardModel, params, batch, ref_params=None, state=None):
+    pix = batch.get("pixel_values")
+    both = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]])
+    mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
+    pix2 = None if pix is None else jnp.concatenate([pix, pix])
+    r = module.apply({"params": params}, both, pix2, mask)
+    b = batch["chosen_ids"].shape[0]
+    return bradley_terry_loss(r[:b], r[b:])
+
+
+def _seq_logps(module, params, batch, name):
+    lp = next_token_logprobs(module, params, batch[f"{name}_ids"], batch[f"{name}_mask"], batch.get("pixel_values"))
+    m = batch[f"{name}_loss_mask"][:, 1:]
+    return sequence_logprobs(lp, m), m.sum(axis=1)
+
+
+def mpo_loss_fn(cfg: MPOConfig, module, params, batch, ref_params, state):
+    pc, nc = _seq_logps(module, params, batch, "chosen")
+    pr, _ = _seq_logps(module, params, batch, "rejected")
+    rc, _ = _seq_logps(module, jax.lax.stop_gradient(ref_params), batch, "chosen")
+    rr, _ = _seq_logps(module, jax.lax.stop_gradient(ref_params), batch, "rejected")
+    loss, metrics = mpo_loss(pc, pr, rc, rr, nc, state.bco_delta, cfg)
+    metrics["_r_chosen"], metrics["_r_rejected"] = implicit_rewards(pc, rc, cfg), implicit_rewards(pr, rr, cfg)
+    return loss, metrics
+
+
+def grpo_loss_fn(cfg: PolicyLossConfig, module, params, batch, ref_params, state):
+    """batch: tokens i32[N, T], attention_mask [N, T], completion_mask [N, T] (True at generated
+    tokens), old_logp f32[N, T] (log-prob of token t under the sampling policy, at t),
+    advantages f32[N], optional pixel_values f32[N, K, 3, S, S]."""
+    lp, ent = next_token_logprobs(module, params, batch["tokens"], batch["attention_mask"], batch.get("pixel_values"),
+                                  with_entropy=True)
+    ref = None
+    if ref_params is not None:
+        ref = next_token_logprobs(module, jax.lax.stop_gradient(ref_params), batch["tokens"], batch["attention_mask"],
+                                  batch.get("pixel_values"))
+    return policy_loss(lp, batch["old_logp"][:, 1:], batch["advantages"], batch["completion_mask"][:, 1:], cfg,
+                       ref_logp=ref, entropy=ent)
+
+
+def accumulate(loss_fn: Callable, params, batch: dict, n_micro: int):
+    """Exact gradient accumulation over ``n_micro`` equal slices of the batch: (gradients of
+    the whole-batch loss Σsum/Σcount, the whole-batch LossSum, metrics averaged over slices)."""
+    def split(x):
+        return x.reshape((n_micro, x.shape[0] // n_micro) + x.shape[1:])
+
+    micro = jax.tree.map(split, batch)
+
+    def body(carry, mb):
+        g_acc, s_acc, c_acc = carry
+        (ls, metrics), g = jax.value_and_grad(lambda p: (lambda r: (r[0].sum, r))(loss_fn(p, mb)), has_aux=True)(params)
+        loss, metrics = metrics
+        g_acc = jax.tree.map(jnp.add, g_acc, g)
+        return (g_acc, s_acc + loss.sum, c_acc + loss.count), metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (g, s, c), metrics = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)), micro)
+    c = jnp.maximum(c, 1e-9)
+    grads = jax.tree.map(lambda x: x / c, g)
+    # Metrics whose name starts with "_" are per-example values: keep them all.
+    metrics = {k: (v.reshape((-1,) + v.shape[2:]) if k.startswith("_") else v.mean(axis=0))
+               for k, v in metrics.items()}
+    return grads, LossSum(s, c), metrics
+
+
+def make_train_step(kind: str, module, optimizer: optax.GradientTransformation, *, n_micro: int = 1,
+                    policy_cfg: PolicyLossConfig | None = None, mpo_cfg: MPOConfig | None = None, mesh=None,
+                    rules=None, donate: bool = True):
+    """A jitted ``step(state, batch, ref_params) -> (state, metrics)`` for ``kind`` in
+    sft / rm / mpo / grpo. ``ref_params`` is the frozen reference (MPO, GRPO's KL) or None."""
+    losses = {
+        "sft": sft_loss,
+        "rm": rm_loss,
+        "mpo": functools.partial(mpo_loss_fn, mpo_cfg or MPOConfig()),
+        "grpo": functools.partial(grpo_loss_fn, policy_cfg or PolicyLossConfig()),
+    }
+    if kind not in losses:
+        raise ValueError(f"train step kind: expected one of {sorted(losses)}, got {kind!r}")
+    fn = losses[kind]
+
+    def step(state: TrainState, batch: dict, ref_params):
+        from r1v2_jax.sharding import DEFAULT_RULES
+
+        with use_mesh_rules(mesh, rules or DEFAULT_RULES):
+            grads, loss, metrics = accumulate(lambda p, mb: fn(module, p, mb, ref_params, state), state.params, batch,
+                                              n_micro)
+        extra = {}
+        if kind == "mpo":
+            extra["bco_delta"] = bco_delta_update(state.bco_delta, metrics.pop("_r_chosen").reshape(-1),
+                                                  metrics.pop("_r_rejected").reshape(-1), mpo_cfg or MPOConfig())
+        new_state, ok = apply_gradients(state, grads, loss.value, optimizer, **extra)
+        metrics = dict(metrics, loss=loss.value, grad_norm=optax.tree.norm(grads), step_ok=ok,
+                       skipped_steps=new_state.skipped)
+        return new_state, metrics
+
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
