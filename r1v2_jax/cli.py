@@ -1,6 +1,9 @@
 """The ``r1v2`` command line.
 
-    r1v2 demo [--preset tiny] [--out DIR]   the main job (for now: a short CPU run of the model)
+    r1v2 demo [--out DIR] [--config.K=V]    the main job: SFT -> MPO -> GRPO on the synthetic task, on CPU
+    r1v2 smoke [--preset tiny]              init -> save released -> load_pretrained -> forward, in seconds
+    r1v2 train --config configs/X.py [--config.K=V]   run an experiment (resumes from its run_dir)
+    r1v2 eval --model PATH --data FILE      pass@1 over k samples, per category
     r1v2 info --model PATH | --preset NAME   config and parameter counts of a checkpoint or preset
     r1v2 generate --model PATH [--image FILE] --prompt TEXT   answer a prompt (released HF dir or our checkpoint)
     r1v2 make-data synthetic OUT --n N      the synthetic visual-reasoning task (train/test JSONL + images)
@@ -21,9 +24,40 @@ def _table(rows: list[tuple[str, str]], title: str) -> str:
     return "\n".join([title, line] + [f"{a:<{w}} | {b}" for a, b in rows] + [line])
 
 
-def cmd_demo(args) -> int:
+def cmd_train(args, overrides) -> int:
+    from r1v2_jax.experiments import format_summary, run_experiment
+    from r1v2_jax.train.config import ConfigKeyError, load_config
+
+    try:
+        cfg = load_config(args.config, overrides)
+    except (ConfigKeyError, FileNotFoundError, ValueError, AttributeError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = run_experiment(cfg)
+    print(format_summary(summary))
+    return 0
+
+
+def cmd_demo(args, overrides) -> int:
+    """The main job: SFT -> MPO -> GRPO on the synthetic task with a tiny model, evaluated after
+    each stage, exported to the released format and reloaded."""
+    from r1v2_jax.experiments import demo_config, format_summary, run_experiment
+    from r1v2_jax.train.config import apply_override
+
+    cfg = demo_config()
+    cfg.lock()
+    if args.out:
+        cfg.run_dir = args.out
+    for ov in overrides:
+        apply_override(cfg, ov, "demo")
+    summary = run_experiment(cfg)
+    print(format_summary(summary))
+    return 0
+
+
+def cmd_smoke(args) -> int:
     """Init a model, save it in the released format, load it back, and run it on an image prompt:
-    the checkpoint path users take, end to end, on CPU."""
+    the checkpoint path users take, end to end, in seconds."""
     import jax
     import numpy as np
 
@@ -68,7 +102,7 @@ def cmd_demo(args) -> int:
         ("forward (s, incl. compile)", f"{t_fwd - t_load:.2f}"),
         (f"greedy {args.new_tokens} tokens", " ".join(map(str, seq[0, ids.shape[1]:].tolist()))),
         ("greedy time (s)", f"{t_gen - t_fwd:.2f}"),
-    ], "r1v2 demo: init -> save released -> load_pretrained -> forward"))
+    ], "r1v2 smoke: init -> save released -> load_pretrained -> forward"))
     if diff != 0.0:
         print(f"error: reloaded model differs from the saved one (max |diff| {diff})", file=sys.stderr)
         return 1
@@ -181,15 +215,66 @@ def cmd_make_data(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import r1v2_jax
+    from r1v2_jax.checkpoint import META_FILE
+    from r1v2_jax.data.formats import SkipCounter, load_records
+    from r1v2_jax.data.pipeline import PipelineConfig
+    from r1v2_jax.data.prompt import PromptBuilder
+    from r1v2_jax.data.tokenizer import chat_template, load_tokenizer
+    from r1v2_jax.train.logging import MetricsLog
+    from r1v2_jax.train.trainer import Run, evaluate
+
+    try:
+        tok = load_tokenizer(args.model)
+        model = (r1v2_jax.load_checkpoint(args.model) if os.path.exists(os.path.join(args.model, META_FILE))
+                 else r1v2_jax.load_pretrained(args.model))
+        skips = SkipCounter()
+        records = load_records(args.data, "rl", skips)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg = model.config
+    builder = PromptBuilder(tok, cfg.tokens_per_tile(), template=chat_template(args.model), max_prompt_len=1 << 16)
+    pipe = PipelineConfig(batch_size=args.batch_size, max_tiles=args.max_tiles, process_index=0, process_count=1,
+                          length_buckets=tuple(1 << i for i in range(6, 17)))
+    run = Run(cfg, tok, builder, tempfile.mkdtemp(prefix="r1v2-eval-"), MetricsLog(tempfile.mkdtemp(), False),
+              pipeline=pipe, progress=False)
+    r = evaluate(run, model.params, records, k=args.k, temperature=args.temperature,
+                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    rows = [(cat, f"{acc:.3f}", str(n)) for cat, (acc, n) in r["per_category"].items()]
+    rows.append(("all", f"{r['pass@1']:.3f}", str(r["n"])))
+    print(f"pass@1 (mean over k={args.k} samples, temperature {args.temperature}) on {args.data}")
+    print("\n".join(f"{a:<16} | {b:>7} | {c:>5}" for a, b, c in [("category", "pass@1", "n")] + rows))
+    if skips.total:
+        print(f"skipped records: {skips.as_dict()}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="r1v2", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="the main job: a short CPU run of the model")
-    d.add_argument("--preset", default="tiny", choices=["tiny", "small"])
-    d.add_argument("--out", default=None, help="output folder (default: a new temporary folder)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--new-tokens", type=int, default=8)
-    d.set_defaults(fn=cmd_demo)
+    d = sub.add_parser("demo", help="the main job: SFT -> MPO -> GRPO on the synthetic task, on CPU")
+    d.add_argument("--out", default=None, help="run folder (default runs/demo); rerunning resumes")
+    d.set_defaults(fn=cmd_demo, takes_overrides=True)
+    sm = sub.add_parser("smoke", help="init -> save released -> load_pretrained -> forward (seconds)")
+    sm.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    sm.add_argument("--out", default=None, help="output folder (default: a new temporary folder)")
+    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--new-tokens", type=int, default=8)
+    sm.set_defaults(fn=cmd_smoke)
+    tr = sub.add_parser("train", help="run an experiment config (resumes from its run_dir)")
+    tr.add_argument("--config", required=True)
+    tr.set_defaults(fn=cmd_train, takes_overrides=True)
+    ev = sub.add_parser("eval", help="pass@1 of a model on a JSONL dataset, per category")
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--k", type=int, default=1)
+    ev.add_argument("--temperature", type=float, default=0.0)
+    ev.add_argument("--max-new-tokens", type=int, default=1024)
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--max-tiles", type=int, default=12)
+    ev.set_defaults(fn=cmd_eval)
     i = sub.add_parser("info", help="config and parameter counts")
     g = i.add_mutually_exclusive_group(required=True)
     g.add_argument("--model", help="a released-format checkpoint directory")
@@ -218,7 +303,13 @@ def main(argv: list[str] | None = None) -> int:
     md.add_argument("--test-fraction", type=float, default=0.2)
     md.add_argument("--overwrite", action="store_true")
     md.set_defaults(fn=cmd_make_data)
-    args = p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)
+    overrides = [a for a in rest if a.startswith("--config.")]
+    unknown = [a for a in rest if not a.startswith("--config.")]
+    if unknown or (overrides and not getattr(args, "takes_overrides", False)):
+        p.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if getattr(args, "takes_overrides", False):
+        return args.fn(args, overrides)
     return args.fn(args)
 
 

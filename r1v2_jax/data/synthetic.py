@@ -10,6 +10,8 @@ facts). Three task families, each with graded difficulty (1-3):
                ...?" Answer: an integer.
 * ``compare``: two shapes of different colours and sizes; "Which is larger ...? A. red B.
                blue" Answer: a choice letter.
+* ``color``:   (not in the default mix; the CPU demo's task) "What colour is the large
+               shape?" Answer: the colour's name.
 
 ``facts`` lists true statements about each image (``{"kind": "count", "color", "shape",
 "count"}``, ``{"kind": "number", "value"}``, ``{"kind": "size", "color", "shape", "size"}``)
@@ -25,6 +27,7 @@ import random
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
 CATEGORIES = ("count", "arith", "compare")
+ALL_CATEGORIES = CATEGORIES + ("color",)
 
 
 def _draw_shape(draw, shape: str, cx: float, cy: float, r: float, color) -> None:
@@ -117,7 +120,23 @@ def _compare_task(rng, draw, size, difficulty):
     return q, larger, [f"the {c1} {s1}", f"the {c2} {s2}"], facts
 
 
-_TASKS = {"count": _count_task, "arith": _arith_task, "compare": _compare_task}
+def _color_task(rng, draw, size, difficulty):
+    """Name the colour of the (largest) shape; more small distractors at higher difficulty."""
+    color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+    placed = []
+    r = size / 4
+    pos = _place(rng, placed, size, r) or (size / 2, size / 2)
+    _draw_shape(draw, shape, pos[0], pos[1], r, COLORS[color])
+    others = [c for c in COLORS if c != color]
+    for _ in range(difficulty - 1):
+        p2 = _place(rng, placed, size, r / 3)
+        if p2 is not None:
+            _draw_shape(draw, rng.choice(SHAPES), p2[0], p2[1], r / 3, COLORS[rng.choice(others)])
+    facts = [{"kind": "color", "color": color, "shape": shape}]
+    return "What colour is the large shape?", color, [], facts
+
+
+_TASKS = {"count": _count_task, "arith": _arith_task, "compare": _compare_task, "color": _color_task}
 
 
 def make_example(rng: random.Random, image_size: int, category: str, difficulty: int):
@@ -133,10 +152,16 @@ def make_example(rng: random.Random, image_size: int, category: str, difficulty:
 
 
 def make_synthetic(out_dir: str, n: int, *, seed: int = 0, image_size: int = 448, test_fraction: float = 0.2,
-                   overwrite: bool = False) -> dict[str, int]:
+                   overwrite: bool = False, categories: tuple[str, ...] = CATEGORIES,
+                   max_difficulty: int = 3) -> dict[str, int]:
     """Write ``n`` examples (images under ``images/``) split into train.jsonl / test.jsonl."""
     if n < 1:
         raise ValueError(f"n: must be >= 1, got {n}")
+    unknown = set(categories) - set(ALL_CATEGORIES)
+    if unknown or not categories:
+        raise ValueError(f"categories: expected a non-empty subset of {ALL_CATEGORIES}, got {categories}")
+    if not 1 <= max_difficulty <= 3:
+        raise ValueError(f"max_difficulty: must be 1, 2 or 3, got {max_difficulty}")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir}: exists and is not empty (use --overwrite)")
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
@@ -144,8 +169,8 @@ def make_synthetic(out_dir: str, n: int, *, seed: int = 0, image_size: int = 448
     n_test = max(1, int(round(n * test_fraction))) if n > 1 else 0
     splits = {"train": [], "test": []}
     for i in range(n):
-        category = CATEGORIES[i % len(CATEGORIES)]
-        difficulty = 1 + (i // len(CATEGORIES)) % 3
+        category = categories[i % len(categories)]
+        difficulty = 1 + (i // len(categories)) % max_difficulty
         img, rec = make_example(rng, image_size, category, difficulty)
         name = f"images/{i:06d}.png"
         img.save(os.path.join(out_dir, name))

@@ -1,0 +1,228 @@
+"""Experiments: the demo config and ``run_experiment``, which runs a config's stages
+(SFT cold start, MPO, GRPO) with evaluation after each, then exports the final model.
+
+``configs/*.py`` files return ConfigDicts shaped like :func:`demo_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+log = logging.getLogger("r1v2_jax")
+
+
+def demo_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.run_dir = "runs/demo"
+    c.seed = 0
+    c.stages = ("sft", "mpo", "grpo")
+    c.model = ml_collections.ConfigDict(dict(
+        preset="tiny", init="random",
+        vision_hidden=64, vision_layers=2, vision_heads=4, vision_mlp=128, image_size=56,
+        text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2, text_mlp=256, vocab_size=256,
+        image_token_id=255))
+    c.data = ml_collections.ConfigDict(dict(
+        path="", synthetic_n=600, synthetic_categories=("color",), synthetic_max_difficulty=1,
+        batch_size=8, max_prompt_len=192, max_completion_len=32, workers=0, dynamic_tiling=False, max_tiles=1))
+    c.sft = ml_collections.ConfigDict(dict(steps=200, lr=1e-3, trainable="all", micro_batches=1))
+    c.mpo = ml_collections.ConfigDict(dict(steps=20, lr=5e-4, trainable="all", candidates=4, threshold=1.5,
+                                           temperature=1.0, beta=0.1, w_pref=0.8, w_quality=0.2, w_gen=1.0,
+                                           prompts=64))
+    c.grpo = ml_collections.ConfigDict(dict(
+        steps=200, lr=5e-4, trainable="all", group_size=8, max_new_tokens=24, temperature=1.0, micro_batches=1,
+        advantage="grpo", use_ssb=True, dynamic_sampling=False, kl_coef=0.0, clip_low=0.2, clip_high=0.28,
+        aggregation="seq-mean-token-mean", ssb_capacity=256, ssb_target_share=0.6, ssb_alpha=1.0,
+        ssb_reuse_limit=2, ssb_max_age=8))
+    c.eval = ml_collections.ConfigDict(dict(k=1, temperature=0.0, max_new_tokens=24, prompts=0))
+    c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=2, async_save=True))
+    c.export = True
+    c.progress = True
+    return c
+
+
+def model_config_from(c: ml_collections.ConfigDict):
+    from r1v2_jax.config import ModelConfig, TextConfig, VisionConfig, model_config
+
+    m = c.model
+    if m.preset != "tiny" or m.init != "random":
+        return model_config(m.preset)
+    return ModelConfig(
+        vision=VisionConfig(hidden_size=m.vision_hidden, num_layers=m.vision_layers, num_heads=m.vision_heads,
+                            intermediate_size=m.vision_mlp, image_size=m.image_size, patch_size=14),
+        text=TextConfig(vocab_size=m.vocab_size, hidden_size=m.text_hidden, num_layers=m.text_layers,
+                        num_heads=m.text_heads, num_kv_heads=m.text_kv_heads, intermediate_size=m.text_mlp,
+                        max_position_embeddings=4096),
+        image_token_id=m.image_token_id)
+
+
+def cold_start_response(record: dict) -> str:
+    """A short reasoning-format answer for SFT cold start, built from the known answer."""
+    hint = {"count": "count", "arith": "compute", "compare": "sizes", "color": "colour"}.get(record.get("category", ""), "think")
+    return f"{hint}</think>\\boxed{{{record['answer']}}}"
+
+
+def _ensure_data(c) -> str:
+    from r1v2_jax.data.synthetic import make_synthetic
+
+    path = c.data.path or os.path.join(c.run_dir, "data")
+    if not os.path.exists(os.path.join(path, "train.jsonl")):
+        make_synthetic(path, c.data.synthetic_n, seed=c.seed, image_size=c.model.image_size,
+                       categories=tuple(c.data.synthetic_categories), max_difficulty=c.data.synthetic_max_difficulty,
+                       overwrite=True)
+    return path
+
+
+def run_experiment(c: ml_collections.ConfigDict) -> dict:
+    from r1v2_jax.data.formats import load_records
+    from r1v2_jax.data.pipeline import PipelineConfig
+    from r1v2_jax.data.prompt import PromptBuilder
+    from r1v2_jax.data.tokenizer import tiny_tokenizer
+    from r1v2_jax.model import init_params
+    from r1v2_jax.rewards.format import FormatConfig
+    from r1v2_jax.rl.losses import PolicyLossConfig
+    from r1v2_jax.rl.mpo import MPOConfig
+    from r1v2_jax.rl.ssb import SSBConfig
+    from r1v2_jax.sampler import SamplingParams
+    from r1v2_jax.train import trainer as T
+    from r1v2_jax.train.logging import MetricsLog, plot_curves
+    from r1v2_jax.train.state import OptimConfig
+
+    t_start = time.perf_counter()
+    os.makedirs(c.run_dir, exist_ok=True)
+    template = None
+    if c.model.init == "random":
+        mc = model_config_from(c)
+        tok = tiny_tokenizer(mc.image_token_id, mc.text.vocab_size)
+        params = init_params(mc, jax.random.key(c.seed))
+    else:  # a released HF directory or our checkpoint
+        import r1v2_jax
+        from r1v2_jax.checkpoint import META_FILE
+        from r1v2_jax.data.tokenizer import chat_template, load_tokenizer
+
+        if not os.path.exists(c.model.init):
+            raise FileNotFoundError(f"model.init: {c.model.init} does not exist (a released HF directory or an "
+                                    "r1v2-jax checkpoint)")
+        loaded = (r1v2_jax.load_checkpoint(c.model.init) if os.path.exists(os.path.join(c.model.init, META_FILE))
+                  else r1v2_jax.load_pretrained(c.model.init))
+        mc, params = loaded.config, loaded.params
+        if c.model.preset != "tiny":
+            want = model_config_from(c)
+            if (want.vision, want.text) != (mc.vision, mc.text):
+                raise ValueError(f"model.init: {c.model.init} holds a different model than preset "
+                                 f"{c.model.preset!r} (ViT {mc.vision.hidden_size}x{mc.vision.num_layers}, "
+                                 f"LLM {mc.text.hidden_size}x{mc.text.num_layers})")
+        tok = load_tokenizer(c.model.init)
+        template = chat_template(c.model.init)
+    data_dir = _ensure_data(c)
+    train = load_records(os.path.join(data_dir, "train.jsonl"), "rl")
+    test = load_records(os.path.join(data_dir, "test.jsonl"), "rl")
+    if c.eval.prompts:
+        test = test[: c.eval.prompts]
+    builder = PromptBuilder(tok, mc.tokens_per_tile(), template=template, max_prompt_len=c.data.max_prompt_len,
+                            max_completion_len=c.data.max_completion_len)
+    pipe = PipelineConfig(batch_size=c.data.batch_size, seed=c.seed, worker_count=c.data.workers,
+                          dynamic_tiling=c.data.dynamic_tiling, max_tiles=c.data.max_tiles,
+                          length_buckets=(c.data.max_prompt_len, c.data.max_prompt_len + c.data.max_completion_len),
+                          process_index=jax.process_index(), process_count=jax.process_count())
+    metrics = MetricsLog(c.run_dir, is_main=jax.process_index() == 0)
+    run = T.Run(mc, tok, builder, c.run_dir, metrics, seed=c.seed, checkpoint_every=c.checkpoint.every,
+                keep=c.checkpoint.keep, async_checkpoints=c.checkpoint.async_save, progress=c.progress, pipeline=pipe)
+    evals = {}
+
+    def ev(name, p):
+        done = metrics.find(f"eval_{name}")  # a resumed run reuses evaluations it already made
+        if done is not None:
+            evals[name] = {"pass@1": done["pass@1"], "n": done["n"], "per_category": done["per_category"]}
+            return
+        r = T.evaluate(run, p, test, k=c.eval.k, temperature=c.eval.temperature,
+                       max_new_tokens=c.eval.max_new_tokens, seed=c.seed)
+        evals[name] = r
+        metrics.write({"stage": f"eval_{name}", "step": 0, "pass@1": r["pass@1"], "n": r["n"],
+                       "per_category": r["per_category"]})
+
+    ev("init", params)
+    ref = None
+    for stage in c.stages:
+        if stage == "sft":
+            sft_records = [dict(r, prompt=r["question"], response=cold_start_response(r)) for r in train]
+            params = T.run_sft(run, params, sft_records, c.sft.steps,
+                               OptimConfig(lr=c.sft.lr, trainable=c.sft.trainable), c.sft.micro_batches)
+            ref = jax.tree.map(jnp.copy, params)  # its own buffers: train steps donate the state
+        elif stage == "mpo":
+            ref = ref if ref is not None else jax.tree.map(jnp.copy, params)
+            sp = SamplingParams(max_new_tokens=c.data.max_completion_len, temperature=c.mpo.temperature,
+                                eos_ids=run.eos_ids(), pad_id=run.eos_ids()[0])
+            pref, info = T.make_preference_records(run, params, train[: c.mpo.prompts], candidates=c.mpo.candidates,
+                                                   threshold=c.mpo.threshold, sp=sp, batch_size=c.data.batch_size,
+                                                   seed=c.seed)
+            if metrics.find("mpo_pairs") is None:
+                metrics.write({"stage": "mpo_pairs", "step": 0, **info})
+            if pref:
+                params = T.run_mpo(run, params, ref, pref, c.mpo.steps,
+                                   OptimConfig(lr=c.mpo.lr, trainable=c.mpo.trainable),
+                                   MPOConfig(beta=c.mpo.beta, w_pref=c.mpo.w_pref, w_quality=c.mpo.w_quality,
+                                             w_gen=c.mpo.w_gen))
+        elif stage == "grpo":
+            g = c.grpo
+            params = T.run_grpo(
+                run, params, train, g.steps, OptimConfig(lr=g.lr, trainable=g.trainable),
+                T.GRPOConfig(group_size=g.group_size, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+                             micro_batches=g.micro_batches, advantage=g.advantage, use_ssb=g.use_ssb,
+                             dynamic_sampling=g.dynamic_sampling, kl_coef=g.kl_coef),
+                PolicyLossConfig(clip_low=g.clip_low, clip_high=g.clip_high, aggregation=g.aggregation,
+                                 kl_coef=g.kl_coef, norm_tokens=g.max_new_tokens),
+                SSBConfig(capacity=g.ssb_capacity, target_share=g.ssb_target_share, alpha=g.ssb_alpha,
+                          reuse_limit=g.ssb_reuse_limit, max_age=g.ssb_max_age),
+                fmt=FormatConfig(), ref_params=ref if g.kl_coef else None)
+        else:
+            raise ValueError(f"stages: unknown stage {stage!r} (known: sft, mpo, grpo)")
+        ev(stage, params)
+    summary = {"evals": evals, "seconds": time.perf_counter() - t_start}
+    if c.export:
+        summary["export"] = _export(run, params)
+    plot = plot_curves(metrics.rows(), os.path.join(c.run_dir, "curves.png"))
+    summary["plot"] = plot
+    metrics.close()
+    with open(os.path.join(c.run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    return summary
+
+
+def _export(run, params) -> dict:
+    """Save the final model in the released HF format and check that it reloads exactly."""
+    import r1v2_jax
+    from r1v2_jax.model import R1V2Model
+
+    out = os.path.join(run.run_dir, "export", "released")
+    model = R1V2Model(run.model_config, params)
+    r1v2_jax.save_released(model, out, overwrite=True)
+    run.tokenizer.save(os.path.join(out, "tokenizer.json"))
+    back = r1v2_jax.load_pretrained(out)
+    ids = np.asarray([[1, 2, 3, 4]])
+    same = bool(np.array_equal(np.asarray(model(ids)), np.asarray(back(ids))))
+    same &= all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
+                                             params, back.params)))
+    return {"path": out, "reload_identical": same}
+
+
+def format_summary(summary: dict) -> str:
+    rows = [("stage", "held-out pass@1", "n")]
+    for name, r in summary["evals"].items():
+        rows.append((name, f"{r['pass@1']:.3f}", str(r["n"])))
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [" | ".join(x.ljust(w[i]) for i, x in enumerate(r)) for r in rows]
+    lines.insert(1, "-+-".join("-" * x for x in w))
+    if "export" in summary:
+        e = summary["export"]
+        lines.append(f"export: {e['path']} (reload identical: {e['reload_identical']})")
+    lines.append(f"total time: {summary['seconds']:.0f}s")
+    return "\n".join(lines)
