@@ -38,11 +38,11 @@ def demo_config() -> ml_collections.ConfigDict:
                                            temperature=1.0, beta=0.1, w_pref=0.8, w_quality=0.2, w_gen=1.0,
                                            prompts=64))
     c.grpo = ml_collections.ConfigDict(dict(
-        steps=200, lr=5e-4, trainable="all", group_size=8, max_new_tokens=24, temperature=1.0, micro_batches=1,
+        steps=200, lr=1e-4, trainable="all", group_size=8, max_new_tokens=32, temperature=1.0, micro_batches=1,
         advantage="grpo", use_ssb=True, dynamic_sampling=False, kl_coef=0.0, clip_low=0.2, clip_high=0.28,
         aggregation="seq-mean-token-mean", ssb_capacity=256, ssb_target_share=0.6, ssb_alpha=1.0,
         ssb_reuse_limit=2, ssb_max_age=8))
-    c.eval = ml_collections.ConfigDict(dict(k=1, temperature=0.0, max_new_tokens=24, prompts=0))
+    c.eval = ml_collections.ConfigDict(dict(k=1, temperature=0.0, max_new_tokens=32, prompts=0))
     c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=2, async_save=True))
     c.export = True
     c.progress = True
