@@ -102,9 +102,13 @@ class StageCheckpoints:
 def _progress(run: Run, total: int, desc: str, initial: int):
     if not run.progress:
         return None
+    import sys
+
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
+    # A bar only on a terminal: redirected output gets the per-step metrics.jsonl instead.
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True,
+                disable=not sys.stderr.isatty())
 
 
 def _loop(run: Run, stage: str, state: TrainState, steps: int, data_iter, one_step, data_state_fn=None) -> TrainState:
