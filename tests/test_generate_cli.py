@@ -81,3 +81,19 @@ def test_normalisation_and_rgb_conversion():
 def test_placeholder_count_must_match():
     with pytest.raises(ValueError, match="1 <image> placeholder"):
         expand_images("<image> and", [1, 2], 4)
+
+
+def test_eval_command_prints_pass_at_1_per_category(tiny_dir, tmp_path, capsys):
+    from r1v2_jax.data.synthetic import make_synthetic
+
+    d, model = tiny_dir
+    make_synthetic(str(tmp_path / "data"), 6, seed=0, image_size=56, test_fraction=0.5)
+    rc = main(["eval", "--model", str(d / "model"), "--data", str(tmp_path / "data" / "test.jsonl"), "--k", "2",
+               "--temperature", "1.0", "--max-new-tokens", "8", "--max-tiles", "1"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "pass@1 (mean over k=2 samples" in out
+    lines = [ln for ln in out.splitlines() if "|" in ln]
+    assert lines[0].split("|")[0].strip() == "category" and lines[-1].split("|")[0].strip() == "all"
+    assert float(lines[-1].split("|")[1]) == 0.0  # an untrained model answers nothing right
+    assert int(lines[-1].split("|")[2]) == 3

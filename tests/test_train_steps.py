@@ -95,3 +95,29 @@ def test_mpo_step_updates_delta(setup):
     assert float(new.bco_delta) == 0.0 and bool(m["step_ok"])
     new2, m2 = step(new, b, params)
     assert float(new2.bco_delta) != 0.0  # rewards moved after one update, and delta follows
+
+
+def test_reward_model_step_trains_the_value_head(setup):
+    from r1v2_jax.rewards.reward_model import RewardModel, init_reward_params
+
+    cfg, _, _ = setup
+    params = init_reward_params(cfg, jax.random.key(0))
+    opt = make_optimizer(OptimConfig(lr=3e-3, trainable="adapter"), params, extra_trainable=("value_head",))
+    step = make_train_step("rm", RewardModel(cfg), opt, donate=False)
+    rng = np.random.default_rng(4)
+    ids = rng.integers(0, 200, (8, 6))
+    pos, neg = ids.copy(), ids.copy()
+    pos[:, -1], neg[:, -1] = 210, 230
+    b = {"chosen_ids": jnp.asarray(pos, jnp.int32), "rejected_ids": jnp.asarray(neg, jnp.int32),
+         "chosen_mask": jnp.ones((8, 6), bool), "rejected_mask": jnp.ones((8, 6), bool)}
+    state = init_state(params, opt, 0)
+    losses = []
+    for _ in range(15):
+        state, m = step(state, b, None)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0] and float(m["bt_accuracy"]) == 1.0
+    changed = jax.tree.map(lambda a, b_: bool(jnp.any(a != b_)), state.params, params)
+    assert all(jax.tree.leaves(changed["value_head"]))
+    # adapter-only: the towers stay frozen (and the adapter gets no gradient without images)
+    assert not any(jax.tree.leaves(changed["backbone"]["language_model"]))
+    assert not any(jax.tree.leaves(changed["backbone"]["vision_model"]))

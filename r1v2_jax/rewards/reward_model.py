@@ -43,8 +43,10 @@ class RewardModel(nn.Module):
 
 def init_reward_params(config: ModelConfig, rng: jax.Array, backbone_params=None):
     """Reward-model parameters; ``backbone_params`` (a policy's) replaces the random backbone."""
-    ids = jnp.zeros((1, 4), jnp.int32)
-    params = nn.unbox(RewardModel(config).init(rng, ids)["params"])
+    from r1v2_jax.model import _dummy_inputs
+
+    ids, pix = _dummy_inputs(config)  # with an image, so the vision tower's parameters exist too
+    params = nn.unbox(RewardModel(config).init(rng, ids, pix)["params"])
     if backbone_params is not None:
         params = dict(params, backbone=backbone_params)
     return params
