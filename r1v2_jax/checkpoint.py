@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -215,18 +215,3 @@ def load_params(ckpt_dir: str, config: ModelConfig | None = None, *, mesh=None, 
         params = jax.tree_util.tree_map_with_path(lambda kp, _, s: build(tuple(k.key for k in kp), s), target,
                                                   shardings)
     return config, params
-
-
-def iter_released(ckpt_dir: str, config: ModelConfig | None = None,
-                  dtype=None) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (released key, numpy tensor) from a checkpoint, reading one layer slice at a time."""
-    from r1v2_jax.keymap import key_entries
-
-    meta = read_metadata(ckpt_dir)
-    config = (config or ModelConfig.from_config_dict(meta["model_config"])).replace(scan_layers=True)
-    arrays = open_leaves(ckpt_dir, meta)
-    for e in key_entries(config):
-        arr = arrays[leaf_name(e.path)]
-        x = np.asarray((arr if e.layer is None else arr[e.layer]).read().result())
-        x = e.transform.to_released(x)
-        yield e.key, x if dtype is None else x.astype(dtype)

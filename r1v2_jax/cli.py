@@ -66,7 +66,7 @@ def cmd_smoke(args) -> int:
     t0 = time.perf_counter()
     cfg = r1v2_jax.model_config(args.preset)
     model = r1v2_jax.init_model(cfg, seed=args.seed)
-    out = args.out or tempfile.mkdtemp(prefix="r1v2-demo-")
+    out = args.out or tempfile.mkdtemp(prefix="r1v2-smoke-")
     ckpt = os.path.join(out, "released")
     r1v2_jax.save_released(model, ckpt, overwrite=True)
     t_save = time.perf_counter()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -164,7 +164,3 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     mesh, rules = ctx
     spec = logical_to_pspec(names, rules, x.shape, mesh)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
-
-def rules_as_dict(rules=DEFAULT_RULES) -> Mapping[str, MeshAxes]:
-    return dict(rules)

@@ -1,7 +1,5 @@
 """``r1v2 generate`` end to end on a tiny model with a small tokenizer, and the image preprocessing."""
 
-import json
-import os
 
 import numpy as np
 import pytest

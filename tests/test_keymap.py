@@ -1,7 +1,6 @@
 """The released-key map: round trips, errors that name keys and shapes, format handling."""
 
 import json
-import os
 
 import numpy as np
 import pytest

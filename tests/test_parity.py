@@ -4,16 +4,14 @@ Tolerances (fixed, never loosened): single blocks <= 1e-5, whole models <= 1e-4 
 difference in float32. bfloat16: see test_bfloat16_compute.
 """
 
-import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 import r1v2_jax
-from r1v2_jax.config import TextConfig, VisionConfig, model_config
+from r1v2_jax.config import VisionConfig, model_config
 from r1v2_jax.text import DecoderLayer, rope_tables, causal_mask
 from r1v2_jax.vision import Adapter, VisionBlock, VisionEmbeddings
 from torch_ref import internvl_reference, write_released

@@ -1,7 +1,6 @@
 """Rewards: verifier (>= 100 real-format cases, bounded time), format reward, JAX reward model
 training, remote scorer against a local HTTP server, hybrid combination, calibration, monitor."""
 
-import functools
 import http.server
 import json
 import socket

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from r1v2_jax.rl.advantages import effective_share, group_advantages, nonzero_variance_groups, select_first
-from r1v2_jax.rl.losses import LossSum, PolicyLossConfig, aggregate, kl_penalty, policy_loss, token_entropy
+from r1v2_jax.rl.losses import PolicyLossConfig, aggregate, kl_penalty, policy_loss, token_entropy
 from r1v2_jax.rl.mpo import MPOConfig, bco_delta_update, dpo_config, implicit_rewards, mpo_loss
 
 jax.config.update("jax_enable_x64", False)

@@ -13,7 +13,7 @@ import r1v2_jax
 from r1v2_jax import keymap
 from r1v2_jax.config import VisionConfig, model_config
 from r1v2_jax.model import R1V2, R1V2Model, abstract_params, init_params, param_shardings
-from r1v2_jax.sharding import logical_to_pspec, make_mesh, use_mesh_rules
+from r1v2_jax.sharding import logical_to_pspec, make_mesh
 
 TOL = 1e-5
 

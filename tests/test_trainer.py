@@ -9,7 +9,7 @@ import r1v2_jax
 from r1v2_jax.experiments import demo_config, run_experiment
 from r1v2_jax.model import init_params, param_shardings
 from r1v2_jax.sharding import make_mesh
-from r1v2_jax.train.config import ConfigKeyError, apply_override, load_config
+from r1v2_jax.train.config import ConfigKeyError, load_config
 from r1v2_jax.train.logging import MetricsLog
 from r1v2_jax.train.state import OptimConfig, init_state, make_optimizer
 from r1v2_jax.train.trainer import Run, StageCheckpoints

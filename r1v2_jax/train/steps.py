@@ -10,7 +10,7 @@ Batches are dicts of arrays with a leading batch axis; ``n_micro`` splits it eve
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
