@@ -28,5 +28,7 @@ def get_config():
     c.grpo.ssb_capacity = 1024
     c.eval.max_new_tokens = 8192
     c.checkpoint.every = 50
+    c.plan.mesh = (1, -1, 4)  # FSDP across chips, 4-way tensor parallelism within a host
+    c.plan.tiles_per_sample = 7  # 6 dynamic tiles + thumbnail
     c.export = False
     return c

@@ -4,6 +4,7 @@
     r1v2 smoke [--preset tiny]              init -> save released -> load_pretrained -> forward, in seconds
     r1v2 train --config configs/X.py [--config.K=V]   run an experiment (resumes from its run_dir)
     r1v2 eval --model PATH --data FILE      pass@1 over k samples, per category
+    r1v2 plan --config C --topology v5p-128 AOT-compile the GRPO step for a TPU slice: memory, FLOPs
     r1v2 info --model PATH | --preset NAME   config and parameter counts of a checkpoint or preset
     r1v2 generate --model PATH [--image FILE] --prompt TEXT   answer a prompt (released HF dir or our checkpoint)
     r1v2 make-data synthetic OUT --n N      the synthetic visual-reasoning task (train/test JSONL + images)
@@ -251,6 +252,25 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_plan(args, overrides) -> int:
+    import json
+
+    from r1v2_jax.plan import format_plan, plan
+    from r1v2_jax.train.config import ConfigKeyError, load_config
+
+    try:
+        cfg = load_config(args.config, overrides)
+        report = plan(cfg, args.topology, hbm_bytes=int(args.hbm_gib * 1024**3) if args.hbm_gib else None)
+    except (ConfigKeyError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_plan(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0 if report["fits"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="r1v2", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -266,6 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     tr = sub.add_parser("train", help="run an experiment config (resumes from its run_dir)")
     tr.add_argument("--config", required=True)
     tr.set_defaults(fn=cmd_train, takes_overrides=True)
+    pl = sub.add_parser("plan", help="AOT-compile the GRPO train step for a TPU topology; memory and FLOPs")
+    pl.add_argument("--config", required=True)
+    pl.add_argument("--topology", required=True, help="e.g. v5p-128, v4-32, v5e-16, v6e-64, v5p:4x4x4")
+    pl.add_argument("--hbm-gib", type=float, default=None, help="override the chip's HBM (GiB)")
+    pl.add_argument("--json", default=None, help="also write the report as JSON")
+    pl.set_defaults(fn=cmd_plan, takes_overrides=True)
     ev = sub.add_parser("eval", help="pass@1 of a model on a JSONL dataset, per category")
     ev.add_argument("--model", required=True)
     ev.add_argument("--data", required=True)

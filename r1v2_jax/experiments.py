@@ -43,6 +43,7 @@ def demo_config() -> ml_collections.ConfigDict:
         ssb_reuse_limit=2, ssb_max_age=8))
     c.eval = ml_collections.ConfigDict(dict(k=1, temperature=0.0, max_new_tokens=32, prompts=0))
     c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=2, async_save=True))
+    c.plan = ml_collections.ConfigDict(dict(mesh=(1, -1, 1), remat_policy="full", tiles_per_sample=1))
     c.export = True
     c.progress = True
     return c
