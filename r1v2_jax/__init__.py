@@ -4,7 +4,7 @@ from r1v2_jax.config import ConfigError, ModelConfig, TextConfig, VisionConfig, 
 from r1v2_jax.keymap import CheckpointKeyError
 from r1v2_jax.model import (R1V2, R1V2Model, abstract_params, count_params, init_model, init_params,
                             merge_image_features, param_shardings)
-from r1v2_jax.pretrained import load_checkpoint, load_pretrained, save_released
+from r1v2_jax.pretrained import load_checkpoint, load_model, load_pretrained, save_released
 from r1v2_jax.sampler import SampleOutput, Sampler, SamplingParams, generate
 from r1v2_jax.sharding import DEFAULT_RULES, make_mesh
 
@@ -14,5 +14,5 @@ __all__ = [
     "CheckpointKeyError", "ConfigError", "DEFAULT_RULES", "ModelConfig", "R1V2", "R1V2Model", "SampleOutput",
     "Sampler", "SamplingParams", "TextConfig", "generate",
     "VisionConfig", "abstract_params", "count_params", "get_preset", "init_model", "init_params",
-    "load_checkpoint", "load_pretrained", "make_mesh", "save_released", "merge_image_features", "model_config", "param_shardings",
+    "load_checkpoint", "load_model", "load_pretrained", "make_mesh", "save_released", "merge_image_features", "model_config", "param_shardings",
 ]

@@ -165,7 +165,6 @@ def cmd_generate(args) -> int:
     import numpy as np
 
     import r1v2_jax
-    from r1v2_jax.checkpoint import META_FILE
     from r1v2_jax.data.image import load_image
     from r1v2_jax.data.prompt import PromptBuilder
     from r1v2_jax.data.tokenizer import chat_template, load_tokenizer
@@ -177,10 +176,7 @@ def cmd_generate(args) -> int:
         return 2
     t0 = time.perf_counter()
     with _Spinner("loading model"):
-        if os.path.exists(os.path.join(args.model, META_FILE)):
-            model = r1v2_jax.load_checkpoint(args.model, dtype=args.dtype)
-        else:
-            model = r1v2_jax.load_pretrained(args.model, dtype=args.dtype or "float32")
+        model = r1v2_jax.load_model(args.model, args.dtype)
     cfg = model.config
     pix = load_image(args.image, tile_size=cfg.tile_size, max_num=args.max_tiles) if args.image else None
     builder = PromptBuilder(tokenizer, cfg.tokens_per_tile(), template=chat_template(args.model),
@@ -218,7 +214,6 @@ def cmd_make_data(args) -> int:
 
 def cmd_eval(args) -> int:
     import r1v2_jax
-    from r1v2_jax.checkpoint import META_FILE
     from r1v2_jax.data.formats import SkipCounter, load_records
     from r1v2_jax.data.pipeline import PipelineConfig
     from r1v2_jax.data.prompt import PromptBuilder
@@ -228,8 +223,7 @@ def cmd_eval(args) -> int:
 
     try:
         tok = load_tokenizer(args.model)
-        model = (r1v2_jax.load_checkpoint(args.model) if os.path.exists(os.path.join(args.model, META_FILE))
-                 else r1v2_jax.load_pretrained(args.model))
+        model = r1v2_jax.load_model(args.model)
         skips = SkipCounter()
         records = load_records(args.data, "rl", skips)
     except (FileNotFoundError, ValueError, KeyError) as e:

@@ -105,14 +105,12 @@ def run_experiment(c: ml_collections.ConfigDict) -> dict:
         params = init_params(mc, jax.random.key(c.seed))
     else:  # a released HF directory or our checkpoint
         import r1v2_jax
-        from r1v2_jax.checkpoint import META_FILE
         from r1v2_jax.data.tokenizer import chat_template, load_tokenizer
 
         if not os.path.exists(c.model.init):
             raise FileNotFoundError(f"model.init: {c.model.init} does not exist (a released HF directory or an "
                                     "r1v2-jax checkpoint)")
-        loaded = (r1v2_jax.load_checkpoint(c.model.init) if os.path.exists(os.path.join(c.model.init, META_FILE))
-                  else r1v2_jax.load_pretrained(c.model.init))
+        loaded = r1v2_jax.load_model(c.model.init)
         mc, params = loaded.config, loaded.params
         if c.model.preset != "tiny":
             want = model_config_from(c)

@@ -85,3 +85,13 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, dtype: str | None = None, *, me
     config = checkpoint_config(os.fspath(ckpt_dir), **opts)
     config, params = load_params(os.fspath(ckpt_dir), config, mesh=mesh, rules=rules)
     return R1V2Model(config, params, mesh, rules)
+
+
+def load_model(path: str | os.PathLike, dtype: str | None = None, **kw) -> R1V2Model:
+    """Either format: our checkpoint (it has ``r1v2_params.json``) via :func:`load_checkpoint`,
+    otherwise a released HF directory via :func:`load_pretrained` (float32 unless ``dtype``)."""
+    from r1v2_jax.checkpoint import META_FILE
+
+    if os.path.exists(os.path.join(os.fspath(path), META_FILE)):
+        return load_checkpoint(path, dtype, **kw)
+    return load_pretrained(path, dtype or "float32", **kw)

@@ -116,16 +116,6 @@ def logical_to_pspec(names: Sequence[str | None], rules: Sequence[tuple[str, Mes
     return P(*out)
 
 
-def logical_names(tree):
-    """The logical axis names of every leaf of a (boxed) Flax parameter tree.
-
-    Leaves without ``nn.LogicallyPartitioned`` metadata get ``None``.
-    """
-    return jax.tree.map(
-        lambda x: tuple(x.names) if isinstance(x, nn.LogicallyPartitioned) else None,
-        tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-
-
 def tree_shardings(boxed_tree, mesh: Mesh, rules=DEFAULT_RULES):
     """NamedShardings for every leaf of a boxed parameter tree (e.g. from ``jax.eval_shape(init)``)."""
 

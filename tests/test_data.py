@@ -296,3 +296,19 @@ def test_preference_and_sft_batches(tmp_path):
     (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in sft))
     bt = next(sequence_iterator(load_records(str(tmp_path / "sft.jsonl"), "sft"), b, cfg, kind="sft", tile_size=28))
     assert bt["response_loss_mask"].sum() == 2 * len(tok.encode("ok<|im_end|>", add_special_tokens=False).ids)
+
+
+def test_image_settings_from_a_released_config(tmp_path):
+    from r1v2_jax.config import model_config
+    from r1v2_jax.data.image import image_settings
+    from r1v2_jax.hf_formats import released_config_dict
+
+    c = released_config_dict(model_config("tiny"))
+    c.update(force_image_size=84, max_dynamic_patch=6, use_thumbnail=False)
+    (tmp_path / "config.json").write_text(json.dumps(c))
+    assert image_settings(str(tmp_path)) == {"tile_size": 84, "dynamic": True, "use_thumbnail": False,
+                                             "min_num": 1, "max_num": 6}
+    c.update(min_dynamic_patch=7)
+    (tmp_path / "config.json").write_text(json.dumps(c))
+    with pytest.raises(ValueError, match="min_dynamic_patch <= max_dynamic_patch"):
+        image_settings(str(tmp_path))

@@ -118,7 +118,3 @@ def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, optimizer: o
     return state.replace(step=state.step + 1, params=keep(new_params, state.params),
                          opt_state=keep(new_opt, state.opt_state), skipped=state.skipped + (~ok).astype(jnp.int32),
                          **extra), ok
-
-
-def lr_at(cfg: OptimConfig, step) -> float:
-    return float(schedule(cfg)(step))

@@ -150,18 +150,6 @@ def _loop(run: Run, stage: str, state: TrainState, steps: int, data_iter, one_st
     return state
 
 
-def stage_done(run: Run, stage: str, steps: int) -> bool:
-    d = os.path.join(run.run_dir, "checkpoints", stage)
-    if not os.path.isdir(d):
-        return False
-    import orbax.checkpoint as ocp
-
-    m = ocp.CheckpointManager(os.path.abspath(d))
-    latest = m.latest_step()
-    m.close()
-    return latest is not None and latest >= steps
-
-
 # --- SFT ----------------------------------------------------------------------------------------
 
 def run_sft(run: Run, params, records: list[dict], steps: int, optim: OptimConfig, n_micro: int = 1):
