@@ -24,7 +24,7 @@ def get_config():
     c.grpo.group_size = 8
     c.grpo.max_new_tokens = 8192
     c.grpo.temperature = 1.0
-    c.grpo.micro_batches = 32
+    c.grpo.micro_batches = 16  # 16 rollouts per micro-batch: one per device of a 16-way FSDP axis
     c.grpo.ssb_capacity = 1024
     c.eval.max_new_tokens = 8192
     c.checkpoint.every = 50

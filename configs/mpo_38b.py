@@ -12,7 +12,7 @@ def get_config():
     c.model.init = "/path/to/r1v2-38b-ckpt"
     c.data.path = "/path/to/data"
     c.data.synthetic_n = 0
-    c.data.batch_size = 16
+    c.data.batch_size = 64  # preference pairs per step
     c.data.max_prompt_len = 4096
     c.data.max_completion_len = 8192
     c.data.dynamic_tiling = True
@@ -23,6 +23,9 @@ def get_config():
     c.mpo.candidates = 8
     c.mpo.threshold = 15.0
     c.mpo.prompts = 20000
+    c.mpo.micro_batches = 4  # 16 pairs per micro-batch: one per device of a 16-way FSDP axis
     c.checkpoint.every = 50
+    c.plan.mesh = (1, -1, 4)  # FSDP across chips, 4-way tensor parallelism within a host
+    c.plan.tiles_per_sample = 7
     c.export = False
     return c

@@ -3,8 +3,9 @@
     r1v2 demo [--out DIR] [--config.K=V]    the main job: SFT -> MPO -> GRPO on the synthetic task, on CPU
     r1v2 smoke [--preset tiny]              init -> save released -> load_pretrained -> forward, in seconds
     r1v2 train --config configs/X.py [--config.K=V]   run an experiment (resumes from its run_dir)
+         [--multihost | --coordinator H:P --num-processes N --process-id I]   on every host of a job
     r1v2 eval --model PATH --data FILE      pass@1 over k samples, per category
-    r1v2 plan --config C --topology v5p-128 AOT-compile the GRPO step for a TPU slice: memory, FLOPs
+    r1v2 plan --config C --topology v5p-128 AOT-compile train step + sampler for a TPU slice: memory, time
     r1v2 info --model PATH | --preset NAME   config and parameter counts of a checkpoint or preset
     r1v2 generate --model PATH [--image FILE] --prompt TEXT   answer a prompt (released HF dir or our checkpoint)
     r1v2 make-data synthetic OUT --n N      the synthetic visual-reasoning task (train/test JSONL + images)
@@ -25,6 +26,22 @@ def _table(rows: list[tuple[str, str]], title: str) -> str:
     return "\n".join([title, line] + [f"{a:<{w}} | {b}" for a, b in rows] + [line])
 
 
+def _distributed(args) -> None:
+    """Join the other processes of a multi-host job before anything touches JAX."""
+    if getattr(args, "multihost", False) or getattr(args, "coordinator", None):
+        from r1v2_jax.distributed import initialize
+
+        initialize(args.coordinator, args.num_processes, args.process_id, auto=args.multihost)
+
+
+def _add_distributed_args(p) -> None:
+    g = p.add_argument_group("multi-host (run the same command on every host)")
+    g.add_argument("--multihost", action="store_true", help="join a Cloud TPU pod's hosts (jax.distributed, auto)")
+    g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (explicit cluster, e.g. CPU tests)")
+    g.add_argument("--num-processes", type=int, default=None)
+    g.add_argument("--process-id", type=int, default=None)
+
+
 def cmd_train(args, overrides) -> int:
     from r1v2_jax.experiments import format_summary, run_experiment
     from r1v2_jax.train.config import ConfigKeyError, load_config
@@ -34,8 +51,12 @@ def cmd_train(args, overrides) -> int:
     except (ConfigKeyError, FileNotFoundError, ValueError, AttributeError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    _distributed(args)
     summary = run_experiment(cfg)
-    print(format_summary(summary))
+    import jax
+
+    if jax.process_index() == 0:
+        print(format_summary(summary))
     return 0
 
 
@@ -279,8 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     sm.set_defaults(fn=cmd_smoke)
     tr = sub.add_parser("train", help="run an experiment config (resumes from its run_dir)")
     tr.add_argument("--config", required=True)
+    _add_distributed_args(tr)
     tr.set_defaults(fn=cmd_train, takes_overrides=True)
-    pl = sub.add_parser("plan", help="AOT-compile the GRPO train step for a TPU topology; memory and FLOPs")
+    pl = sub.add_parser("plan", help="AOT-compile the RL train step and the sampler for a TPU topology: memory, step time")
     pl.add_argument("--config", required=True)
     pl.add_argument("--topology", required=True, help="e.g. v5p-128, v4-32, v5e-16, v6e-64, v5p:4x4x4")
     pl.add_argument("--hbm-gib", type=float, default=None, help="override the chip's HBM (GiB)")

@@ -35,15 +35,22 @@ def demo_config() -> ml_collections.ConfigDict:
     c.sft = ml_collections.ConfigDict(dict(steps=200, lr=1e-3, trainable="all", micro_batches=1))
     c.mpo = ml_collections.ConfigDict(dict(steps=20, lr=5e-4, trainable="all", candidates=4, threshold=1.5,
                                            temperature=1.0, beta=0.1, w_pref=0.8, w_quality=0.2, w_gen=1.0,
-                                           prompts=64))
+                                           prompts=64, micro_batches=1))
     c.grpo = ml_collections.ConfigDict(dict(
         steps=200, lr=1e-4, trainable="all", group_size=8, max_new_tokens=32, temperature=1.0, micro_batches=1,
         advantage="grpo", use_ssb=True, dynamic_sampling=False, kl_coef=0.0, clip_low=0.2, clip_high=0.28,
         aggregation="seq-mean-token-mean", ssb_capacity=256, ssb_target_share=0.6, ssb_alpha=1.0,
         ssb_reuse_limit=2, ssb_max_age=8))
     c.eval = ml_collections.ConfigDict(dict(k=1, temperature=0.0, max_new_tokens=32, prompts=0))
-    c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=2, async_save=True))
-    c.plan = ml_collections.ConfigDict(dict(mesh=(1, -1, 1), remat_policy="full", tiles_per_sample=1))
+    # dir: "" = run_dir/checkpoints; a bucket (gs://...) for pods: the logs are mirrored there
+    c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=2, async_save=True, dir=""))
+    # (data, fsdp, tensor) for training on several devices/hosts; () = one device. Several
+    # processes without a mesh use (1, -1, 1): FSDP over every device.
+    c.mesh = ()
+    # r1v2 plan: the meshes, remat policy and tiles per prompt to compile for, and the efficiencies
+    # its step-time estimate assumes (see r1v2_jax/plan.py)
+    c.plan = ml_collections.ConfigDict(dict(mesh=(1, -1, 1), sampler_mesh=(), remat_policy="full",
+                                            tiles_per_sample=1, assumed_mfu=0.4, assumed_bandwidth_util=0.7))
     c.export = True
     c.progress = True
     return c
@@ -71,14 +78,33 @@ def cold_start_response(record: dict) -> str:
 
 
 def _ensure_data(c) -> str:
+    from r1v2_jax import distributed as dist
     from r1v2_jax.data.synthetic import make_synthetic
 
     path = c.data.path or os.path.join(c.run_dir, "data")
-    if not os.path.exists(os.path.join(path, "train.jsonl")):
-        make_synthetic(path, c.data.synthetic_n, seed=c.seed, image_size=c.model.image_size,
-                       categories=tuple(c.data.synthetic_categories), max_difficulty=c.data.synthetic_max_difficulty,
-                       overwrite=True)
+
+    def make():
+        if not os.path.exists(os.path.join(path, "train.jsonl")):
+            make_synthetic(path, c.data.synthetic_n, seed=c.seed, image_size=c.model.image_size,
+                           categories=tuple(c.data.synthetic_categories),
+                           max_difficulty=c.data.synthetic_max_difficulty, overwrite=True)
+
+    if dist.is_main():
+        make()
+    dist.barrier("synthetic-data")
+    make()  # hosts that do not share process 0's disk make the same (seeded) data themselves
     return path
+
+
+def _mesh(c):
+    from r1v2_jax.sharding import make_mesh
+
+    shape = tuple(c.mesh) or ((1, -1, 1) if jax.process_count() > 1 else ())
+    if not shape:
+        return None
+    if len(shape) != 3:
+        raise ValueError(f"mesh: expected (data, fsdp, tensor), got {tuple(c.mesh)}")
+    return make_mesh(*shape)
 
 
 def run_experiment(c: ml_collections.ConfigDict) -> dict:
@@ -96,8 +122,11 @@ def run_experiment(c: ml_collections.ConfigDict) -> dict:
     from r1v2_jax.train.logging import MetricsLog, plot_curves
     from r1v2_jax.train.state import OptimConfig
 
+    from r1v2_jax import distributed as dist
+
     t_start = time.perf_counter()
     os.makedirs(c.run_dir, exist_ok=True)
+    mesh = _mesh(c)
     template = None
     if c.model.init == "random":
         mc = model_config_from(c)
@@ -120,6 +149,10 @@ def run_experiment(c: ml_collections.ConfigDict) -> dict:
                                  f"LLM {mc.text.hidden_size}x{mc.text.num_layers})")
         tok = load_tokenizer(c.model.init)
         template = chat_template(c.model.init)
+    if mesh is not None:
+        from r1v2_jax.model import param_shardings
+
+        params = jax.device_put(params, param_shardings(mc, mesh))
     data_dir = _ensure_data(c)
     train = load_records(os.path.join(data_dir, "train.jsonl"), "rl")
     test = load_records(os.path.join(data_dir, "test.jsonl"), "rl")
@@ -131,13 +164,20 @@ def run_experiment(c: ml_collections.ConfigDict) -> dict:
                           dynamic_tiling=c.data.dynamic_tiling, max_tiles=c.data.max_tiles,
                           length_buckets=(c.data.max_prompt_len, c.data.max_prompt_len + c.data.max_completion_len),
                           process_index=jax.process_index(), process_count=jax.process_count())
+    if c.checkpoint.dir and dist.is_main():  # resuming on a new machine: continue the logs kept beside the checkpoints
+        T.sync_logs(T.Run(None, None, None, c.run_dir, None, checkpoint_dir=c.checkpoint.dir), pull=True)
     metrics = MetricsLog(c.run_dir, is_main=jax.process_index() == 0)
     run = T.Run(mc, tok, builder, c.run_dir, metrics, seed=c.seed, checkpoint_every=c.checkpoint.every,
-                keep=c.checkpoint.keep, async_checkpoints=c.checkpoint.async_save, progress=c.progress, pipeline=pipe)
+                checkpoint_dir=c.checkpoint.dir,
+                keep=c.checkpoint.keep, async_checkpoints=c.checkpoint.async_save, progress=c.progress, pipeline=pipe,
+                mesh=mesh)
     evals = {}
 
+    def find(stage):  # process 0's log decides, so every host skips the same work
+        return dist.allgather_json(metrics.find(stage))[0]
+
     def ev(name, p):
-        done = metrics.find(f"eval_{name}")  # a resumed run reuses evaluations it already made
+        done = find(f"eval_{name}")  # a resumed run reuses evaluations it already made
         if done is not None:
             evals[name] = {"pass@1": done["pass@1"], "n": done["n"], "per_category": done["per_category"]}
             return
@@ -162,13 +202,13 @@ def run_experiment(c: ml_collections.ConfigDict) -> dict:
             pref, info = T.make_preference_records(run, params, train[: c.mpo.prompts], candidates=c.mpo.candidates,
                                                    threshold=c.mpo.threshold, sp=sp, batch_size=c.data.batch_size,
                                                    seed=c.seed)
-            if metrics.find("mpo_pairs") is None:
+            if find("mpo_pairs") is None:
                 metrics.write({"stage": "mpo_pairs", "step": 0, **info})
             if pref:
                 params = T.run_mpo(run, params, ref, pref, c.mpo.steps,
                                    OptimConfig(lr=c.mpo.lr, trainable=c.mpo.trainable),
                                    MPOConfig(beta=c.mpo.beta, w_pref=c.mpo.w_pref, w_quality=c.mpo.w_quality,
-                                             w_gen=c.mpo.w_gen))
+                                             w_gen=c.mpo.w_gen), n_micro=c.mpo.micro_batches)
         elif stage == "grpo":
             g = c.grpo
             params = T.run_grpo(
@@ -186,12 +226,16 @@ def run_experiment(c: ml_collections.ConfigDict) -> dict:
         ev(stage, params)
     summary = {"evals": evals, "seconds": time.perf_counter() - t_start}
     if c.export:
-        summary["export"] = _export(run, params)
-    plot = plot_curves(metrics.rows(), os.path.join(c.run_dir, "curves.png"))
-    summary["plot"] = plot
+        host_params = dist.gather_to_host(params, mesh)  # the released format is written from one host
+        if dist.is_main():
+            summary["export"] = _export(run, host_params)
+    if dist.is_main():
+        summary["plot"] = plot_curves(metrics.rows(), os.path.join(c.run_dir, "curves.png"))
+        with open(os.path.join(c.run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, default=str)
     metrics.close()
-    with open(os.path.join(c.run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=str)
+    T.sync_logs(run)  # summary.json beside the checkpoints marks the run finished (launch/tpu_pod.py)
+    dist.barrier("run-finished")
     return summary
 
 

@@ -1,16 +1,25 @@
-"""``r1v2 plan``: compile a config's GRPO train step ahead of time for a TPU topology, on any
-machine (libtpu from PyPI provides the compiler), and report per-chip memory and FLOPs.
+"""``r1v2 plan``: compile a config's programs ahead of time for a TPU topology, on any machine
+(libtpu from PyPI provides the compiler), and report per-chip memory, FLOPs and step time.
 
     r1v2 plan --config configs/grpo_38b.py --topology v5p-128
 
-The report: XLA's memory analysis per chip (arguments, temporaries, outputs) against the
-chip's HBM, analytic FLOPs per step (XLA's cost analysis counts a scanned layer body once,
-so it is not used for FLOPs), XLA's own optimal-time estimate (same caveat), the
-compute-bound step time at peak, and the largest per-chip parameter/optimizer buffers. A
-config that does not fit exits non-zero.
+Programs: the train step of the config's RL stage (GRPO, or MPO when the config has no GRPO
+stage) and, for GRPO, the sampler's prefill (``batch_size`` prompts) and decode loop
+(``batch_size x group_size`` rows, ``max_new_tokens``). The learner uses ``plan.mesh``, the
+sampler ``plan.sampler_mesh`` (empty: the learner's mesh), both over the same chips.
 
-Not yet covered (next steps): the sampler's prefill/decode programs, separate learner and
-sampler meshes, and multi-slice topologies.
+Per program: XLA's memory analysis per chip (arguments, temporaries, outputs) against the
+chip's HBM. The sampler runs while the optimizer state stays in HBM, so its programs are
+charged that resident state too. Step time is a roofline estimate, stated as such: the train
+step and prefill at ``plan.assumed_mfu`` of peak FLOPs (analytic FLOPs: XLA's cost analysis
+counts a scanned layer body once), each decode step as the larger of its FLOPs at peak and
+its HBM traffic (parameters + the whole KV cache, read once per token) at
+``plan.assumed_bandwidth_util`` of the chip's bandwidth. A config that does not fit exits
+non-zero, naming the largest buffers; a micro-batch that does not divide over the batch axes
+is reported.
+
+Not covered: multi-slice (DCN) topologies, and the cost of resharding parameters between
+different learner and sampler meshes.
 """
 
 from __future__ import annotations
@@ -22,12 +31,13 @@ import re
 import numpy as np
 
 GiB = 1024**3
-# name -> (topology_name for get_topology_desc, HBM bytes per chip, peak bf16 FLOP/s per chip)
+# family -> (HBM bytes per chip, peak bf16 FLOP/s per chip, HBM bytes/s per chip, topology dims,
+# cores per chip in the slice name), from Cloud TPU's published specifications.
 _FAMILIES = {
-    "v4": (32 * GiB, 275e12, 3, 2),  # (hbm, peak, dims, cores per chip in the slice name)
-    "v5p": (95 * GiB, 459e12, 3, 2),
-    "v5e": (16 * GiB, 197e12, 2, 1),
-    "v6e": (32 * GiB, 918e12, 2, 1),
+    "v4": (32 * GiB, 275e12, 1.2e12, 3, 2),
+    "v5p": (95 * GiB, 459e12, 2.765e12, 3, 2),
+    "v5e": (16 * GiB, 197e12, 0.819e12, 2, 1),
+    "v6e": (32 * GiB, 918e12, 1.64e12, 2, 1),
 }
 
 
@@ -38,6 +48,7 @@ class Topology:
     chips: int
     hbm_bytes: int
     peak_flops: float
+    hbm_bandwidth: float
 
 
 def parse_topology(name: str) -> Topology:
@@ -47,7 +58,7 @@ def parse_topology(name: str) -> Topology:
     if not m:
         raise ValueError(f"topology {name!r}: expected e.g. v5p-128, v4-32, v5e-16, v6e-64 or v5p:4x4x4")
     fam, count, dims = m.group(1), m.group(2), m.group(3)
-    hbm, peak, ndim, cores = _FAMILIES[fam]
+    hbm, peak, bw, ndim, cores = _FAMILIES[fam]
     if dims:
         shape = [int(x) for x in dims.split("x")]
         if len(shape) != ndim:
@@ -64,7 +75,7 @@ def parse_topology(name: str) -> Topology:
         if ndim == 2:
             shape = sorted(shape, reverse=True)
     topo = f"{fam}:{'x'.join(map(str, shape))}"
-    return Topology(name, topo, int(np.prod(shape)), hbm, peak)
+    return Topology(name, topo, int(np.prod(shape)), hbm, peak, bw)
 
 
 def _devices(topology: Topology):
@@ -78,28 +89,64 @@ def _devices(topology: Topology):
                            "install the compiler with: pip install \"jax[tpu]==<jax version>\"") from None
 
 
-def train_step_flops(mc, tokens: int, seq: int) -> float:
-    """Analytic FLOPs of one training step over ``tokens`` LLM tokens of sequences of length
-    ``seq``: 3 x (2 x matmul parameters x tokens + attention 4 x seq x heads x head_dim per token
-    and layer). The vision tower is not counted (text FLOPs dominate for long reasoning)."""
+
+def _matmul_params(mc) -> int:
+    """Weights the LLM multiplies by per token (decoder layers + lm_head)."""
     t = mc.text
     hd = t.resolved_head_dim
     per_layer = (t.hidden_size * (t.num_heads + 2 * t.num_kv_heads) * hd + t.num_heads * hd * t.hidden_size
                  + 3 * t.hidden_size * t.intermediate_size)
-    matmul = t.num_layers * per_layer + t.hidden_size * t.vocab_size
-    fwd = 2 * matmul * tokens + t.num_layers * tokens * 4 * seq * t.num_heads * hd
-    return 3.0 * fwd
+    return t.num_layers * per_layer + t.hidden_size * t.vocab_size
+
+
+def forward_flops(mc, tokens: int, seq: int) -> float:
+    """Analytic forward FLOPs of the LLM over ``tokens`` tokens of sequences of length ``seq``:
+    2 x matmul parameters per token + attention (4 x seq x heads x head_dim per token and
+    layer). The vision tower is not counted (text FLOPs dominate long reasoning)."""
+    t = mc.text
+    return 2.0 * _matmul_params(mc) * tokens + t.num_layers * tokens * 4.0 * seq * t.num_heads * t.resolved_head_dim
+
+
+def train_step_flops(mc, tokens: int, seq: int, forwards: int = 1) -> float:
+    """Forward + backward (3x forward) over ``tokens``, plus ``forwards - 1`` extra
+    forward-only passes (e.g. MPO's frozen reference)."""
+    f = forward_flops(mc, tokens, seq)
+    return 3.0 * f + (forwards - 1) * f
+
+
+def _sds(shape, dtype, sharding):
+    import jax
+
+    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+
+
+def _memory(compiled, hbm: int, resident: int = 0) -> dict:
+    mem = compiled.memory_analysis()
+    args, temps, outs, alias = (mem.argument_size_in_bytes, mem.temp_size_in_bytes, mem.output_size_in_bytes,
+                                mem.alias_size_in_bytes)
+    total = args + temps + outs - alias + resident
+    return {"argument_bytes": args, "temp_bytes": temps, "output_bytes": outs, "alias_bytes": alias,
+            "resident_bytes": resident, "total_bytes": total, "fits": total <= hbm}
+
+
+def _per_chip_bytes(tree) -> int:
+    import jax
+
+    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(tree))
 
 
 def plan(cfg, topology: str, hbm_bytes: int | None = None) -> dict:
-    """Compile the GRPO train step of ``cfg`` (a run config) for ``topology`` and report."""
+    """Compile the RL stage's programs of ``cfg`` (a run config) for ``topology`` and report."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from r1v2_jax.experiments import model_config_from
-    from r1v2_jax.model import R1V2, abstract_params, param_shardings
+    from r1v2_jax.model import R1V2, R1V2Model, abstract_params, param_shardings
     from r1v2_jax.rl.losses import PolicyLossConfig
+    from r1v2_jax.rl.mpo import MPOConfig
+    from r1v2_jax.sampler import Sampler, SamplingParams
     from r1v2_jax.sharding import make_mesh
     from r1v2_jax.train.state import OptimConfig, TrainState, make_optimizer
     from r1v2_jax.train.steps import make_train_step
@@ -107,78 +154,139 @@ def plan(cfg, topology: str, hbm_bytes: int | None = None) -> dict:
     topo = parse_topology(topology)
     hbm = hbm_bytes or topo.hbm_bytes
     devices = _devices(topo)
+    algo = "grpo" if "grpo" in cfg.stages else "mpo" if "mpo" in cfg.stages else None
+    if algo is None:
+        raise ValueError(f"stages: {tuple(cfg.stages)} has no RL stage (grpo or mpo) to plan")
+    stage = cfg[algo]
     mc = model_config_from(cfg).replace(remat_policy=cfg.plan.remat_policy, scan_layers=True)
-    data, fsdp, tensor = cfg.plan.mesh
-    mesh = make_mesh(data, fsdp, tensor, devices=devices)
-    g = cfg.grpo
+    mesh = make_mesh(*cfg.plan.mesh, devices=devices)
     p_sh = param_shardings(mc, mesh)
-    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract_params(mc, boxed=False), p_sh)
-    opt = make_optimizer(OptimConfig(lr=g.lr, trainable=g.trainable), params)
+    params = jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s), abstract_params(mc, boxed=False), p_sh)
+    opt = make_optimizer(OptimConfig(lr=stage.lr, trainable=stage.trainable), params)
     rep = NamedSharding(mesh, P())
     opt_out = jax.jit(opt.init).lower(params).compile()  # XLA propagates the parameter shardings
     on_mesh = set(mesh.devices.flat)
-    opt_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s if set(s.device_set) == on_mesh else rep),
-        jax.eval_shape(opt.init, params), opt_out.output_shardings)
-    scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=rep)  # noqa: E731
-    state = TrainState(step=scalar(jnp.int32), params=params, opt_state=opt_state,
-                       rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep), bco_delta=scalar(jnp.float32),
-                       skipped=scalar(jnp.int32), ssb=None)
-    n = cfg.data.batch_size * g.group_size
-    t = cfg.data.max_prompt_len + g.max_new_tokens
+    opt_state = jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s if set(s.device_set) == on_mesh else rep),
+                             jax.eval_shape(opt.init, params), opt_out.output_shardings)
+    scalar = lambda dt: _sds((), dt, rep)  # noqa: E731
+    state = TrainState(step=scalar(jnp.int32), params=params, opt_state=opt_state, rng=_sds((2,), jnp.uint32, rep),
+                       bco_delta=scalar(jnp.float32), skipped=scalar(jnp.int32), ssb=None)
     row = NamedSharding(mesh, P(("data", "fsdp")))
-    batch = {"tokens": jax.ShapeDtypeStruct((n, t), jnp.int32, sharding=row),
-             "attention_mask": jax.ShapeDtypeStruct((n, t), bool, sharding=row),
-             "completion_mask": jax.ShapeDtypeStruct((n, t), bool, sharding=row),
-             "old_logp": jax.ShapeDtypeStruct((n, t), jnp.float32, sharding=row),
-             "advantages": jax.ShapeDtypeStruct((n,), jnp.float32, sharding=row)}
-    if cfg.plan.tiles_per_sample:
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    pix_dtype = jnp.bfloat16 if mc.dtype == "bfloat16" else jnp.float32
+    tiles = cfg.plan.tiles_per_sample
+    n_micro = stage.micro_batches
+    programs, notes = {}, []
+
+    def pixels(n, sharding):
         s = mc.tile_size
-        batch["pixel_values"] = jax.ShapeDtypeStruct((n, cfg.plan.tiles_per_sample, 3, s, s), jnp.bfloat16
-                                                     if mc.dtype == "bfloat16" else jnp.float32, sharding=row)
-    step = make_train_step("grpo", R1V2(mc), opt, n_micro=g.micro_batches,
-                           policy_cfg=PolicyLossConfig(clip_low=g.clip_low, clip_high=g.clip_high,
-                                                       aggregation=g.aggregation, norm_tokens=g.max_new_tokens),
-                           mesh=mesh)
-    compiled = step.lower(state, batch, None).compile()
-    mem = compiled.memory_analysis()
+        return _sds((n, tiles, 3, s, s), pix_dtype, sharding)
+
+    if algo == "grpo":
+        n = cfg.data.batch_size * stage.group_size
+        t = cfg.data.max_prompt_len + stage.max_new_tokens
+        batch = {k: _sds((n, t), dt, row) for k, dt in (("tokens", jnp.int32), ("attention_mask", bool),
+                                                          ("completion_mask", bool), ("old_logp", jnp.float32))}
+        batch["advantages"] = _sds((n,), jnp.float32, row)
+        step = make_train_step("grpo", R1V2(mc), opt, n_micro=n_micro, mesh=mesh,
+                               policy_cfg=PolicyLossConfig(clip_low=stage.clip_low, clip_high=stage.clip_high,
+                                                           aggregation=stage.aggregation,
+                                                           norm_tokens=stage.max_new_tokens))
+        ref, flops, tokens = None, train_step_flops(mc, n * t, t), n * t
+    else:
+        n = cfg.data.batch_size
+        t = cfg.data.max_prompt_len + cfg.data.max_completion_len
+        batch = {f"{w}_{k}": _sds((n, t), dt, row) for w in ("chosen", "rejected")
+                 for k, dt in (("ids", jnp.int32), ("mask", bool), ("loss_mask", bool))}
+        step = make_train_step("mpo", R1V2(mc), opt, n_micro=n_micro, mesh=mesh,
+                               mpo_cfg=MPOConfig(beta=stage.beta, w_pref=stage.w_pref, w_quality=stage.w_quality,
+                                                 w_gen=stage.w_gen))
+        ref = params  # the frozen reference: a second copy, sharded like the policy
+        # chosen + rejected through the policy (fwd + bwd) and the reference (fwd)
+        flops, tokens = train_step_flops(mc, 2 * n * t, t, forwards=2), 2 * n * t
+    if tiles:
+        batch["pixel_values"] = pixels(n, row)
+    if (n // n_micro) % shards or n % n_micro:
+        notes.append(f"{algo} micro-batch: {n} rows / {n_micro} micro-batches = {n / n_micro:g} rows over "
+                     f"data x fsdp = {shards}: not a whole number of rows per device (XLA pads or replicates)")
+    compiled = step.lower(state, batch, ref).compile()
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, list) else cost
-    args, temps, outs, alias = (mem.argument_size_in_bytes, mem.temp_size_in_bytes, mem.output_size_in_bytes,
-                                mem.alias_size_in_bytes)
-    total = args + temps + outs - alias
-    flops = train_step_flops(mc, n * t, t)
+    train_s = flops / (topo.chips * topo.peak_flops * cfg.plan.assumed_mfu)
+    programs["train"] = {**_memory(compiled, hbm), "flops": flops, "tokens": tokens, "seconds": train_s,
+                         "xla_flops_scan_body_once": float(cost.get("flops", float("nan")))}
+    opt_bytes = _per_chip_bytes(opt_state) + (_per_chip_bytes(ref) if ref is not None else 0)
+
+    sampler_mesh = mesh
+    if algo == "grpo":
+        if tuple(cfg.plan.sampler_mesh):
+            sampler_mesh = make_mesh(*cfg.plan.sampler_mesh, devices=devices)
+        s_params = jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s), abstract_params(mc, boxed=False),
+                                param_shardings(mc, sampler_mesh))
+        srow = NamedSharding(sampler_mesh, P(("data", "fsdp")))
+        b, p, m = cfg.data.batch_size, cfg.data.max_prompt_len, stage.max_new_tokens
+        sampler = Sampler(R1V2Model(mc, s_params, sampler_mesh), bucket=1)
+        cache_len = p + m
+        pre_args = (s_params, _sds((b, p), jnp.int32, srow), _sds((b, p), bool, srow),
+                    pixels(b, srow) if tiles else None)
+        pre = sampler._prefill.lower(*pre_args, cache_len=cache_len, num_samples=stage.group_size).compile()
+        pre_f = forward_flops(mc, b * p, p)
+        programs["prefill"] = {**_memory(pre, hbm, opt_bytes), "flops": pre_f, "tokens": b * p,
+                               "seconds": pre_f / (topo.chips * topo.peak_flops * cfg.plan.assumed_mfu)}
+        logits, cache, kv_valid, ids = jax.eval_shape(
+            lambda *a: sampler._prefill_impl(*a, cache_len=cache_len, num_samples=stage.group_size), *pre_args)
+        outs = pre.output_shardings
+        logits, cache, kv_valid, ids = jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s),
+                                                    (logits, cache, kv_valid, ids), tuple(outs))
+        sp = SamplingParams(max_new_tokens=m, temperature=stage.temperature, top_p=stage.top_p)
+        dec = sampler._decode.lower(s_params, logits, cache, kv_valid, ids, _sds((), jnp.uint32, None),
+                                    _sds((b,), jnp.int32, srow), stage.group_size, sp=sp).compile()
+        rows = b * stage.group_size
+        per_token_bytes = _per_chip_bytes(s_params) + _per_chip_bytes(cache)
+        per_token_s = max(per_token_bytes / (topo.hbm_bandwidth * cfg.plan.assumed_bandwidth_util),
+                          forward_flops(mc, rows, cache_len) / (topo.chips * topo.peak_flops))
+        programs["decode"] = {**_memory(dec, hbm, opt_bytes), "flops": forward_flops(mc, rows, cache_len) * m,
+                              "tokens": rows * m, "seconds": per_token_s * m,
+                              "bytes_per_token_step": per_token_bytes}
     leaves = []
     for kp, x in jax.tree_util.tree_flatten_with_path((params, opt_state))[0]:
-        shard = x.sharding.shard_shape(x.shape) if hasattr(x.sharding, "shard_shape") else x.shape
-        leaves.append((int(np.prod(shard)) * np.dtype(x.dtype).itemsize, jax.tree_util.keystr(kp)))
+        leaves.append((int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize,
+                       jax.tree_util.keystr(kp)))
     leaves.sort(reverse=True)
+    peak = max(p_["total_bytes"] for p_ in programs.values())
+    step_s = sum(p_["seconds"] for p_ in programs.values())
     return {
-        "topology": topo.name, "topology_name": topo.topology_name, "chips": len(devices),
-        "mesh": {k: int(v) for k, v in mesh.shape.items()}, "hbm_per_chip": hbm,
-        "argument_bytes": args, "temp_bytes": temps, "output_bytes": outs, "alias_bytes": alias,
-        "total_bytes": total, "fits": total <= hbm, "flops_per_step": flops,
-        "xla_flops_scan_body_once": float(cost.get("flops", float("nan"))),
-        "xla_optimal_seconds": float(cost.get("optimal_seconds", float("nan"))),
-        "compute_bound_seconds": flops / (len(devices) * topo.peak_flops),
-        "largest_buffers": [(name, b) for b, name in leaves[:5]],
-        "tokens_per_step": n * t,
+        "algorithm": algo, "trainable": stage.trainable, "topology": topo.name, "topology_name": topo.topology_name,
+        "chips": len(devices), "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "sampler_mesh": {k: int(v) for k, v in sampler_mesh.shape.items()}, "hbm_per_chip": hbm,
+        "programs": programs, "peak_bytes": peak, "fits": all(p_["fits"] for p_ in programs.values()),
+        "step_seconds": step_s, "flops_per_step": sum(p_["flops"] for p_ in programs.values()),
+        "mfu": sum(p_["flops"] for p_ in programs.values()) / (step_s * topo.chips * topo.peak_flops),
+        "assumed_mfu": cfg.plan.assumed_mfu, "assumed_bandwidth_util": cfg.plan.assumed_bandwidth_util,
+        "largest_buffers": [(name, b_) for b_, name in leaves[:5]], "notes": notes,
+        # kept for scripts reading the first version's fields
+        "argument_bytes": programs["train"]["argument_bytes"], "temp_bytes": programs["train"]["temp_bytes"],
+        "total_bytes": peak,
     }
 
 
 def format_plan(r: dict) -> str:
-    g = lambda b: f"{b / GiB:8.2f} GiB"  # noqa: E731
-    lines = [f"plan: GRPO train step on {r['topology']} ({r['topology_name']}, {r['chips']} chips), mesh "
-             f"data={r['mesh']['data']} fsdp={r['mesh']['fsdp']} tensor={r['mesh']['tensor']}",
-             f"  arguments   {g(r['argument_bytes'])} per chip",
-             f"  temporaries {g(r['temp_bytes'])}",
-             f"  outputs     {g(r['output_bytes'])} (aliased {g(r['alias_bytes'])})",
-             f"  total       {g(r['total_bytes'])} of {g(r['hbm_per_chip'])} HBM -> "
-             f"{'fits' if r['fits'] else 'DOES NOT FIT'}",
-             f"  FLOPs/step  {r['flops_per_step']:.3e} (analytic; {r['tokens_per_step']} tokens)",
-             f"  compute-bound step time at peak: {r['compute_bound_seconds']:.2f} s "
-             f"(XLA optimal_seconds {r['xla_optimal_seconds']:.3g} s counts each scan body once)",
-             "  largest per-chip buffers:"]
+    g = lambda b: f"{b / GiB:7.2f}"  # noqa: E731
+    mesh = lambda m: "x".join(f"{k}={v}" for k, v in m.items())  # noqa: E731
+    lines = [f"plan: {r['algorithm'].upper()} (trainable: {r['trainable']}) on {r['topology']} "
+             f"({r['topology_name']}, {r['chips']} chips); learner mesh {mesh(r['mesh'])}"
+             + (f", sampler mesh {mesh(r['sampler_mesh'])}" if r["sampler_mesh"] != r["mesh"] else ""),
+             f"  per chip, GiB   {'args':>7} {'temps':>7} {'outs':>7} {'alias':>7} {'resident':>8} {'total':>7}"
+             f"  of {r['hbm_per_chip'] / GiB:.0f}  {'est. s':>8}"]
+    for name, p in r["programs"].items():
+        lines.append(f"  {name:<14} {g(p['argument_bytes'])} {g(p['temp_bytes'])} {g(p['output_bytes'])} "
+                     f"{g(p['alias_bytes'])} {g(p['resident_bytes']):>8} {g(p['total_bytes'])}  "
+                     f"{'fits ' if p['fits'] else 'OVER '} {p['seconds']:8.2f}")
+    lines += [f"  peak {r['peak_bytes'] / GiB:.2f} GiB per chip -> {'fits' if r['fits'] else 'DOES NOT FIT'}",
+              f"  step time (roofline: train/prefill at {r['assumed_mfu']:.0%} MFU, decode at "
+              f"{r['assumed_bandwidth_util']:.0%} of HBM bandwidth): {r['step_seconds']:.1f} s, "
+              f"{r['flops_per_step']:.3e} FLOPs -> MFU {r['mfu']:.1%}",
+              "  largest per-chip parameter / optimizer buffers:"]
     lines += [f"    {b / GiB:8.3f} GiB  {name}" for name, b in r["largest_buffers"]]
+    lines += [f"  note: {n}" for n in r["notes"]]
     return "\n".join(lines)

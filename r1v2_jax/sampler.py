@@ -90,6 +90,18 @@ class SampleOutput:
     lengths: jax.Array
     finished: jax.Array
     prompt_lengths: jax.Array
+    # With a mesh the rows are global (sharded by rows, hosts' blocks padded to whole shards):
+    # how many leading rows of this host's block are real. None: all rows are real.
+    host_rows: int | None = flax.struct.field(pytree_node=False, default=None)
+
+    def host_local(self) -> SampleOutput:
+        """This host's real rows as numpy arrays (everything, on one host without a mesh)."""
+        from r1v2_jax.distributed import local_rows
+
+        n = self.host_rows
+        arrays = {f: local_rows(getattr(self, f)) for f in ("tokens", "logprobs", "ref_logprobs", "lengths",
+                                                             "finished", "prompt_lengths")}
+        return SampleOutput(**{k: v if n is None else v[:n] for k, v in arrays.items()})
 
     @property
     def completion_mask(self) -> jax.Array:
@@ -192,7 +204,7 @@ class Sampler:
         self.signatures: set = set()
         self.prefill_batches: list[int] = []  # batch size of every prefill run, in order
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("cache_len", "num_samples"))
-        self._decode = jax.jit(self._decode_impl, static_argnames=("sp",), donate_argnames=("cache",))
+        self._decode = jax.jit(self._decode_impl, static_argnames=("sp", "num_samples"), donate_argnames=("cache",))
 
     @property
     def num_compiles(self) -> int:
@@ -213,8 +225,13 @@ class Sampler:
             cache = jax.tree.map(lambda c: constrain(jnp.repeat(c, num_samples, axis=1), CACHE_AXES), cache)
             return rep(logits.astype(jnp.float32)), cache, rep(kv_valid), rep(ids)
 
-    def _decode_impl(self, params, logits, cache, kv_valid, ids, keys, sp: SamplingParams):
+    def _decode_impl(self, params, logits, cache, kv_valid, ids, seed, prompt_index, num_samples, sp: SamplingParams):
         with use_mesh_rules(self.model.mesh, self.model.rules):
+            # sample g of prompt i (global index) draws from key(seed) -> fold_in(i) -> fold_in(g)
+            base = jax.random.key(seed)
+            rows = jnp.arange(ids.shape[0])
+            keys = jax.vmap(lambda i, g: jax.random.fold_in(jax.random.fold_in(base, i), g))(
+                jnp.repeat(prompt_index, num_samples), rows % num_samples)
             return self._decode_loop(params, logits, cache, kv_valid, ids, keys, sp)
 
     def _decode_loop(self, params, logits, cache, kv_valid, ids, keys, sp):
@@ -263,25 +280,71 @@ class Sampler:
 
     def __call__(self, input_ids, *, pixel_values=None, attention_mask=None, sp: SamplingParams,
                  num_samples: int = 1, seed: int = 0) -> SampleOutput:
+        """Sample ``num_samples`` continuations of each prompt.
+
+        With a mesh on the model, the prompts (and per-row ``pixel_values`` [B, K, 3, S, S]) are
+        this host's rows: every host calls with its own prompts, the programs run over the
+        global batch (hosts' rows in process order), and ``SampleOutput.host_local()`` gives
+        this host's results back."""
         if num_samples < 1:
             raise ValueError(f"num_samples: must be >= 1, got {num_samples}")
         ids, mask, t = _left_pad(input_ids, attention_mask, self.bucket, sp.pad_id)
         self.model.check_inputs(np.where(mask, ids, 0), pixel_values)
+        b_local = ids.shape[0]
+        pix = None if pixel_values is None else np.asarray(pixel_values, np.float32)
+        mesh = self.model.mesh
+        host_rows = None
+        first = 0  # global index of this host's first prompt
+        flat_tiles = pix is not None and pix.ndim != 5
+        if flat_tiles and mesh is not None and jax.process_count() > 1:
+            raise ValueError("pixel_values: with several hosts, give per-prompt tiles [B, K, 3, S, S] (rows are "
+                             "sharded over hosts), not one flat list of tiles")
+        if mesh is not None and not flat_tiles:  # rows sharded over the mesh (flat tiles: replicated inputs)
+            from r1v2_jax import distributed as dist
+
+            counts = dist.allgather_json([int(b_local), int(ids.shape[1]), int(t)])
+            first = sum(c[0] for c in counts[:jax.process_index()])
+            p_all, t = max(c[1] for c in counts), max(c[2] for c in counts)
+            shards = dist.local_row_shards(mesh)
+            rows = -(-max(c[0] for c in counts) // shards) * shards  # same block size on every host
+            ids, mask, pix = _pad_rows(ids, mask, pix, rows, p_all, sp.pad_id)
+            host_rows = b_local * num_samples
         b, p = ids.shape
         cache_len = -(-(p + sp.max_new_tokens) // self.bucket) * self.bucket
-        pix = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
         self.signatures.add((b, p, cache_len, None if pix is None else pix.shape, sp, num_samples))
         self.prefill_batches.append(b)
-        logits, cache, kv_valid, rep_ids = self._prefill(self.model.params, jnp.asarray(ids), jnp.asarray(mask), pix,
+        index = np.arange(first, first + b, dtype=np.int32)
+        if host_rows is None:
+            put = jnp.asarray
+        else:
+            from r1v2_jax.distributed import global_rows
+
+            put = functools.partial(global_rows, mesh=mesh)
+        ids_d, mask_d, index_d = put(ids), put(mask), put(index)
+        pix_d = None if pix is None else put(pix)
+        logits, cache, kv_valid, rep_ids = self._prefill(self.model.params, ids_d, mask_d, pix_d,
                                                          cache_len=cache_len, num_samples=num_samples)
-        base = jax.random.key(seed)
-        keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(base, i), j)
-                          for i in range(b) for j in range(num_samples)])
         out, lp, ref, lengths, finished, prompt_len, _ = self._decode(
-            self.model.params, logits, cache, kv_valid, rep_ids, keys, sp=sp)
-        prompt = jnp.repeat(jnp.asarray(ids[:, p - t:]), num_samples, axis=0)
-        return SampleOutput(tokens=jnp.concatenate([prompt, out], axis=1), logprobs=lp, ref_logprobs=ref,
-                            lengths=lengths, finished=finished, prompt_lengths=prompt_len)
+            self.model.params, logits, cache, kv_valid, rep_ids, jnp.uint32(seed), index_d, num_samples, sp=sp)
+        result = SampleOutput(tokens=jnp.concatenate([rep_ids[:, p - t:], out], axis=1), logprobs=lp,
+                              ref_logprobs=ref, lengths=lengths, finished=finished, prompt_lengths=prompt_len,
+                              host_rows=host_rows)
+        if host_rows is not None and jax.process_count() == 1:  # one host: drop the padding rows here
+            result = jax.tree.map(lambda x: x[:host_rows], result).replace(host_rows=None)
+        return result
+
+
+def _pad_rows(ids, mask, pix, rows: int, length: int, pad_id: int):
+    """Left-pad prompts to ``length`` and add rows (copies of the first prompt) up to ``rows``."""
+    b, p = ids.shape
+    if p < length:
+        ids = np.concatenate([np.full((b, length - p), pad_id, ids.dtype), ids], axis=1)
+        mask = np.concatenate([np.zeros((b, length - p), bool), mask], axis=1)
+    if b < rows:
+        extra = np.zeros(rows - b, np.int64)
+        ids, mask = np.concatenate([ids, ids[extra]]), np.concatenate([mask, mask[extra]])
+        pix = None if pix is None else np.concatenate([pix, pix[extra]])
+    return ids, mask, pix
 
 
 _SAMPLERS: dict[int, Sampler] = {}

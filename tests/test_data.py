@@ -222,13 +222,22 @@ def test_resume_and_host_sharding(tmp_path):
     resumed = make()
     resumed.set_state(state)
     assert head + [bt["answer"] for bt in resumed] == full
-    # two hosts: disjoint shards covering the set (one epoch)
-    seen = []
+    # two hosts: each takes its half of every global batch, so host 0's and host 1's batches
+    # side by side are the single-host batches (the global batch does not depend on the host count)
+    per_host = []
     for idx in range(2):
-        cfg = PipelineConfig(batch_size=1, seed=7, num_epochs=1, length_buckets=(64,), process_index=idx,
-                             process_count=2)
-        seen.append({a for bt in rl_prompt_iterator(records, b, cfg, tile_size=28) for a in bt["answer"]})
-    assert not seen[0] & seen[1] and seen[0] | seen[1] == {str(i) for i in range(10)}
+        per_host.append([bt["answer"] for bt in make(idx, 2)])
+    assert len(per_host[0]) == len(per_host[1]) == 15
+    assert [a + b_ for a, b_ in zip(per_host[0], per_host[1])] == full
+    assert all(len(x) == 1 for x in per_host[0])
+    # a partial last global batch: dropped by default, padded by wrapping around when kept
+    for drop, want in ((True, 2), (False, 3)):
+        cfg = PipelineConfig(batch_size=4, seed=7, num_epochs=1, length_buckets=(64,), process_index=1,
+                             process_count=2, drop_remainder=drop)
+        got = [bt["answer"] for bt in rl_prompt_iterator(records, b, cfg, tile_size=28)]
+        assert len(got) == want and all(len(x) == 2 for x in got)
+    with pytest.raises(ValueError, match="divisible by the 3 hosts"):
+        make(0, 3)
     # worker processes give the same batches
     assert [bt["answer"] for bt in make(workers=2)] == full
 

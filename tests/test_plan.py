@@ -24,11 +24,35 @@ def test_plan_tiny_on_a_small_tpu_slice(tmp_path, capsys):
     rc = main(["plan", "--config", "configs/demo.py", "--topology", "v5p-8", "--json", str(out)])
     assert rc == 0
     r = json.loads(out.read_text())
-    assert r["chips"] == 4 and r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and r["fits"]
-    assert r["argument_bytes"] > 0 and r["temp_bytes"] > 0 and r["flops_per_step"] > 0
-    assert "fits" in capsys.readouterr().out
-    # the same step on a chip with almost no memory: exit status 1, the largest buffers named
+    assert r["algorithm"] == "grpo" and r["chips"] == 4 and r["fits"]
+    assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} == r["sampler_mesh"]
+    assert set(r["programs"]) == {"train", "prefill", "decode"}
+    for name, p in r["programs"].items():
+        assert p["argument_bytes"] > 0 and p["total_bytes"] > 0 and p["flops"] > 0 and p["seconds"] > 0, name
+    # the sampler's programs are charged the optimizer state that stays in HBM meanwhile
+    assert r["programs"]["decode"]["resident_bytes"] > 0 == r["programs"]["train"]["resident_bytes"]
+    assert r["peak_bytes"] == max(p["total_bytes"] for p in r["programs"].values())
+    assert 0 < r["mfu"] < 1 and r["step_seconds"] == pytest.approx(sum(p["seconds"] for p in r["programs"].values()))
+    text = capsys.readouterr().out
+    assert "fits" in text and "decode" in text and "step time (roofline" in text
+    # the same programs on a chip with almost no memory: exit status 1, the largest buffers named
     rc = main(["plan", "--config", "configs/demo.py", "--topology", "v5p-8", "--hbm-gib", "0.001"])
     assert rc == 1
     text = capsys.readouterr().out
     assert "DOES NOT FIT" in text and "['mlp']" in text
+
+
+def test_plan_mpo_and_a_separate_sampler_mesh(tmp_path, capsys):
+    pytest.importorskip("libtpu")
+    out = tmp_path / "plan.json"
+    rc = main(["plan", "--config", "configs/demo.py", "--topology", "v5p-8", "--json", str(out),
+               "--config.stages=('sft','mpo')", "--config.mpo.micro_batches=4"])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert r["algorithm"] == "mpo" and set(r["programs"]) == {"train"}
+    # 8 pairs / 4 micro-batches = 2 rows per micro-batch over 4 devices: reported
+    assert any("micro-batch" in n for n in r["notes"]) and "note: mpo micro-batch" in capsys.readouterr().out
+    rc = main(["plan", "--config", "configs/demo.py", "--topology", "v5p-8", "--json", str(out),
+               "--config.plan.sampler_mesh=(1,2,2)"])
+    r = json.loads(out.read_text())
+    assert rc == 0 and r["sampler_mesh"] == {"data": 1, "fsdp": 2, "tensor": 2} != r["mesh"]

@@ -6,8 +6,10 @@ batched to static shapes, and resumable from a checkpointed iterator state.
     state = it.get_state()  # JSON-able: save it with the train state
     it.set_state(state)     # ... and resume exactly there
 
-Order of operations: records -> this host's shard (``process_index::process_count``: disjoint
-shards that cover the set) -> shuffle (seeded, reshuffled each epoch) -> repeat -> per-example
+Order of operations: records -> shuffle (seeded, reshuffled each epoch) -> repeat -> this
+host's share of every global batch (``batch_size`` is the global batch; host ``p`` of ``P``
+takes its ``batch_size / P`` consecutive items of each, so the global batches are the same
+whatever the number of hosts, and each host only loads its own) -> per-example
 preprocessing (images tiled, prompt tokenised; in ``worker_count`` processes) -> drop and
 count bad samples (in the main process, so counts survive) -> batch. Batches have static
 shapes: prompts are left-padded to the smallest length bucket that fits the longest
@@ -30,7 +32,7 @@ from r1v2_jax.data.prompt import PromptBuilder, PromptTooLong
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-    batch_size: int
+    batch_size: int  # global: summed over hosts
     seed: int = 0
     num_epochs: int | None = None  # None: repeat forever
     worker_count: int = 0  # 0: preprocess in the main process
@@ -45,12 +47,47 @@ class PipelineConfig:
     drop_remainder: bool = True
 
 
-def host_shard(n: int, cfg: PipelineConfig) -> tuple[int, int]:
+def host_shard(cfg: PipelineConfig) -> tuple[int, int]:
     if cfg.process_index is not None and cfg.process_count is not None:
         return cfg.process_index, cfg.process_count
     import jax
 
     return jax.process_index(), jax.process_count()
+
+
+class HostSlice(grain.MapDataset):
+    """Host ``index``'s share of every global batch of ``parent``: items
+    ``[k*B + index*b, k*B + (index+1)*b)`` for global batch ``k`` (``B = global_batch``,
+    ``b = B / count``). A partial last global batch is dropped (``drop_remainder``) or padded by
+    wrapping around (``pad``, so every host gets the same number of batches; callers drop the
+    repeats by their ``where``)."""
+
+    def __init__(self, parent: grain.MapDataset, global_batch: int, index: int, count: int, *,
+                 drop_remainder: bool, pad: bool):
+        super().__init__(parent)
+        if global_batch % count:
+            raise ValueError(f"data.batch_size: the global batch {global_batch} must be divisible by the "
+                             f"{count} hosts")
+        self._n, self._big, self._b, self._index = len(parent), global_batch, global_batch // count, index
+        full, rem = divmod(self._n, global_batch)
+        if drop_remainder or rem == 0:
+            self._len = full * self._b
+        elif pad:
+            self._len = (full + 1) * self._b
+        else:
+            self._len = full * self._b + max(0, min(self._b, rem - index * self._b))
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.slice(i)
+        k, j = divmod(i, self._b)
+        g = k * self._big + self._index * self._b + j
+        if g < self._n:
+            return self._parent[g]
+        return dict(self._parent[g % self._n], _pad=True)  # a repeat that only fills the last batch
 
 
 def load_tiles(record: dict, tile_size: int, cfg: PipelineConfig) -> list[np.ndarray]:
@@ -77,7 +114,7 @@ class PreparePrompt(grain.transforms.Map):
         return {"input_ids": np.asarray(ids, np.int32), "pixel_values": pix.astype(np.float32),
                 "answer": record["answer"], "choices": list(record.get("choices") or []),
                 "category": record.get("category") or "", "facts": record.get("facts") or [],
-                "where": record["_where"]}
+                "where": record["_where"], "pad": bool(record.get("_pad", False))}
 
 
 class PrepareSequences(grain.transforms.Map):
@@ -97,7 +134,7 @@ class PrepareSequences(grain.transforms.Map):
         except PromptTooLong as e:
             return {"_skip": "prompt_too_long", "_detail": f"{record.get('_where')}: {e}"}
         pix = np.concatenate(tiles) if tiles else np.zeros((0, 3, self.tile_size, self.tile_size), np.float32)
-        out = {"pixel_values": pix.astype(np.float32), "where": record["_where"]}
+        out = {"pixel_values": pix.astype(np.float32), "where": record["_where"], "pad": bool(record.get("_pad", False))}
         for n, (ids, mask, truncated) in seqs.items():
             out[n] = (ids, mask, truncated)
         return out
@@ -123,6 +160,7 @@ def collate_sequences(examples: list[dict], cfg: PipelineConfig, tile_size: int,
                     f"{n}_truncated": np.asarray([e[n][2] for e in examples])})
     out.update(_collate_tiles(examples, cfg, tile_size))
     out["where"] = [e["where"] for e in examples]
+    out["pad"] = [e["pad"] for e in examples]
     return out
 
 
@@ -157,7 +195,7 @@ def collate_prompts(examples: list[dict], cfg: PipelineConfig, tile_size: int, p
     return {"input_ids": ids, "attention_mask": mask, **_collate_tiles(examples, cfg, tile_size),
             "answer": [e["answer"] for e in examples], "choices": [e["choices"] for e in examples],
             "category": [e["category"] for e in examples], "facts": [e["facts"] for e in examples],
-            "where": [e["where"] for e in examples]}
+            "where": [e["where"] for e in examples], "pad": [e["pad"] for e in examples]}
 
 
 class DataIterator:
@@ -184,9 +222,10 @@ class DataIterator:
 
 def _iterator(records, prepare, collate, cfg: PipelineConfig, skips: SkipCounter | None) -> DataIterator:
     skips = skips if skips is not None else SkipCounter()
-    index, count = host_shard(len(records), cfg)
-    ds = grain.MapDataset.source(records)[index::count]
-    ds = ds.shuffle(seed=cfg.seed).repeat(cfg.num_epochs)
+    index, count = host_shard(cfg)
+    ds = grain.MapDataset.source(records).shuffle(seed=cfg.seed).repeat(cfg.num_epochs)
+    if count > 1:
+        ds = HostSlice(ds, cfg.batch_size, index, count, drop_remainder=cfg.drop_remainder, pad=True)
     it = ds.to_iter_dataset().map(prepare)
     if cfg.worker_count > 0:
         from absl import flags
@@ -202,7 +241,8 @@ def _iterator(records, prepare, collate, cfg: PipelineConfig, skips: SkipCounter
             return False
         return True
 
-    it = it.filter(keep).batch(cfg.batch_size, drop_remainder=cfg.drop_remainder, batch_fn=lambda xs: collate(list(xs)))
+    it = it.filter(keep).batch(cfg.batch_size // count, drop_remainder=cfg.drop_remainder,
+                               batch_fn=lambda xs: collate(list(xs)))
     return DataIterator(it, skips)
 
 

@@ -37,7 +37,7 @@ class MetricsLog:
 
     def truncate(self, step: int, stage: str) -> None:
         """Drop rows of ``stage`` with a step after ``step`` (other stages' rows stay)."""
-        if not os.path.exists(self.path):
+        if not self.is_main or not os.path.exists(self.path):
             return
         with open(self.path) as f:
             keep = [ln for ln in f if json.loads(ln).get("stage") != stage or json.loads(ln)["step"] <= step]

@@ -10,6 +10,7 @@ Batches are dicts of arrays with a leading batch axis; ``n_micro`` splits it eve
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Callable
 
 import jax
@@ -22,6 +23,8 @@ from r1v2_jax.rl.losses import LossSum, PolicyLossConfig, policy_loss, sequence_
 from r1v2_jax.rl.mpo import MPOConfig, bco_delta_update, implicit_rewards, mpo_loss
 from r1v2_jax.sharding import use_mesh_rules
 from r1v2_jax.train.state import TrainState, apply_gradients
+
+log = logging.getLogger("r1v2_jax.train")
 
 
 def next_token_logprobs(module: R1V2, params, ids, mask, pixel_values=None, with_entropy: bool = False):
@@ -125,6 +128,14 @@ def make_train_step(kind: str, module, optimizer: optax.GradientTransformation, 
 
     def step(state: TrainState, batch: dict, ref_params):
         from r1v2_jax.sharding import DEFAULT_RULES
+
+        if mesh is not None:  # trace time: say when micro-batches cannot be split evenly over the batch axes
+            rows = jax.tree.leaves(batch)[0].shape[0] // n_micro
+            shards = mesh.shape["data"] * mesh.shape["fsdp"]
+            if rows % shards:
+                log.warning("%s step: a micro-batch of %d rows over data x fsdp = %d devices does not divide "
+                            "evenly (XLA pads or replicates: wasted compute); use fewer micro-batches or a "
+                            "bigger batch", kind, rows, shards)
 
         with use_mesh_rules(mesh, rules or DEFAULT_RULES):
             grads, loss, metrics = accumulate(lambda p, mb: fn(module, p, mb, ref_params, state), state.params, batch,
