@@ -139,6 +139,19 @@ def _per_chip_bytes(tree) -> int:
 def plan(cfg, topology: str, hbm_bytes: int | None = None) -> dict:
     """Compile the RL stage's programs of ``cfg`` (a run config) for ``topology`` and report."""
     import jax
+
+    # TPU executables compiled without a TPU client cannot be read back from the persistent
+    # compilation cache (a warning and a recompile each time): keep them out of it.
+    cache_was = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        return _plan(cfg, topology, hbm_bytes)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache_was)
+
+
+def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
+    import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -238,7 +251,7 @@ def plan(cfg, topology: str, hbm_bytes: int | None = None) -> dict:
         outs = pre.output_shardings
         logits, cache, kv_valid, ids = jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s),
                                                     (logits, cache, kv_valid, ids), tuple(outs))
-        sp = SamplingParams(max_new_tokens=m, temperature=stage.temperature, top_p=stage.top_p)
+        sp = SamplingParams(max_new_tokens=m, temperature=stage.temperature, top_p=stage.get("top_p", 1.0))
         dec = sampler._decode.lower(s_params, logits, cache, kv_valid, ids, _sds((), jnp.uint32, None),
                                     _sds((b,), jnp.int32, srow), stage.group_size, sp=sp).compile()
         rows = b * stage.group_size

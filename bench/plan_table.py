@@ -1,0 +1,117 @@
+"""The README's planning table: for GRPO (G=8, 8k completions) and MPO on the 38B model, with
+adapter-only, adapter+LLM and full training, the smallest v5p / v6e slice that fits, from
+``r1v2 plan`` (ahead-of-time compilation for the abstract topology, on this machine).
+
+    python bench/plan_table.py [--families v5p v6e] [--out plan_table.jsonl]
+
+For each row it tries slices from a lower bound upwards (doubling) and stops at the first
+that fits. The micro-batch count is chosen so that every micro-batch has one sequence (GRPO)
+or one pair (MPO) per FSDP group. When the train step's temporaries alone exceed a chip's
+HBM, a bigger slice cannot help (those are per-sequence activations, and the micro-batch
+already holds one sequence per device group): the row says so and the search stops.
+Each plan runs in its own process (about a minute each for the 38B model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GiB = 1024**3
+CONFIGS = {"grpo": "configs/grpo_38b.py", "mpo": "configs/mpo_38b.py"}
+ROWS = {"grpo": 32 * 8, "mpo": 64}  # sequences (GRPO rollouts) or pairs (MPO) per step, from the configs
+TENSOR = {"v5p": 4, "v6e": 8}  # tensor parallelism: a v5p host has 4 chips, a v6e host 8 (single-host slices)
+CORES = {"v5p": 2, "v6e": 1}  # cores per chip in the slice name
+START = {"adapter": 16, "adapter+llm": 32, "all": 64}  # chips to start from (parameters alone need about this)
+
+
+def plan_once(algo: str, trainable: str, family: str, chips: int) -> dict:
+    tp = TENSOR[family]
+    fsdp = chips // tp
+    micro = max(ROWS[algo] // fsdp, 1)
+    topology = f"{family}-{chips * CORES[family]}"
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    cmd = [sys.executable, "-m", "r1v2_jax.cli", "plan", "--config", CONFIGS[algo], "--topology", topology,
+           "--json", out, f"--config.{algo}.trainable={trainable}", f"--config.{algo}.micro_batches={micro}",
+           f"--config.plan.mesh=(1,{fsdp},{tp})"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if r.returncode not in (0, 1):
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+    with open(out) as f:
+        rep = json.load(f) if os.path.getsize(out) else None
+    os.unlink(out)
+    if rep is None:  # --json is written after the report; exit 1 (does not fit) still writes it
+        raise RuntimeError(f"{' '.join(cmd)} wrote no report:\n{r.stdout[-2000:]}")
+    rep["micro_batches"] = micro
+    return rep
+
+
+def search(algo: str, trainable: str, family: str, max_chips: int, log) -> dict:
+    chips = START[trainable] if family == "v5p" else START[trainable] * 2
+    tried = []
+    while chips <= max_chips:
+        rep = plan_once(algo, trainable, family, chips)
+        tried.append(rep)
+        train = rep["programs"]["train"]
+        log(f"  {algo} {trainable:<11} {rep['topology']:>8}: peak {rep['peak_bytes'] / GiB:6.1f} GiB of "
+            f"{rep['hbm_per_chip'] / GiB:.0f} -> {'fits' if rep['fits'] else 'no'}")
+        if rep["fits"]:
+            return {"algorithm": algo, "trainable": trainable, "family": family, "fits": True, "report": rep}
+        if train["temp_bytes"] > rep["hbm_per_chip"]:
+            return {"algorithm": algo, "trainable": trainable, "family": family, "fits": False, "report": rep,
+                    "why": f"train-step activations alone ({train['temp_bytes'] / GiB:.0f} GiB/chip) exceed HBM"}
+        chips *= 2
+    return {"algorithm": algo, "trainable": trainable, "family": family, "fits": False,
+            "report": tried[-1] if tried else None, "why": f"does not fit up to {max_chips} chips"}
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| stage | trainable | smallest slice | mesh (data, fsdp, tensor) | micro-batches | peak GiB/chip (of HBM) "
+           "| predicted step s (train / rollout) | MFU |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rep = r["report"]
+        name = {"grpo": "GRPO G=8, 4k+8k", "mpo": "MPO, 4k+8k pairs"}[r["algorithm"]]
+        if not r["fits"]:
+            peak = f"{rep['peak_bytes'] / GiB:.1f} ({rep['hbm_per_chip'] / GiB:.0f})" if rep else "-"
+            out.append(f"| {name} | {r['trainable']} | {r['family']}: none ({r['why']}) | | | {peak} | | |")
+            continue
+        m = rep["mesh"]
+        progs = rep["programs"]
+        rollout = sum(p["seconds"] for k, p in progs.items() if k != "train")
+        out.append(f"| {name} | {r['trainable']} | {rep['topology']} ({rep['chips']} chips) | "
+                   f"{m['data']}, {m['fsdp']}, {m['tensor']} | {rep['micro_batches']} | "
+                   f"{rep['peak_bytes'] / GiB:.1f} ({rep['hbm_per_chip'] / GiB:.0f}) | "
+                   f"{rep['step_seconds']:.0f} ({progs['train']['seconds']:.0f} / {rollout:.0f}) | "
+                   f"{rep['mfu']:.0%} |")
+    return "\n".join(out)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--families", nargs="+", default=["v5p", "v6e"], choices=sorted(TENSOR))
+    p.add_argument("--algorithms", nargs="+", default=["grpo", "mpo"], choices=sorted(CONFIGS))
+    p.add_argument("--trainables", nargs="+", default=["adapter", "adapter+llm", "all"], choices=sorted(START))
+    p.add_argument("--max-chips", type=int, default=256)
+    p.add_argument("--out", default=None, help="append each row as JSON to this file")
+    a = p.parse_args()
+    rows = []
+    for algo in a.algorithms:
+        for trainable in a.trainables:
+            for family in a.families:
+                r = search(algo, trainable, family, a.max_chips, lambda s: print(s, flush=True))
+                rows.append(r)
+                if a.out:
+                    with open(a.out, "a") as f:
+                        f.write(json.dumps(r) + "\n")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
