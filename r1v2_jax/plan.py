@@ -120,7 +120,30 @@ def _sds(shape, dtype, sharding):
     return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
 
 
+class _OutOfMemory:
+    """A program the TPU compiler refused for lack of HBM (it stops before a memory analysis)."""
+
+    def __init__(self, message: str):
+        self.message = message
+        m = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", message)
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+        self.temp_bytes = int(float(m.group(1)) * scale[m.group(2)]) if m else 0
+
+
+def _compile(lowered):
+    try:
+        return lowered.compile()
+    except Exception as e:  # noqa: BLE001 - XLA raises JaxRuntimeError
+        if "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e):
+            return _OutOfMemory(str(e).strip().splitlines()[-1])
+        raise
+
+
 def _memory(compiled, hbm: int, resident: int = 0) -> dict:
+    if isinstance(compiled, _OutOfMemory):
+        total = compiled.temp_bytes + resident
+        return {"argument_bytes": 0, "temp_bytes": compiled.temp_bytes, "output_bytes": 0, "alias_bytes": 0,
+                "resident_bytes": resident, "total_bytes": total, "fits": False, "compiler_error": compiled.message}
     mem = compiled.memory_analysis()
     args, temps, outs, alias = (mem.argument_size_in_bytes, mem.temp_size_in_bytes, mem.output_size_in_bytes,
                                 mem.alias_size_in_bytes)
@@ -201,7 +224,7 @@ def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
         batch = {k: _sds((n, t), dt, row) for k, dt in (("tokens", jnp.int32), ("attention_mask", bool),
                                                           ("completion_mask", bool), ("old_logp", jnp.float32))}
         batch["advantages"] = _sds((n,), jnp.float32, row)
-        step = make_train_step("grpo", R1V2(mc), opt, n_micro=n_micro, mesh=mesh,
+        step = make_train_step("grpo", R1V2(mc), opt, n_micro=n_micro, mesh=mesh, trainable=stage.trainable,
                                policy_cfg=PolicyLossConfig(clip_low=stage.clip_low, clip_high=stage.clip_high,
                                                            aggregation=stage.aggregation,
                                                            norm_tokens=stage.max_new_tokens))
@@ -211,7 +234,7 @@ def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
         t = cfg.data.max_prompt_len + cfg.data.max_completion_len
         batch = {f"{w}_{k}": _sds((n, t), dt, row) for w in ("chosen", "rejected")
                  for k, dt in (("ids", jnp.int32), ("mask", bool), ("loss_mask", bool))}
-        step = make_train_step("mpo", R1V2(mc), opt, n_micro=n_micro, mesh=mesh,
+        step = make_train_step("mpo", R1V2(mc), opt, n_micro=n_micro, mesh=mesh, trainable=stage.trainable,
                                mpo_cfg=MPOConfig(beta=stage.beta, w_pref=stage.w_pref, w_quality=stage.w_quality,
                                                  w_gen=stage.w_gen))
         ref = params  # the frozen reference: a second copy, sharded like the policy
@@ -222,8 +245,8 @@ def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
     if (n // n_micro) % shards or n % n_micro:
         notes.append(f"{algo} micro-batch: {n} rows / {n_micro} micro-batches = {n / n_micro:g} rows over "
                      f"data x fsdp = {shards}: not a whole number of rows per device (XLA pads or replicates)")
-    compiled = step.lower(state, batch, ref).compile()
-    cost = compiled.cost_analysis() or {}
+    compiled = _compile(step.lower(state, batch, ref))
+    cost = {} if isinstance(compiled, _OutOfMemory) else (compiled.cost_analysis() or {})
     cost = cost[0] if isinstance(cost, list) else cost
     train_s = flops / (topo.chips * topo.peak_flops * cfg.plan.assumed_mfu)
     programs["train"] = {**_memory(compiled, hbm), "flops": flops, "tokens": tokens, "seconds": train_s,
@@ -242,18 +265,26 @@ def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
         cache_len = p + m
         pre_args = (s_params, _sds((b, p), jnp.int32, srow), _sds((b, p), bool, srow),
                     pixels(b, srow) if tiles else None)
-        pre = sampler._prefill.lower(*pre_args, cache_len=cache_len, num_samples=stage.group_size).compile()
+        pre = _compile(sampler._prefill.lower(*pre_args, cache_len=cache_len, num_samples=stage.group_size))
         pre_f = forward_flops(mc, b * p, p)
         programs["prefill"] = {**_memory(pre, hbm, opt_bytes), "flops": pre_f, "tokens": b * p,
                                "seconds": pre_f / (topo.chips * topo.peak_flops * cfg.plan.assumed_mfu)}
         logits, cache, kv_valid, ids = jax.eval_shape(
             lambda *a: sampler._prefill_impl(*a, cache_len=cache_len, num_samples=stage.group_size), *pre_args)
-        outs = pre.output_shardings
+        if isinstance(pre, _OutOfMemory):  # decode's inputs as the constraints lay them out
+            from r1v2_jax.sharding import logical_to_pspec
+            from r1v2_jax.text import CACHE_AXES
+
+            cache_sh = NamedSharding(sampler_mesh, logical_to_pspec(CACHE_AXES, shape=cache[0].shape,
+                                                                    mesh=sampler_mesh))
+            outs = (srow, (cache_sh, cache_sh), srow, srow)
+        else:
+            outs = tuple(pre.output_shardings)
         logits, cache, kv_valid, ids = jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s),
-                                                    (logits, cache, kv_valid, ids), tuple(outs))
+                                                    (logits, cache, kv_valid, ids), outs)
         sp = SamplingParams(max_new_tokens=m, temperature=stage.temperature, top_p=stage.get("top_p", 1.0))
-        dec = sampler._decode.lower(s_params, logits, cache, kv_valid, ids, _sds((), jnp.uint32, None),
-                                    _sds((b,), jnp.int32, srow), stage.group_size, sp=sp).compile()
+        dec = _compile(sampler._decode.lower(s_params, logits, cache, kv_valid, ids, _sds((), jnp.uint32, None),
+                                             _sds((b,), jnp.int32, srow), stage.group_size, sp=sp))
         rows = b * stage.group_size
         per_token_bytes = _per_chip_bytes(s_params) + _per_chip_bytes(cache)
         per_token_s = max(per_token_bytes / (topo.hbm_bandwidth * cfg.plan.assumed_bandwidth_util),
@@ -302,4 +333,6 @@ def format_plan(r: dict) -> str:
               "  largest per-chip parameter / optimizer buffers:"]
     lines += [f"    {b / GiB:8.3f} GiB  {name}" for name, b in r["largest_buffers"]]
     lines += [f"  note: {n}" for n in r["notes"]]
+    lines += [f"  {name}: the TPU compiler ran out of HBM: {p['compiler_error']}"
+              for name, p in r["programs"].items() if "compiler_error" in p]
     return "\n".join(lines)

@@ -75,7 +75,15 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence[j
     if n != len(devices):
         raise ValueError(f"make_mesh: data*fsdp*tensor = {n} but {len(devices)} devices are given")
     auto = (jax.sharding.AxisType.Auto,) * 3
-    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=auto, devices=devices)
+    try:
+        return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=auto, devices=devices)
+    except Exception as e:  # noqa: BLE001 - e.g. an 8-way axis on a 16x16 TPU torus
+        if "allow_split_physical_axes" not in str(e):
+            raise
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(tuple(shape), devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def _as_tuple(m: MeshAxes) -> tuple[str, ...]:

@@ -73,10 +73,16 @@ def test_adapter_only_training_freezes_the_towers(setup):
     pix = jnp.asarray(np.random.default_rng(2).normal(size=(2, 1, 3, 56, 56)), jnp.float32)
     batch = {"response_ids": ids, "response_mask": jnp.ones((2, 10), bool),
              "response_loss_mask": jnp.ones((2, 10), bool).at[:, :5].set(False), "pixel_values": pix}
-    new, _ = make_train_step("sft", module, opt, donate=False)(init_state(params, opt, 0), batch, None)
+    new, m_all = make_train_step("sft", module, opt, donate=False)(init_state(params, opt, 0), batch, None)
     changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new.params, params)
     assert all(jax.tree.leaves(changed["mlp1"]))
     assert not any(jax.tree.leaves(changed["language_model"])) and not any(jax.tree.leaves(changed["vision_model"]))
+    # the frozen towers under stop_gradient: the same update, without their weight gradients
+    new2, m_ad = make_train_step("sft", module, opt, donate=False, trainable="adapter")(init_state(params, opt, 0),
+                                                                                         batch, None)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7),
+                 new2.params, new.params)
+    assert float(m_all["loss"]) == float(m_ad["loss"]) and 0 < float(m_ad["grad_norm"]) < float(m_all["grad_norm"])
 
 
 def test_mpo_step_updates_delta(setup):

@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from r1v2_jax.model import R1V2
+from r1v2_jax.model import R1V2, param_shardings
 from r1v2_jax.rewards.reward_model import RewardModel, bradley_terry_loss
 from r1v2_jax.rl.losses import LossSum, PolicyLossConfig, policy_loss, sequence_logprobs, token_entropy
 from r1v2_jax.rl.mpo import MPOConfig, bco_delta_update, implicit_rewards, mpo_loss
 from r1v2_jax.sharding import use_mesh_rules
-from r1v2_jax.train.state import TrainState, apply_gradients
+from r1v2_jax.train.state import TrainState, apply_gradients, trainable_labels
 
 log = logging.getLogger("r1v2_jax.train")
 
@@ -86,22 +86,35 @@ def grpo_loss_fn(cfg: PolicyLossConfig, module, params, batch, ref_params, state
                        ref_logp=ref, entropy=ent)
 
 
-def accumulate(loss_fn: Callable, params, batch: dict, n_micro: int):
+def accumulate(loss_fn: Callable, params, batch: dict, n_micro: int, frozen=None, grad_shardings=None):
     """Exact gradient accumulation over ``n_micro`` equal slices of the batch: (gradients of
-    the whole-batch loss Σsum/Σcount, the whole-batch LossSum, metrics averaged over slices)."""
+    the whole-batch loss Σsum/Σcount, the whole-batch LossSum, metrics averaged over slices).
+
+    ``frozen``: a pytree of bools over ``params``; frozen leaves are held under
+    ``stop_gradient`` (their gradients are zeros, and no weight gradient is computed for them;
+    activations still carry gradients through them). ``grad_shardings``: shardings to keep the
+    gradient accumulators in (the parameters' own), so they stay sharded like FSDP weights."""
     def split(x):
         return x.reshape((n_micro, x.shape[0] // n_micro) + x.shape[1:])
 
     micro = jax.tree.map(split, batch)
 
+    def pin(g):
+        return g if grad_shardings is None else jax.lax.with_sharding_constraint(g, grad_shardings)
+
+    def objective(p, mb):
+        if frozen is not None:
+            p = jax.tree.map(lambda x, f: jax.lax.stop_gradient(x) if f else x, p, frozen)
+        loss, metrics = loss_fn(p, mb)
+        return loss.sum, (loss, metrics)
+
     def body(carry, mb):
         g_acc, s_acc, c_acc = carry
-        (ls, metrics), g = jax.value_and_grad(lambda p: (lambda r: (r[0].sum, r))(loss_fn(p, mb)), has_aux=True)(params)
-        loss, metrics = metrics
-        g_acc = jax.tree.map(jnp.add, g_acc, g)
+        (_, (loss, metrics)), g = jax.value_and_grad(objective, has_aux=True)(params, mb)
+        g_acc = pin(jax.tree.map(jnp.add, g_acc, pin(g)))
         return (g_acc, s_acc + loss.sum, c_acc + loss.count), metrics
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    zeros = pin(jax.tree.map(jnp.zeros_like, params))
     (g, s, c), metrics = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)), micro)
     c = jnp.maximum(c, 1e-9)
     grads = jax.tree.map(lambda x: x / c, g)
@@ -113,9 +126,15 @@ def accumulate(loss_fn: Callable, params, batch: dict, n_micro: int):
 
 def make_train_step(kind: str, module, optimizer: optax.GradientTransformation, *, n_micro: int = 1,
                     policy_cfg: PolicyLossConfig | None = None, mpo_cfg: MPOConfig | None = None, mesh=None,
-                    rules=None, donate: bool = True):
+                    rules=None, donate: bool = True, trainable: str | None = None,
+                    extra_trainable: tuple[str, ...] = ()):
     """A jitted ``step(state, batch, ref_params) -> (state, metrics)`` for ``kind`` in
-    sft / rm / mpo / grpo. ``ref_params`` is the frozen reference (MPO, GRPO's KL) or None."""
+    sft / rm / mpo / grpo. ``ref_params`` is the frozen reference (MPO, GRPO's KL) or None.
+
+    ``trainable`` (as in :class:`OptimConfig`): modules outside it get no weight gradients at
+    all (``stop_gradient``), rather than gradients the optimizer then discards; the reported
+    ``grad_norm`` covers the trained modules. With a mesh, gradient accumulators of the
+    policy model are kept in the parameters' shardings."""
     losses = {
         "sft": sft_loss,
         "rm": rm_loss,
@@ -137,9 +156,16 @@ def make_train_step(kind: str, module, optimizer: optax.GradientTransformation, 
                             "evenly (XLA pads or replicates: wasted compute); use fewer micro-batches or a "
                             "bigger batch", kind, rows, shards)
 
+        frozen = None
+        if trainable is not None:
+            labels = trainable_labels(state.params, trainable, extra_trainable)
+            frozen = jax.tree.map(lambda lab: lab == "freeze", labels)
+        grad_sh = None
+        if mesh is not None and isinstance(module, R1V2):
+            grad_sh = param_shardings(module.config, mesh, rules or DEFAULT_RULES)
         with use_mesh_rules(mesh, rules or DEFAULT_RULES):
             grads, loss, metrics = accumulate(lambda p, mb: fn(module, p, mb, ref_params, state), state.params, batch,
-                                              n_micro)
+                                              n_micro, frozen=frozen, grad_shardings=grad_sh)
         extra = {}
         if kind == "mpo":
             extra["bco_delta"] = bco_delta_update(state.bco_delta, metrics.pop("_r_chosen").reshape(-1),

@@ -196,7 +196,7 @@ def run_sft(run: Run, params, records: list[dict], steps: int, optim: OptimConfi
     state = _init_state(run, params, opt)
     it = sequence_iterator(records, run.builder, dataclasses.replace(run.pipeline, seed=run.seed), kind="sft",
                            tile_size=run.model_config.tile_size, skips=SkipCounter())
-    step_fn = make_train_step("sft", run.module, opt, n_micro=n_micro, mesh=run.mesh)
+    step_fn = make_train_step("sft", run.module, opt, n_micro=n_micro, mesh=run.mesh, trainable=optim.trainable)
 
     def one(state, batch):
         b = _device_batch(run, {k: batch[k] for k in ("response_ids", "response_mask", "response_loss_mask")},
@@ -347,7 +347,8 @@ def run_grpo(run: Run, params, records, steps: int, optim: OptimConfig, cfg: GRP
     sampler = Sampler(R1V2Model(run.model_config, params, run.mesh))
     sp = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                         eos_ids=run.eos_ids(), pad_id=run.eos_ids()[0] if run.eos_ids() else 0)
-    step_fn = make_train_step("grpo", run.module, opt, n_micro=cfg.micro_batches, policy_cfg=policy, mesh=run.mesh)
+    step_fn = make_train_step("grpo", run.module, opt, n_micro=cfg.micro_batches, policy_cfg=policy, mesh=run.mesh,
+                              trainable=optim.trainable)
     add = jax.jit(lambda s, p, a, r: ssb_add(s, p, a, r, ssb_cfg))
     mix = jax.jit(lambda s, p, a, k: ssb_mix(s, p, a, k, ssb_cfg))
     ssb = ssb_init(ssb_cfg.capacity, _grpo_example(run, prompt_len, tiles, sp)) if cfg.use_ssb else None
@@ -460,7 +461,8 @@ def run_mpo(run: Run, params, ref_params, pref_records, steps: int, optim: Optim
     state = _init_state(run, params, opt)
     it = sequence_iterator(pref_records, run.builder, dataclasses.replace(run.pipeline, seed=run.seed),
                            kind="preference", tile_size=run.model_config.tile_size, skips=SkipCounter())
-    step_fn = make_train_step("mpo", run.module, opt, n_micro=n_micro, mpo_cfg=cfg, mesh=run.mesh)
+    step_fn = make_train_step("mpo", run.module, opt, n_micro=n_micro, mpo_cfg=cfg, mesh=run.mesh,
+                              trainable=optim.trainable)
     keys = [f"{n}_{s}" for n in ("chosen", "rejected") for s in ("ids", "mask", "loss_mask")]
 
     def one(state, batch):
