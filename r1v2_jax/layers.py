@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from r1v2_jax.sharding import constrain
+
 Dtype = jnp.dtype
 Initializer = Callable[..., jax.Array]
 
@@ -16,8 +18,14 @@ default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 def param(module: nn.Module, name: str, init: Initializer, shape: Sequence[int], names: Sequence[str | None],
           dtype) -> jax.Array:
-    """Declare a parameter with its logical axis names (the one place that does)."""
-    return module.param(name, nn.with_logical_partitioning(init, tuple(names)), tuple(shape), dtype)
+    """Declare a parameter with its logical axis names (the one place that does).
+
+    Under a mesh (``use_mesh_rules``) the value is also constrained to its sharding where it is
+    used, inside scanned layers too: the per-layer weight and, by transposition, its gradient
+    stay FSDP-sharded instead of being left to XLA's propagation (which kept whole stacks of
+    layer gradients unsharded when the LLM trains)."""
+    return constrain(module.param(name, nn.with_logical_partitioning(init, tuple(names)), tuple(shape), dtype),
+                     tuple(names))
 
 
 class Linear(nn.Module):

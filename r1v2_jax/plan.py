@@ -200,10 +200,17 @@ def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
     params = jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s), abstract_params(mc, boxed=False), p_sh)
     opt = make_optimizer(OptimConfig(lr=stage.lr, trainable=stage.trainable), params)
     rep = NamedSharding(mesh, P())
-    opt_out = jax.jit(opt.init).lower(params).compile()  # XLA propagates the parameter shardings
-    on_mesh = set(mesh.devices.flat)
-    opt_state = jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s if set(s.device_set) == on_mesh else rep),
-                             jax.eval_shape(opt.init, params), opt_out.output_shardings)
+    # Adam's moments are sharded like their parameters (as eager ``opt.init`` on sharded
+    # parameters makes them in training): match each state leaf to the parameter whose key path
+    # ends its own; anything else (step counts) is replicated.
+    by_path = {tuple(k.key for k in kp): sh for kp, sh in jax.tree_util.tree_flatten_with_path(p_sh)[0]}
+
+    def opt_leaf(kp, a):
+        keys = tuple(k.key for k in kp if isinstance(k, jax.tree_util.DictKey))
+        sh = next((by_path[keys[i:]] for i in range(len(keys)) if keys[i:] in by_path), rep)
+        return _sds(a.shape, a.dtype, sh if a.shape else rep)
+
+    opt_state = jax.tree_util.tree_map_with_path(opt_leaf, jax.eval_shape(opt.init, params))
     scalar = lambda dt: _sds((), dt, rep)  # noqa: E731
     state = TrainState(step=scalar(jnp.int32), params=params, opt_state=opt_state, rng=_sds((2,), jnp.uint32, rep),
                        bco_delta=scalar(jnp.float32), skipped=scalar(jnp.int32), ssb=None)

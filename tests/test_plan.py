@@ -56,3 +56,22 @@ def test_plan_mpo_and_a_separate_sampler_mesh(tmp_path, capsys):
                "--config.plan.sampler_mesh=(1,2,2)"])
     r = json.loads(out.read_text())
     assert rc == 0 and r["sampler_mesh"] == {"data": 1, "fsdp": 2, "tensor": 2} != r["mesh"]
+
+
+def test_compiler_out_of_memory_is_a_report_not_a_crash(tmp_path, capsys):
+    """When activations exceed HBM the TPU compiler itself refuses (RESOURCE_EXHAUSTED): the plan
+    reports that program as not fitting, with the compiler's figure, and exits 1."""
+    pytest.importorskip("libtpu")
+    from r1v2_jax.plan import _memory, _OutOfMemory
+
+    oom = _OutOfMemory("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. ... the total memory required "
+                       "for HLO temporaries (100.21G) exceeds available HBM (95.74G).")
+    m = _memory(oom, hbm=95 * 1024**3, resident=10)
+    assert not m["fits"] and m["temp_bytes"] == int(100.21 * 1024**3) and m["total_bytes"] == m["temp_bytes"] + 10
+    out = tmp_path / "plan.json"
+    rc = main(["plan", "--config", "configs/demo.py", "--topology", "v5p-8", "--json", str(out),
+               "--config.data.max_prompt_len=32768", "--config.grpo.max_new_tokens=32"])
+    text = capsys.readouterr().out
+    r = json.loads(out.read_text())
+    assert rc == 1 and not r["fits"] and "compiler_error" in r["programs"]["train"], text
+    assert "the TPU compiler ran out of HBM" in text
