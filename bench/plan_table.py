@@ -4,8 +4,8 @@ adapter-only, adapter+LLM and full training, the smallest v5p / v6e slice that f
 
     python bench/plan_table.py [--families v5p v6e] [--out plan_table.jsonl]
 
-For each row it tries slices from a lower bound upwards (doubling) and stops at the first
-that fits. The micro-batch count is chosen so that every micro-batch has one sequence (GRPO)
+For each row it tries slices from a starting size upwards (doubling) and stops at the first
+that fits; when the starting size already fits, it halves until a slice does not. The micro-batch count is chosen so that every micro-batch has one sequence (GRPO)
 or one pair (MPO) per FSDP group. When the train step's temporaries alone exceed a chip's
 HBM by a quarter, a bigger slice cannot help (those are per-sequence activations, and the
 micro-batch already holds one sequence per device group; only the parameter share shrinks):
@@ -27,8 +27,9 @@ GiB = 1024**3
 CONFIGS = {"grpo": "configs/grpo_38b.py", "mpo": "configs/mpo_38b.py"}
 ROWS = {"grpo": 32 * 8, "mpo": 64}  # sequences (GRPO rollouts) or pairs (MPO) per step, from the configs
 # tensor parallelism: a v5p host has 4 chips, a v6e host 4-8; MPO holds two sequences (chosen and
-# rejected) per pair, so it splits them twice as wide
-TENSOR = {("grpo", "v5p"): 4, ("grpo", "v6e"): 8, ("mpo", "v5p"): 8, ("mpo", "v6e"): 16}
+# rejected) per pair, so on v5p it splits them twice as wide. Not 16: the 38B LLM's 40 heads do
+# not divide by 16, so attention would be replicated over the tensor axis.
+TENSOR = {("grpo", "v5p"): 4, ("grpo", "v6e"): 8, ("mpo", "v5p"): 8, ("mpo", "v6e"): 8}
 CORES = {"v5p": 2, "v6e": 1}  # cores per chip in the slice name
 START = {"adapter": 16, "adapter+llm": 32, "all": 64}  # chips to start from (parameters alone need about this)
 
@@ -55,8 +56,27 @@ def plan_once(algo: str, trainable: str, family: str, chips: int) -> dict:
     return rep
 
 
+def start_chips(trainable: str, family: str) -> int:
+    return START[trainable] if family == "v5p" else START[trainable] * 2
+
+
+def refine_down(row: dict, log) -> dict:
+    """A row that fitted at its starting slice: try halving until it stops fitting."""
+    algo, trainable, family = row["algorithm"], row["trainable"], row["family"]
+    chips = row["report"]["chips"] // 2
+    while chips >= TENSOR[algo, family]:
+        rep = plan_once(algo, trainable, family, chips)
+        log(f"  {algo} {trainable:<11} {rep['topology']:>8}: peak {rep['peak_bytes'] / GiB:6.1f} GiB of "
+            f"{rep['hbm_per_chip'] / GiB:.0f} -> {'fits' if rep['fits'] else 'no'}")
+        if not rep["fits"]:
+            break
+        row = dict(row, report=rep)
+        chips //= 2
+    return dict(row, refined=True)
+
+
 def search(algo: str, trainable: str, family: str, max_chips: int, log) -> dict:
-    chips = START[trainable] if family == "v5p" else START[trainable] * 2
+    chips = start_chips(trainable, family)
     tried = []
     while chips <= max_chips:
         rep = plan_once(algo, trainable, family, chips)
@@ -65,7 +85,8 @@ def search(algo: str, trainable: str, family: str, max_chips: int, log) -> dict:
         log(f"  {algo} {trainable:<11} {rep['topology']:>8}: peak {rep['peak_bytes'] / GiB:6.1f} GiB of "
             f"{rep['hbm_per_chip'] / GiB:.0f} -> {'fits' if rep['fits'] else 'no'}")
         if rep["fits"]:
-            return {"algorithm": algo, "trainable": trainable, "family": family, "fits": True, "report": rep}
+            row = {"algorithm": algo, "trainable": trainable, "family": family, "fits": True, "report": rep}
+            return refine_down(row, log) if len(tried) == 1 else row
         if train["temp_bytes"] > 1.25 * rep["hbm_per_chip"]:
             return {"algorithm": algo, "trainable": trainable, "family": family, "fits": False, "report": rep,
                     "why": f"train-step activations alone ({train['temp_bytes'] / GiB:.0f} GiB/chip) exceed HBM"}
@@ -106,13 +127,18 @@ def main() -> int:
     done = {}
     if a.out and os.path.exists(a.out):  # rerunning with the same --out continues where it stopped
         with open(a.out) as f:
-            done = {(r["algorithm"], r["trainable"], r["family"]): r for r in map(json.loads, f)}
+            done = {(r["algorithm"], r["trainable"], r["family"]): r for r in map(json.loads, f)}  # last wins
     rows = []
     for algo in a.algorithms:
         for trainable in a.trainables:
             for family in a.families:
                 if (algo, trainable, family) in done:
-                    rows.append(done[algo, trainable, family])
+                    r = done[algo, trainable, family]
+                    if r["fits"] and not r.get("refined") and r["report"]["chips"] == start_chips(trainable, family):
+                        r = refine_down(r, lambda s: print(s, flush=True))
+                        with open(a.out, "a") as f:
+                            f.write(json.dumps(r) + "\n")
+                    rows.append(r)
                     continue
                 r = search(algo, trainable, family, a.max_chips, lambda s: print(s, flush=True))
                 rows.append(r)
