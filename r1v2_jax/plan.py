@@ -164,13 +164,15 @@ def plan(cfg, topology: str, hbm_bytes: int | None = None) -> dict:
     import jax
 
     # TPU executables compiled without a TPU client cannot be read back from the persistent
-    # compilation cache (a warning and a recompile each time): keep them out of it.
-    cache_was = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
+    # compilation cache (a warning and a recompile each time): write none (whether the cache is
+    # used at all is decided once per process, so only the write thresholds can still say no).
+    key = "jax_persistent_cache_min_compile_time_secs"
+    was = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update(key, 1e9)
     try:
         return _plan(cfg, topology, hbm_bytes)
     finally:
-        jax.config.update("jax_enable_compilation_cache", cache_was)
+        jax.config.update(key, was)
 
 
 def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:

@@ -200,7 +200,7 @@ def run_sft(run: Run, params, records: list[dict], steps: int, optim: OptimConfi
 
     def one(state, batch):
         b = _device_batch(run, {k: batch[k] for k in ("response_ids", "response_mask", "response_loss_mask")},
-                          _per_row_tiles(batch))
+                          _row_tiles(run, batch))
         state, m = step_fn(state, b, None)
         return state, {k: float(v) for k, v in m.items()} | {"skipped_samples": dist.total(it.skips.total)}
 
@@ -223,6 +223,15 @@ def _per_row_tiles(batch, k: int | None = None) -> np.ndarray | None:
         out[i, :c] = pix[off:off + c]
         off += c
     return out
+
+
+def _row_tiles(run: Run, batch, tiles: int | None = None) -> np.ndarray | None:
+    """:func:`_per_row_tiles`, with the tiles-per-row count agreed by all hosts (their arrays
+    must have one shape) when it is not fixed."""
+    if tiles is None and run.mesh is not None:
+        most = dist.agree_max(int(batch["num_tiles"].max(initial=0)))
+        tiles = 1 << int(np.ceil(np.log2(most))) if most else None
+    return _per_row_tiles(batch, tiles)
 
 
 def _device_batch(run: Run, arrays: dict, pixel_values=None) -> dict:
@@ -272,10 +281,7 @@ def rollout(run: Run, sampler: Sampler, params, batch: dict, sp: SamplingParams,
     """Sample ``group`` completions per prompt (this host's prompts); returns the sampler
     output (this host's rows, numpy) and this host's per-row tiles."""
     sampler.model.params = params
-    if tiles is None and run.mesh is not None:  # every host must pass the same tiles-per-row shape
-        most = dist.agree_max(int(batch["num_tiles"].max(initial=0)))
-        tiles = 1 << int(np.ceil(np.log2(most))) if most else None
-    pix = _per_row_tiles(batch, tiles)
+    pix = _row_tiles(run, batch, tiles)
     seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
     out = sampler(batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=pix, sp=sp,
                   num_samples=group, seed=seed)
@@ -466,7 +472,7 @@ def run_mpo(run: Run, params, ref_params, pref_records, steps: int, optim: Optim
     keys = [f"{n}_{s}" for n in ("chosen", "rejected") for s in ("ids", "mask", "loss_mask")]
 
     def one(state, batch):
-        state, m = step_fn(state, _device_batch(run, {k: batch[k] for k in keys}, _per_row_tiles(batch)), ref_params)
+        state, m = step_fn(state, _device_batch(run, {k: batch[k] for k in keys}, _row_tiles(run, batch)), ref_params)
         return state, {k: float(v) for k, v in m.items()}
 
     return _loop(run, "mpo", state, steps, it, one).params
