@@ -164,8 +164,7 @@ def run_experiment(c: ml_collections.ConfigDict) -> dict:
                           dynamic_tiling=c.data.dynamic_tiling, max_tiles=c.data.max_tiles,
                           length_buckets=(c.data.max_prompt_len, c.data.max_prompt_len + c.data.max_completion_len),
                           process_index=jax.process_index(), process_count=jax.process_count())
-    if c.checkpoint.dir and dist.is_main():  # resuming on a new machine: continue the logs kept beside the checkpoints
-        T.sync_logs(T.Run(None, None, None, c.run_dir, None, checkpoint_dir=c.checkpoint.dir), pull=True)
+    T.sync_logs(c.run_dir, c.checkpoint.dir, pull=True)  # resuming on a new machine: continue the kept logs
     metrics = MetricsLog(c.run_dir, is_main=jax.process_index() == 0)
     run = T.Run(mc, tok, builder, c.run_dir, metrics, seed=c.seed, checkpoint_every=c.checkpoint.every,
                 checkpoint_dir=c.checkpoint.dir,
@@ -234,7 +233,7 @@ def run_experiment(c: ml_collections.ConfigDict) -> dict:
         with open(os.path.join(c.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, default=str)
     metrics.close()
-    T.sync_logs(run)  # summary.json beside the checkpoints marks the run finished (launch/tpu_pod.py)
+    T.sync_logs(c.run_dir, c.checkpoint.dir)  # summary.json beside the checkpoints marks the run finished (launch/tpu_pod.py)
     dist.barrier("run-finished")
     return summary
 

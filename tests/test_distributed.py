@@ -15,7 +15,7 @@ from r1v2_jax.model import R1V2Model, init_params, param_shardings
 from r1v2_jax.sampler import Sampler, SamplingParams
 from r1v2_jax.sharding import make_mesh
 from r1v2_jax.train.logging import MetricsLog
-from r1v2_jax.train.trainer import Run, sync_logs
+from r1v2_jax.train.trainer import sync_logs
 
 
 def test_rows_round_trip_and_indivisible_batches():
@@ -57,16 +57,15 @@ def test_logs_follow_a_separate_checkpoint_dir(tmp_path):
     first = str(tmp_path / "vm1")
     log = MetricsLog(first, tensorboard=False)
     log.write({"stage": "grpo", "step": 1, "loss": 0.5})
-    run = Run(None, None, None, first, log, checkpoint_dir=ckpt)
-    sync_logs(run)
+    sync_logs(first, ckpt)
     assert os.path.exists(os.path.join(ckpt, "logs", "metrics.jsonl"))
     second = str(tmp_path / "vm2")  # a new machine with an empty run_dir
-    sync_logs(Run(None, None, None, second, None, checkpoint_dir=ckpt), pull=True)
+    sync_logs(second, ckpt, pull=True)
     with open(os.path.join(second, "metrics.jsonl")) as f:
         assert [json.loads(x)["loss"] for x in f] == [0.5]
     # a run_dir that has its own log keeps it
     MetricsLog(second, tensorboard=False).write({"stage": "grpo", "step": 2, "loss": 0.25})
-    sync_logs(Run(None, None, None, second, None, checkpoint_dir=ckpt), pull=True)
+    sync_logs(second, ckpt, pull=True)
     assert len(MetricsLog(second, tensorboard=False).rows()) == 2
     # only process 0 writes or truncates the log
     other = MetricsLog(second, tensorboard=False, is_main=False)

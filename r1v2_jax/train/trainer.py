@@ -116,15 +116,15 @@ class StageCheckpoints:
 LOG_FILES = ("metrics.jsonl", "timing.jsonl", "summary.json")
 
 
-def sync_logs(run: Run, pull: bool = False) -> None:
-    """Keep the run's logs beside a separate ``checkpoint_dir`` (e.g. a bucket), so a run that
+def sync_logs(run_dir: str, checkpoint_dir: str, pull: bool = False) -> None:
+    """Keep a run's logs beside a separate ``checkpoint_dir`` (e.g. a bucket), so a run that
     resumes on a new machine from those checkpoints also continues its logs. ``pull`` copies
-    them down when the run folder has none. Process 0 only."""
-    if not run.checkpoint_dir or not dist.is_main():
+    them down when ``run_dir`` has none. Process 0 only; nothing without a ``checkpoint_dir``."""
+    if not checkpoint_dir or not dist.is_main():
         return
     from etils import epath
 
-    remote, local = epath.Path(run.checkpoint_dir) / "logs", epath.Path(run.run_dir)
+    remote, local = epath.Path(checkpoint_dir) / "logs", epath.Path(run_dir)
     if pull and (local / "metrics.jsonl").exists():
         return
     for name in LOG_FILES:
@@ -181,7 +181,7 @@ def _loop(run: Run, stage: str, state: TrainState, steps: int, data_iter, one_st
                                  if k in ("loss", "accuracy", "reward_total")})
             if step % run.checkpoint_every == 0 or step == steps:
                 ckpt.save(step, state, data_iter.get_state() if data_iter is not None else None, force=step == steps)
-                sync_logs(run)
+                sync_logs(run.run_dir, run.checkpoint_dir)
     finally:
         if bar is not None:
             bar.close()
