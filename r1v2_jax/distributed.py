@@ -105,9 +105,14 @@ def row_sharding(mesh, ndim: int = 1) -> NamedSharding:
     return NamedSharding(mesh, P(ROW_AXES, *([None] * (ndim - 1))))
 
 
+def batch_shards(mesh) -> int:
+    """How many ways the batch axes (``data`` x ``fsdp``) of ``mesh`` split a batch's rows."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
 def local_row_shards(mesh) -> int:
     """How many distinct row blocks this host's devices hold on ``mesh`` (the batch axes)."""
-    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    n = batch_shards(mesh)
     if n % jax.process_count():
         raise ValueError(f"mesh: data*fsdp = {n} must be a multiple of the {jax.process_count()} processes "
                          "(every host holds whole rows of the batch)")
@@ -124,7 +129,7 @@ def global_rows(x, mesh) -> jax.Array:
     if mesh is None:
         return jnp.asarray(x)
     x = np.asarray(x)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = batch_shards(mesh)
     rows = x.shape[0] * jax.process_count()
     if rows % shards:
         raise ValueError(f"batch: {rows} rows cannot be split evenly over the mesh's data x fsdp = {shards} "

@@ -152,11 +152,15 @@ def _memory(compiled, hbm: int, resident: int = 0) -> dict:
             "resident_bytes": resident, "total_bytes": total, "fits": total <= hbm}
 
 
+def _shard_bytes(x) -> int:
+    """Bytes of one chip's shard of ``x`` (a ShapeDtypeStruct with a sharding)."""
+    return int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+
+
 def _per_chip_bytes(tree) -> int:
     import jax
 
-    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
-               for x in jax.tree.leaves(tree))
+    return sum(_shard_bytes(x) for x in jax.tree.leaves(tree))
 
 
 def plan(cfg, topology: str, hbm_bytes: int | None = None) -> dict:
@@ -180,6 +184,7 @@ def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
+    from r1v2_jax.distributed import batch_shards
     from r1v2_jax.experiments import model_config_from
     from r1v2_jax.model import R1V2, R1V2Model, abstract_params, param_shardings
     from r1v2_jax.rl.losses import PolicyLossConfig
@@ -217,7 +222,7 @@ def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
     state = TrainState(step=scalar(jnp.int32), params=params, opt_state=opt_state, rng=_sds((2,), jnp.uint32, rep),
                        bco_delta=scalar(jnp.float32), skipped=scalar(jnp.int32), ssb=None)
     row = NamedSharding(mesh, P(("data", "fsdp")))
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = batch_shards(mesh)
     pix_dtype = jnp.bfloat16 if mc.dtype == "bfloat16" else jnp.float32
     tiles = cfg.plan.tiles_per_sample
     n_micro = stage.micro_batches
@@ -303,8 +308,7 @@ def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
                               "bytes_per_token_step": per_token_bytes}
     leaves = []
     for kp, x in jax.tree_util.tree_flatten_with_path((params, opt_state))[0]:
-        leaves.append((int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize,
-                       jax.tree_util.keystr(kp)))
+        leaves.append((_shard_bytes(x), jax.tree_util.keystr(kp)))
     leaves.sort(reverse=True)
     peak = max(p_["total_bytes"] for p_ in programs.values())
     step_s = sum(p_["seconds"] for p_ in programs.values())

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from r1v2_jax.distributed import batch_shards
 from r1v2_jax.model import R1V2, param_shardings
 from r1v2_jax.rewards.reward_model import RewardModel, bradley_terry_loss
 from r1v2_jax.rl.losses import LossSum, PolicyLossConfig, policy_loss, sequence_logprobs, token_entropy
@@ -150,7 +151,7 @@ def make_train_step(kind: str, module, optimizer: optax.GradientTransformation, 
 
         if mesh is not None:  # trace time: say when micro-batches cannot be split evenly over the batch axes
             rows = jax.tree.leaves(batch)[0].shape[0] // n_micro
-            shards = mesh.shape["data"] * mesh.shape["fsdp"]
+            shards = batch_shards(mesh)
             if rows % shards:
                 log.warning("%s step: a micro-batch of %d rows over data x fsdp = %d devices does not divide "
                             "evenly (XLA pads or replicates: wasted compute); use fewer micro-batches or a "
