@@ -56,6 +56,28 @@ def demo_config() -> ml_collections.ConfigDict:
     return c
 
 
+def released_38b_config(stage: str) -> ml_collections.ConfigDict:
+    """What every experiment on the released 38B model shares (configs/grpo_38b.py,
+    configs/mpo_38b.py): the model and data locations to fill in, R1V2's 4k-prompt / 8k-completion
+    lengths with dynamic tiling (6 tiles + thumbnail), and the planner's mesh. Runs ``stage`` only."""
+    c = demo_config()
+    c.run_dir = f"runs/{stage}_38b"
+    c.stages = (stage,)
+    c.model.preset = "r1v2_38b"
+    c.model.init = "/path/to/r1v2-38b-ckpt"  # hf_to_jax output or the released HF directory
+    c.data.path = "/path/to/data"  # a folder with train.jsonl / test.jsonl (``rl`` records)
+    c.data.synthetic_n = 0
+    c.data.max_prompt_len = 4096
+    c.data.max_completion_len = 8192
+    c.data.dynamic_tiling = True
+    c.data.max_tiles = 6
+    c.checkpoint.every = 50
+    c.plan.mesh = (1, -1, 4)  # FSDP across chips, 4-way tensor parallelism within a host
+    c.plan.tiles_per_sample = 7  # 6 dynamic tiles + thumbnail
+    c.export = False
+    return c
+
+
 def model_config_from(c: ml_collections.ConfigDict):
     from r1v2_jax.config import ModelConfig, TextConfig, VisionConfig, model_config
 
