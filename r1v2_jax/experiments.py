@@ -47,10 +47,12 @@ def demo_config() -> ml_collections.ConfigDict:
     # (data, fsdp, tensor) for training on several devices/hosts; () = one device. Several
     # processes without a mesh use (1, -1, 1): FSDP over every device.
     c.mesh = ()
-    # r1v2 plan: the meshes, remat policy and tiles per prompt to compile for, and the efficiencies
-    # its step-time estimate assumes (see r1v2_jax/plan.py)
+    # r1v2 plan: the meshes, remat policy and tiles per prompt to compile for, the efficiencies
+    # its roofline step time assumes, and whether to also compile the 1- and 2-layer variants
+    # behind XLA's own step-time estimate (see r1v2_jax/plan.py)
     c.plan = ml_collections.ConfigDict(dict(mesh=(1, -1, 1), sampler_mesh=(), remat_policy="full",
-                                            tiles_per_sample=1, assumed_mfu=0.4, assumed_bandwidth_util=0.7))
+                                            tiles_per_sample=1, assumed_mfu=0.4, assumed_bandwidth_util=0.7,
+                                            xla_estimate=True))
     c.export = True
     c.progress = True
     return c

@@ -14,7 +14,10 @@ charged that resident state too. Step time is a roofline estimate, stated as suc
 step and prefill at ``plan.assumed_mfu`` of peak FLOPs (analytic FLOPs: XLA's cost analysis
 counts a scanned layer body once), each decode step as the larger of its FLOPs at peak and
 its HBM traffic (parameters + the whole KV cache, read once per token) at
-``plan.assumed_bandwidth_util`` of the chip's bandwidth. A config that does not fit exits
+``plan.assumed_bandwidth_util`` of the chip's bandwidth. Beside it, XLA's own estimate
+(its TPU cost model's ``optimal_seconds``) with every loop counted by its trip count (see
+:func:`_xla_estimate`; ``plan.xla_estimate=False`` skips the extra compiles), and the MFU
+each implies. A config that does not fit exits
 non-zero, naming the largest buffers; a micro-batch that does not divide over the batch axes
 is reported.
 
@@ -24,6 +27,7 @@ different learner and sampler meshes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -80,6 +84,8 @@ def parse_topology(name: str) -> Topology:
 
 def _devices(topology: Topology):
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # only compiling: let another process (a second plan, a test) use libtpu at the same time
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     try:
@@ -163,46 +169,48 @@ def _per_chip_bytes(tree) -> int:
     return sum(_shard_bytes(x) for x in jax.tree.leaves(tree))
 
 
-def plan(cfg, topology: str, hbm_bytes: int | None = None) -> dict:
-    """Compile the RL stage's programs of ``cfg`` (a run config) for ``topology`` and report."""
+@contextlib.contextmanager
+def no_compile_cache_writes():
+    """TPU executables compiled without a TPU client cannot be read back from the persistent
+    compilation cache (a warning and a recompile each time): write none while planning (whether
+    the cache is used at all is decided once per process, so only the write threshold can
+    still say no)."""
     import jax
 
-    # TPU executables compiled without a TPU client cannot be read back from the persistent
-    # compilation cache (a warning and a recompile each time): write none (whether the cache is
-    # used at all is decided once per process, so only the write thresholds can still say no).
     key = "jax_persistent_cache_min_compile_time_secs"
     was = jax.config.jax_persistent_cache_min_compile_time_secs
     jax.config.update(key, 1e9)
     try:
-        return _plan(cfg, topology, hbm_bytes)
+        yield
     finally:
         jax.config.update(key, was)
 
 
-def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
+def plan(cfg, topology: str, hbm_bytes: int | None = None) -> dict:
+    """Compile the RL stage's programs of ``cfg`` (a run config) for ``topology`` and report."""
+    with no_compile_cache_writes():
+        return _plan(cfg, topology, hbm_bytes)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """What every program of one plan shares."""
+    cfg: object  # the run config
+    algo: str  # "grpo" | "mpo"
+    devices: tuple
+    tiles: int
+
+
+def _abstract_state(job: _Job, mc, mesh):
+    """The train state as ShapeDtypeStructs with their training shardings, and the optimizer."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from r1v2_jax.distributed import batch_shards
-    from r1v2_jax.experiments import model_config_from
-    from r1v2_jax.model import R1V2, R1V2Model, abstract_params, param_shardings
-    from r1v2_jax.rl.losses import PolicyLossConfig
-    from r1v2_jax.rl.mpo import MPOConfig
-    from r1v2_jax.sampler import Sampler, SamplingParams
-    from r1v2_jax.sharding import make_mesh
+    from r1v2_jax.model import abstract_params, param_shardings
     from r1v2_jax.train.state import OptimConfig, TrainState, make_optimizer
-    from r1v2_jax.train.steps import make_train_step
 
-    topo = parse_topology(topology)
-    hbm = hbm_bytes or topo.hbm_bytes
-    devices = _devices(topo)
-    algo = "grpo" if "grpo" in cfg.stages else "mpo" if "mpo" in cfg.stages else None
-    if algo is None:
-        raise ValueError(f"stages: {tuple(cfg.stages)} has no RL stage (grpo or mpo) to plan")
-    stage = cfg[algo]
-    mc = model_config_from(cfg).replace(remat_policy=cfg.plan.remat_policy, scan_layers=True)
-    mesh = make_mesh(*cfg.plan.mesh, devices=devices)
+    stage = job.cfg[job.algo]
     p_sh = param_shardings(mc, mesh)
     params = jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s), abstract_params(mc, boxed=False), p_sh)
     opt = make_optimizer(OptimConfig(lr=stage.lr, trainable=stage.trainable), params)
@@ -221,110 +229,222 @@ def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
     scalar = lambda dt: _sds((), dt, rep)  # noqa: E731
     state = TrainState(step=scalar(jnp.int32), params=params, opt_state=opt_state, rng=_sds((2,), jnp.uint32, rep),
                        bco_delta=scalar(jnp.float32), skipped=scalar(jnp.int32), ssb=None)
-    row = NamedSharding(mesh, P(("data", "fsdp")))
-    shards = batch_shards(mesh)
-    pix_dtype = jnp.bfloat16 if mc.dtype == "bfloat16" else jnp.float32
-    tiles = cfg.plan.tiles_per_sample
-    n_micro = stage.micro_batches
-    programs, notes = {}, []
+    return state, opt
 
-    def pixels(n, sharding):
-        s = mc.tile_size
-        return _sds((n, tiles, 3, s, s), pix_dtype, sharding)
+
+def _pixels(job: _Job, mc, n: int, sharding):
+    import jax.numpy as jnp
+
+    s = mc.tile_size
+    return _sds((n, job.tiles, 3, s, s), jnp.bfloat16 if mc.dtype == "bfloat16" else jnp.float32, sharding)
+
+
+def _train_program(job: _Job, mc, mesh, rows: int, n_micro: int):
+    """Lower the RL train step over ``rows`` rows (GRPO rollouts or MPO pairs) in ``n_micro``
+    micro-batches. Returns (lowered, state, ref params or None)."""
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from r1v2_jax.model import R1V2
+    from r1v2_jax.rl.losses import PolicyLossConfig
+    from r1v2_jax.rl.mpo import MPOConfig
+    from r1v2_jax.train.steps import make_train_step
+
+    cfg, stage = job.cfg, job.cfg[job.algo]
+    state, opt = _abstract_state(job, mc, mesh)
+    row = NamedSharding(mesh, P(("data", "fsdp")))
+    kw = dict(n_micro=n_micro, mesh=mesh, trainable=stage.trainable)
+    if job.algo == "grpo":
+        t = cfg.data.max_prompt_len + stage.max_new_tokens
+        batch = {k: _sds((rows, t), dt, row) for k, dt in (("tokens", jnp.int32), ("attention_mask", bool),
+                                                             ("completion_mask", bool), ("old_logp", jnp.float32))}
+        batch["advantages"] = _sds((rows,), jnp.float32, row)
+        step = make_train_step("grpo", R1V2(mc), opt, **kw,
+                               policy_cfg=PolicyLossConfig(clip_low=stage.clip_low, clip_high=stage.clip_high,
+                                                           aggregation=stage.aggregation,
+                                                           norm_tokens=stage.max_new_tokens))
+        ref = None
+    else:
+        t = cfg.data.max_prompt_len + cfg.data.max_completion_len
+        batch = {f"{w}_{k}": _sds((rows, t), dt, row) for w in ("chosen", "rejected")
+                 for k, dt in (("ids", jnp.int32), ("mask", bool), ("loss_mask", bool))}
+        step = make_train_step("mpo", R1V2(mc), opt, **kw,
+                               mpo_cfg=MPOConfig(beta=stage.beta, w_pref=stage.w_pref, w_quality=stage.w_quality,
+                                                 w_gen=stage.w_gen))
+        ref = state.params  # the frozen reference: a second copy, sharded like the policy
+    if job.tiles:
+        batch["pixel_values"] = _pixels(job, mc, rows, row)
+    return step.lower(state, batch, ref), state, ref
+
+
+def _sampler_programs(job: _Job, mc, mesh):
+    """Compile the sampler's prefill (``batch_size`` prompts) and decode loop (``batch_size x
+    group_size`` rows). Returns (prefill, decode, parameters, KV cache) as compiled (or
+    _OutOfMemory) programs and ShapeDtypeStructs."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from r1v2_jax.model import R1V2Model, abstract_params, param_shardings
+    from r1v2_jax.sampler import Sampler, SamplingParams
+
+    cfg, stage = job.cfg, job.cfg.grpo
+    params = jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s), abstract_params(mc, boxed=False),
+                          param_shardings(mc, mesh))
+    row = NamedSharding(mesh, P(("data", "fsdp")))
+    b, p, m = cfg.data.batch_size, cfg.data.max_prompt_len, stage.max_new_tokens
+    sampler = Sampler(R1V2Model(mc, params, mesh), bucket=1)
+    kw = dict(cache_len=p + m, num_samples=stage.group_size)
+    pre_args = (params, _sds((b, p), jnp.int32, row), _sds((b, p), bool, row),
+                _pixels(job, mc, b, row) if job.tiles else None)
+    pre = _compile(sampler._prefill.lower(*pre_args, **kw))
+    logits, cache, kv_valid, ids = jax.eval_shape(lambda *a: sampler._prefill_impl(*a, **kw), *pre_args)
+    if isinstance(pre, _OutOfMemory):  # decode's inputs as the constraints lay them out
+        from r1v2_jax.sharding import logical_to_pspec
+        from r1v2_jax.text import CACHE_AXES
+
+        cache_sh = NamedSharding(mesh, logical_to_pspec(CACHE_AXES, shape=cache[0].shape, mesh=mesh))
+        outs = (row, (cache_sh, cache_sh), row, row)
+    else:
+        outs = tuple(pre.output_shardings)
+    logits, cache, kv_valid, ids = jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s),
+                                                (logits, cache, kv_valid, ids), outs)
+    sp = SamplingParams(max_new_tokens=m, temperature=stage.temperature, top_p=stage.get("top_p", 1.0))
+    dec = _compile(sampler._decode.lower(params, logits, cache, kv_valid, ids, _sds((), jnp.uint32, None),
+                                         _sds((b,), jnp.int32, row), stage.group_size, sp=sp))
+    return pre, dec, params, cache
+
+
+def _xla_seconds(compiled) -> float:
+    """XLA's own estimate of a compiled program's run time (its cost model's ``optimal_seconds``)."""
+    if isinstance(compiled, _OutOfMemory):
+        return float("nan")
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("optimal_seconds", float("nan")))
+
+
+def _xla_estimate(job: _Job, mc, mesh, sampler_mesh, n_micro: int, rows: int) -> dict:
+    """XLA's estimated seconds per program, with its loops counted as often as they run.
+
+    XLA's cost analysis counts a loop body once: a scanned layer stack as one layer, the
+    micro-batch scan as one micro-batch, the decode loop as one token. So the programs are
+    compiled again with a few *unrolled* layers per tower (everything else as planned, one
+    micro-batch): 2 and 3 (a lone first layer fuses differently from the ones that follow it),
+    and the difference is XLA's time for one more layer:
+    ``t(L_v, L_t) = t(2, 2) + (L_v - 2)·Δ_v + (L_t - 2)·Δ_t``, times the micro-batches (train
+    step) or the new tokens (decode). Not counted: the optimizer update of the layers beyond
+    those compiled (elementwise, milliseconds); counted once per token although it runs once:
+    the decode loop's setup (buffer initialisation, microseconds)."""
+    lv, lt = min(2, mc.vision.num_layers), min(2, mc.text.num_layers)
+
+    def times(v, t):
+        m = mc.replace(scan_layers=False, vision=dataclasses.replace(mc.vision, num_layers=v),
+                       text=dataclasses.replace(mc.text, num_layers=t))
+        out = {"train": _xla_seconds(_compile(_train_program(job, m, mesh, rows // n_micro, 1)[0]))}
+        if job.algo == "grpo":
+            pre, dec, _, _ = _sampler_programs(job, m, sampler_mesh)
+            out.update(prefill=_xla_seconds(pre), decode=_xla_seconds(dec))
+        return out
+
+    base = times(lv, lt)
+    est = dict(base)
+    if mc.text.num_layers > lt:
+        more = times(lv, lt + 1)
+        est = {k: est[k] + (mc.text.num_layers - lt) * (more[k] - base[k]) for k in est}
+    if job.tiles and mc.vision.num_layers > lv:
+        more = times(lv + 1, lt)
+        est = {k: est[k] + (mc.vision.num_layers - lv) * (more[k] - base[k]) for k in est}
+    trips = {"train": n_micro, "prefill": 1, "decode": job.cfg.grpo.max_new_tokens if job.algo == "grpo" else 0}
+    return {k: v * trips[k] for k, v in est.items()}
+
+
+def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
+    import jax
+
+    from r1v2_jax.distributed import batch_shards
+    from r1v2_jax.experiments import model_config_from
+    from r1v2_jax.sharding import make_mesh
+
+    topo = parse_topology(topology)
+    hbm = hbm_bytes or topo.hbm_bytes
+    devices = _devices(topo)
+    algo = "grpo" if "grpo" in cfg.stages else "mpo" if "mpo" in cfg.stages else None
+    if algo is None:
+        raise ValueError(f"stages: {tuple(cfg.stages)} has no RL stage (grpo or mpo) to plan")
+    stage = cfg[algo]
+    job = _Job(cfg, algo, tuple(devices), cfg.plan.tiles_per_sample)
+    mc = model_config_from(cfg).replace(remat_policy=cfg.plan.remat_policy, scan_layers=True)
+    mesh = make_mesh(*cfg.plan.mesh, devices=devices)
+    sampler_mesh = make_mesh(*cfg.plan.sampler_mesh, devices=devices) if tuple(cfg.plan.sampler_mesh) else mesh
+    shards = batch_shards(mesh)
+    n_micro = stage.micro_batches
+    peak_s = topo.chips * topo.peak_flops
+    programs, notes = {}, []
 
     if algo == "grpo":
         n = cfg.data.batch_size * stage.group_size
         t = cfg.data.max_prompt_len + stage.max_new_tokens
-        batch = {k: _sds((n, t), dt, row) for k, dt in (("tokens", jnp.int32), ("attention_mask", bool),
-                                                          ("completion_mask", bool), ("old_logp", jnp.float32))}
-        batch["advantages"] = _sds((n,), jnp.float32, row)
-        step = make_train_step("grpo", R1V2(mc), opt, n_micro=n_micro, mesh=mesh, trainable=stage.trainable,
-                               policy_cfg=PolicyLossConfig(clip_low=stage.clip_low, clip_high=stage.clip_high,
-                                                           aggregation=stage.aggregation,
-                                                           norm_tokens=stage.max_new_tokens))
-        ref, flops, tokens = None, train_step_flops(mc, n * t, t), n * t
+        flops, tokens = train_step_flops(mc, n * t, t), n * t
     else:
         n = cfg.data.batch_size
         t = cfg.data.max_prompt_len + cfg.data.max_completion_len
-        batch = {f"{w}_{k}": _sds((n, t), dt, row) for w in ("chosen", "rejected")
-                 for k, dt in (("ids", jnp.int32), ("mask", bool), ("loss_mask", bool))}
-        step = make_train_step("mpo", R1V2(mc), opt, n_micro=n_micro, mesh=mesh, trainable=stage.trainable,
-                               mpo_cfg=MPOConfig(beta=stage.beta, w_pref=stage.w_pref, w_quality=stage.w_quality,
-                                                 w_gen=stage.w_gen))
-        ref = params  # the frozen reference: a second copy, sharded like the policy
         # chosen + rejected through the policy (fwd + bwd) and the reference (fwd)
         flops, tokens = train_step_flops(mc, 2 * n * t, t, forwards=2), 2 * n * t
-    if tiles:
-        batch["pixel_values"] = pixels(n, row)
     if (n // n_micro) % shards or n % n_micro:
         notes.append(f"{algo} micro-batch: {n} rows / {n_micro} micro-batches = {n / n_micro:g} rows over "
                      f"data x fsdp = {shards}: not a whole number of rows per device (XLA pads or replicates)")
-    compiled = _compile(step.lower(state, batch, ref))
+    lowered, state, ref = _train_program(job, mc, mesh, n, n_micro)
+    compiled = _compile(lowered)
     cost = {} if isinstance(compiled, _OutOfMemory) else (compiled.cost_analysis() or {})
     cost = cost[0] if isinstance(cost, list) else cost
-    train_s = flops / (topo.chips * topo.peak_flops * cfg.plan.assumed_mfu)
-    programs["train"] = {**_memory(compiled, hbm), "flops": flops, "tokens": tokens, "seconds": train_s,
+    programs["train"] = {**_memory(compiled, hbm), "flops": flops, "tokens": tokens,
+                         "seconds": flops / (peak_s * cfg.plan.assumed_mfu),
                          "xla_flops_scan_body_once": float(cost.get("flops", float("nan")))}
-    opt_bytes = _per_chip_bytes(opt_state) + (_per_chip_bytes(ref) if ref is not None else 0)
+    opt_bytes = _per_chip_bytes(state.opt_state) + (_per_chip_bytes(ref) if ref is not None else 0)
 
-    sampler_mesh = mesh
     if algo == "grpo":
-        if tuple(cfg.plan.sampler_mesh):
-            sampler_mesh = make_mesh(*cfg.plan.sampler_mesh, devices=devices)
-        s_params = jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s), abstract_params(mc, boxed=False),
-                                param_shardings(mc, sampler_mesh))
-        srow = NamedSharding(sampler_mesh, P(("data", "fsdp")))
+        pre, dec, s_params, cache = _sampler_programs(job, mc, sampler_mesh)
         b, p, m = cfg.data.batch_size, cfg.data.max_prompt_len, stage.max_new_tokens
-        sampler = Sampler(R1V2Model(mc, s_params, sampler_mesh), bucket=1)
-        cache_len = p + m
-        pre_args = (s_params, _sds((b, p), jnp.int32, srow), _sds((b, p), bool, srow),
-                    pixels(b, srow) if tiles else None)
-        pre = _compile(sampler._prefill.lower(*pre_args, cache_len=cache_len, num_samples=stage.group_size))
         pre_f = forward_flops(mc, b * p, p)
         programs["prefill"] = {**_memory(pre, hbm, opt_bytes), "flops": pre_f, "tokens": b * p,
-                               "seconds": pre_f / (topo.chips * topo.peak_flops * cfg.plan.assumed_mfu)}
-        logits, cache, kv_valid, ids = jax.eval_shape(
-            lambda *a: sampler._prefill_impl(*a, cache_len=cache_len, num_samples=stage.group_size), *pre_args)
-        if isinstance(pre, _OutOfMemory):  # decode's inputs as the constraints lay them out
-            from r1v2_jax.sharding import logical_to_pspec
-            from r1v2_jax.text import CACHE_AXES
-
-            cache_sh = NamedSharding(sampler_mesh, logical_to_pspec(CACHE_AXES, shape=cache[0].shape,
-                                                                    mesh=sampler_mesh))
-            outs = (srow, (cache_sh, cache_sh), srow, srow)
-        else:
-            outs = tuple(pre.output_shardings)
-        logits, cache, kv_valid, ids = jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s),
-                                                    (logits, cache, kv_valid, ids), outs)
-        sp = SamplingParams(max_new_tokens=m, temperature=stage.temperature, top_p=stage.get("top_p", 1.0))
-        dec = _compile(sampler._decode.lower(s_params, logits, cache, kv_valid, ids, _sds((), jnp.uint32, None),
-                                             _sds((b,), jnp.int32, srow), stage.group_size, sp=sp))
+                               "seconds": pre_f / (peak_s * cfg.plan.assumed_mfu)}
         rows = b * stage.group_size
         per_token_bytes = _per_chip_bytes(s_params) + _per_chip_bytes(cache)
         per_token_s = max(per_token_bytes / (topo.hbm_bandwidth * cfg.plan.assumed_bandwidth_util),
-                          forward_flops(mc, rows, cache_len) / (topo.chips * topo.peak_flops))
-        programs["decode"] = {**_memory(dec, hbm, opt_bytes), "flops": forward_flops(mc, rows, cache_len) * m,
+                          forward_flops(mc, rows, p + m) / peak_s)
+        programs["decode"] = {**_memory(dec, hbm, opt_bytes), "flops": forward_flops(mc, rows, p + m) * m,
                               "tokens": rows * m, "seconds": per_token_s * m,
                               "bytes_per_token_step": per_token_bytes}
+    if cfg.plan.xla_estimate:
+        for name, s in _xla_estimate(job, mc, mesh, sampler_mesh, n_micro, n).items():
+            programs[name]["xla_seconds"] = s
     leaves = []
-    for kp, x in jax.tree_util.tree_flatten_with_path((params, opt_state))[0]:
+    for kp, x in jax.tree_util.tree_flatten_with_path((state.params, state.opt_state))[0]:
         leaves.append((_shard_bytes(x), jax.tree_util.keystr(kp)))
     leaves.sort(reverse=True)
     peak = max(p_["total_bytes"] for p_ in programs.values())
     step_s = sum(p_["seconds"] for p_ in programs.values())
+    total_flops = sum(p_["flops"] for p_ in programs.values())
+    xla_s = sum(p_["xla_seconds"] for p_ in programs.values()) if cfg.plan.xla_estimate else None
     return {
         "algorithm": algo, "trainable": stage.trainable, "topology": topo.name, "topology_name": topo.topology_name,
         "chips": len(devices), "mesh": {k: int(v) for k, v in mesh.shape.items()},
         "sampler_mesh": {k: int(v) for k, v in sampler_mesh.shape.items()}, "hbm_per_chip": hbm,
         "programs": programs, "peak_bytes": peak, "fits": all(p_["fits"] for p_ in programs.values()),
-        "step_seconds": step_s, "flops_per_step": sum(p_["flops"] for p_ in programs.values()),
-        "mfu": sum(p_["flops"] for p_ in programs.values()) / (step_s * topo.chips * topo.peak_flops),
+        "step_seconds": step_s, "flops_per_step": total_flops, "mfu": total_flops / (step_s * peak_s),
+        "xla_step_seconds": xla_s, "xla_mfu": total_flops / (xla_s * peak_s) if xla_s else None,
         "assumed_mfu": cfg.plan.assumed_mfu, "assumed_bandwidth_util": cfg.plan.assumed_bandwidth_util,
         "largest_buffers": [(name, b_) for b_, name in leaves[:5]], "notes": notes,
         # kept for scripts reading the first version's fields
         "argument_bytes": programs["train"]["argument_bytes"], "temp_bytes": programs["train"]["temp_bytes"],
         "total_bytes": peak,
     }
+
+
+def _secs(x) -> str:
+    """Seconds for the report: "-" when not estimated, "n/a" when a program could not be compiled."""
+    return "-" if x is None else "n/a" if x != x else f"{x:.2f}" if x >= 0.01 else f"{x:.1e}"
 
 
 def format_plan(r: dict) -> str:
@@ -334,16 +454,19 @@ def format_plan(r: dict) -> str:
              f"({r['topology_name']}, {r['chips']} chips); learner mesh {mesh(r['mesh'])}"
              + (f", sampler mesh {mesh(r['sampler_mesh'])}" if r["sampler_mesh"] != r["mesh"] else ""),
              f"  per chip, GiB   {'args':>7} {'temps':>7} {'outs':>7} {'alias':>7} {'resident':>8} {'total':>7}"
-             f"  of {r['hbm_per_chip'] / GiB:.0f}  {'est. s':>8}"]
+             f"  of {r['hbm_per_chip'] / GiB:.0f}  {'roofline s':>10} {'XLA s':>9}"]
     for name, p in r["programs"].items():
         lines.append(f"  {name:<14} {g(p['argument_bytes'])} {g(p['temp_bytes'])} {g(p['output_bytes'])} "
                      f"{g(p['alias_bytes'])} {g(p['resident_bytes']):>8} {g(p['total_bytes'])}  "
-                     f"{'fits ' if p['fits'] else 'OVER '} {p['seconds']:8.2f}")
+                     f"{'fits ' if p['fits'] else 'OVER '} {_secs(p['seconds']):>10} {_secs(p.get('xla_seconds')):>9}")
     lines += [f"  peak {r['peak_bytes'] / GiB:.2f} GiB per chip -> {'fits' if r['fits'] else 'DOES NOT FIT'}",
               f"  step time (roofline: train/prefill at {r['assumed_mfu']:.0%} MFU, decode at "
               f"{r['assumed_bandwidth_util']:.0%} of HBM bandwidth): {r['step_seconds']:.1f} s, "
-              f"{r['flops_per_step']:.3e} FLOPs -> MFU {r['mfu']:.1%}",
-              "  largest per-chip parameter / optimizer buffers:"]
+              f"{r['flops_per_step']:.3e} FLOPs -> MFU {r['mfu']:.1%}"]
+    if r["xla_step_seconds"] is not None:
+        lines.append(f"  step time (XLA's cost model, loops counted by trip count): {_secs(r['xla_step_seconds'])} s"
+                     + (f" -> MFU {r['xla_mfu']:.1%}" if r["xla_mfu"] == r["xla_mfu"] else ""))
+    lines.append("  largest per-chip parameter / optimizer buffers:")
     lines += [f"    {b / GiB:8.3f} GiB  {name}" for name, b in r["largest_buffers"]]
     lines += [f"  note: {n}" for n in r["notes"]]
     lines += [f"  {name}: the TPU compiler ran out of HBM: {p['compiler_error']}"

@@ -25,6 +25,10 @@ def test_plan_tiny_on_a_small_tpu_slice(tmp_path, capsys):
     assert rc == 0
     r = json.loads(out.read_text())
     assert r["algorithm"] == "grpo" and r["chips"] == 4 and r["fits"]
+    # XLA's own estimate, loops counted by trip count, beside the roofline one
+    assert all(p["xla_seconds"] > 0 for p in r["programs"].values())
+    assert r["xla_step_seconds"] == pytest.approx(sum(p["xla_seconds"] for p in r["programs"].values()))
+    assert r["xla_mfu"] == pytest.approx(r["flops_per_step"] / (r["xla_step_seconds"] * 4 * 459e12))
     assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} == r["sampler_mesh"]
     assert set(r["programs"]) == {"train", "prefill", "decode"}
     for name, p in r["programs"].items():
@@ -34,9 +38,10 @@ def test_plan_tiny_on_a_small_tpu_slice(tmp_path, capsys):
     assert r["peak_bytes"] == max(p["total_bytes"] for p in r["programs"].values())
     assert 0 < r["mfu"] < 1 and r["step_seconds"] == pytest.approx(sum(p["seconds"] for p in r["programs"].values()))
     text = capsys.readouterr().out
-    assert "fits" in text and "decode" in text and "step time (roofline" in text
+    assert "fits" in text and "decode" in text and "step time (roofline" in text and "XLA's cost model" in text
     # the same programs on a chip with almost no memory: exit status 1, the largest buffers named
-    rc = main(["plan", "--config", "configs/demo.py", "--topology", "v5p-8", "--hbm-gib", "0.001"])
+    rc = main(["plan", "--config", "configs/demo.py", "--topology", "v5p-8", "--hbm-gib", "0.001",
+               "--config.plan.xla_estimate=False"])
     assert rc == 1
     text = capsys.readouterr().out
     assert "DOES NOT FIT" in text and "['mlp']" in text
@@ -46,14 +51,14 @@ def test_plan_mpo_and_a_separate_sampler_mesh(tmp_path, capsys):
     pytest.importorskip("libtpu")
     out = tmp_path / "plan.json"
     rc = main(["plan", "--config", "configs/demo.py", "--topology", "v5p-8", "--json", str(out),
-               "--config.stages=('sft','mpo')", "--config.mpo.micro_batches=4"])
+               "--config.stages=('sft','mpo')", "--config.mpo.micro_batches=4", "--config.plan.xla_estimate=False"])
     assert rc == 0
     r = json.loads(out.read_text())
     assert r["algorithm"] == "mpo" and set(r["programs"]) == {"train"}
     # 8 pairs / 4 micro-batches = 2 rows per micro-batch over 4 devices: reported
     assert any("micro-batch" in n for n in r["notes"]) and "note: mpo micro-batch" in capsys.readouterr().out
     rc = main(["plan", "--config", "configs/demo.py", "--topology", "v5p-8", "--json", str(out),
-               "--config.plan.sampler_mesh=(1,2,2)"])
+               "--config.plan.sampler_mesh=(1,2,2)", "--config.plan.xla_estimate=False"])
     r = json.loads(out.read_text())
     assert rc == 0 and r["sampler_mesh"] == {"data": 1, "fsdp": 2, "tensor": 2} != r["mesh"]
 
@@ -70,8 +75,41 @@ def test_compiler_out_of_memory_is_a_report_not_a_crash(tmp_path, capsys):
     assert not m["fits"] and m["temp_bytes"] == int(100.21 * 1024**3) and m["total_bytes"] == m["temp_bytes"] + 10
     out = tmp_path / "plan.json"
     rc = main(["plan", "--config", "configs/demo.py", "--topology", "v5p-8", "--json", str(out),
-               "--config.data.max_prompt_len=32768", "--config.grpo.max_new_tokens=32"])
+               "--config.data.max_prompt_len=32768", "--config.grpo.max_new_tokens=32",
+               "--config.plan.xla_estimate=False"])
     text = capsys.readouterr().out
     r = json.loads(out.read_text())
     assert rc == 1 and not r["fits"] and "compiler_error" in r["programs"]["train"], text
     assert "the TPU compiler ran out of HBM" in text
+
+
+def test_xla_estimate_counts_every_layer_and_loop_trip():
+    """XLA's cost model counts a loop body once (a scanned layer stack as one layer, the decode
+    loop as one token). The plan extrapolates from 1- and 2-layer unrolled compiles; against the
+    fully unrolled program, XLA's own figure for it, the extrapolation agrees."""
+    pytest.importorskip("libtpu")
+    from r1v2_jax.experiments import model_config_from
+    from r1v2_jax.plan import (_compile, _devices, _Job, _sampler_programs, _train_program, _xla_estimate,
+                               _xla_seconds, no_compile_cache_writes)
+    from r1v2_jax.sharding import make_mesh
+    from r1v2_jax.train.config import load_config
+
+    with no_compile_cache_writes():
+        cfg = load_config("configs/demo.py", ["--config.model.text_layers=4", "--config.model.vision_layers=3",
+                                              "--config.grpo.group_size=2", "--config.grpo.max_new_tokens=16"])
+        devices = _devices(parse_topology("v5p-8"))
+        job = _Job(cfg, "grpo", tuple(devices), tiles=1)
+        mesh = make_mesh(1, 4, 1, devices=devices)
+        mc = model_config_from(cfg).replace(scan_layers=True)
+        rows = cfg.data.batch_size * cfg.grpo.group_size
+        # the same rows in 2 micro-batches: twice one half-size micro-batch
+        est = _xla_estimate(job, mc, mesh, mesh, n_micro=2, rows=rows)
+        unrolled = mc.replace(scan_layers=False)
+        truth_half = _xla_seconds(_compile(_train_program(job, unrolled, mesh, rows // 2, 1)[0]))
+        pre, dec, _, _ = _sampler_programs(job, unrolled, mesh)
+        assert est["train"] == pytest.approx(2 * truth_half, rel=0.05)
+        assert est["prefill"] == pytest.approx(_xla_seconds(pre), rel=0.05)
+        # decode: one token's step (XLA's figure for the unrolled decode loop) per new token
+        assert est["decode"] == pytest.approx(16 * _xla_seconds(dec), rel=0.05)
+        # what the correction is for: the scanned program's own figure counts one layer per tower
+        assert _xla_seconds(_compile(_train_program(job, mc, mesh, rows // 2, 1)[0])) < 0.75 * truth_half
