@@ -134,7 +134,11 @@ class Pod:
         return self.ssh(self.train_command())
 
     def logs(self) -> list[str]:
-        return self.ssh('tail -n +1 -F "$HOME/train.log" --pid=$(pgrep -f "r1v2 train" | head -1)', worker="0")
+        # Follow the log until the trainer exits. "[r]1v2" keeps pgrep from matching this very
+        # command's shell (whose command line holds the pattern); no trainer: print the log once.
+        return self.ssh('pid=$(pgrep -f "[r]1v2 train" | head -1); '
+                        'if [ -n "$pid" ]; then tail -n +1 -F "$HOME/train.log" --pid="$pid"; '
+                        'else cat "$HOME/train.log"; fi', worker="0")
 
     def finished(self) -> list[str]:
         return ["gcloud", "storage", "ls", f"{self.checkpoint_dir}/logs/summary.json"]

@@ -4,6 +4,7 @@ command it starts on each worker is a valid `r1v2 train` invocation of the confi
 import importlib.util
 import io
 import os
+import re
 import shlex
 import sys
 from contextlib import redirect_stderr, redirect_stdout
@@ -67,6 +68,11 @@ def test_dry_run_prints_the_whole_sequence():
     assert "--config.checkpoint.dir=gs://bkt/r1v2/r1v2-grpo/checkpoints" in argv
     assert argv[-2:] == ["--config.grpo.steps=500", "--config.data.batch_size=64"]
     assert cmds[7][-2] == "--worker=0" and "tail" in cmds[7][-1]
+    # the log follower waits on the trainer's pid; its pgrep pattern must not match its own shell
+    follow = cmds[7][-1].removeprefix("--command=")
+    pattern = re.search(r'pgrep -f "([^"]+)"', follow).group(1)
+    assert re.search(pattern, "/home/u/r1v2-venv/bin/python /home/u/r1v2-venv/bin/r1v2 train --config c.py")
+    assert not re.search(pattern, f"bash -c {follow}")
 
     # the worker command is a valid `r1v2 train` call: its overrides name real keys of the config
     from r1v2_jax.train.config import load_config
@@ -92,3 +98,39 @@ def test_each_step_alone_and_bad_input():
     with redirect_stderr(err), pytest.raises(SystemExit):
         _launcher().main(["run", *[a if a != "gs://bkt/r1v2/" else "/local/dir" for a in ARGS]])
     assert "--bucket" in err.getvalue()
+
+
+def test_log_follower_returns_when_the_trainer_exits(tmp_path):
+    """The worker-0 log command, run by a real shell: it prints the log while a process named
+    like the trainer runs and returns once that process exits (how `run` notices the end)."""
+    import shutil
+    import subprocess
+    import threading
+    import time
+
+    if not shutil.which("pgrep"):
+        pytest.skip("pgrep not installed")
+    rc, cmds = _dry("logs")
+    follow = cmds[-1][-1].removeprefix("--command=")
+    (tmp_path / "train.log").write_text("step 1\n")
+    env = dict(os.environ, HOME=str(tmp_path))
+    # a stand-in trainer: its command line reads ".../r1v2 train" as the real one's does
+    fake = tmp_path / "bin" / "r1v2"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/bash\nsleep 3\n")
+    fake.chmod(0o755)
+    trainer = subprocess.Popen([str(fake), "train"], env=env)
+    # reap it as soon as it exits (on a worker, init does): `tail --pid` takes a zombie for alive
+    threading.Thread(target=trainer.wait, daemon=True).start()
+    try:
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        r = subprocess.run(["bash", "-c", follow], env=env, capture_output=True, text=True, timeout=30)
+        waited = time.monotonic() - t0
+    finally:
+        trainer.kill()
+    assert rc == 0 and r.returncode == 0 and "step 1" in r.stdout, r.stderr
+    assert 1.0 < waited < 20, waited  # followed the trainer until it ended, then stopped
+    # no trainer running: the log once, no waiting
+    r = subprocess.run(["bash", "-c", follow], env=env, capture_output=True, text=True, timeout=10)
+    assert r.returncode == 0 and r.stdout == "step 1\n"
