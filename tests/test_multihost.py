@@ -10,9 +10,12 @@ addressable arrays. Metrics are written by process 0 only.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -45,21 +48,52 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(run_dir: str, steps: int) -> None:
+# XLA:CPU's gloo transport, which the CPU test cluster's collectives run on, now and then fails on
+# a loaded 2-core machine ("op.preamble.length <= op.nbytes": a collective's bytes arriving
+# where another's were expected; seen once in several runs, only while other processes competed
+# for the cores; gloo bugs of this kind: jax-ml/jax#40830, #40831). TPU pods do not use gloo. Such
+# a launch is relaunched once, as a preempted pod slice would be: it resumes from its last
+# checkpoint, and the results below must still match one process exactly.
+GLOO_TRANSPORT_ERROR = re.compile(r"gloo::EnforceNotMet|Gloo \w+ failed")
+
+
+def _launch(run_dir: str, steps: int) -> tuple[list[int], list[tuple[str, str]]]:
+    """Both processes; when one fails the other is stopped (it would wait for its peer)."""
     port = _free_port()
+    files = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in range(2)]
     procs = [subprocess.Popen(_cmd(run_dir, steps, f"--coordinator=localhost:{port}", "--num-processes=2",
-                                   f"--process-id={i}"), env=_env(4), cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outs = []
+                                   f"--process-id={i}"), env=_env(4), cwd=ROOT, stdout=files[i][0],
+                              stderr=files[i][1], text=True) for i in range(2)]
+    deadline = time.monotonic() + 900
     try:
-        for p in procs:
-            outs.append(p.communicate(timeout=900))
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs):
+                time.sleep(5)  # let the peer report its side, then stop it
+                break
+            time.sleep(0.5)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for i, (p, (out, err)) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"process {i} failed:\n{out[-2000:]}\n{err[-4000:]}"
+            p.wait()
+    outs = []
+    for out, err in files:
+        out.seek(0), err.seek(0)
+        outs.append((out.read(), err.read()))
+        out.close(), err.close()
+    return [p.returncode for p in procs], outs
+
+
+def _two_processes(run_dir: str, steps: int) -> list[tuple[str, str]]:
+    for attempt in range(2):
+        codes, outs = _launch(run_dir, steps)
+        if codes == [0, 0]:
+            return outs
+        if attempt or not any(GLOO_TRANSPORT_ERROR.search(err) for _, err in outs):
+            break
+        print("two-process launch: gloo transport error, relaunching once (resumes from its checkpoint)")
+    for i, (code, (out, err)) in enumerate(zip(codes, outs)):
+        assert code == 0, f"process {i} failed:\n{out[-2000:]}\n{err[-4000:]}"
     return outs
 
 
