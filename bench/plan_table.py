@@ -10,7 +10,10 @@ or one pair (MPO) per FSDP group. When the train step's temporaries alone exceed
 HBM by a quarter, a bigger slice cannot help (those are per-sequence activations, and the
 micro-batch already holds one sequence per device group; only the parameter share shrinks):
 the row says so and the search stops.
-Each plan runs in its own process (about a minute each for the 38B model).
+The sampler runs on the learner's mesh here (the configs' data-parallel sampler mesh is
+planned separately in the README). Each plan runs in its own process (about a minute each for the 38B model) without XLA's
+step-time estimate; ``--xla`` plans each row's chosen slice once more with it (about five
+minutes a row) and adds its column; ``--replan`` plans the stored rows' slices again.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ CORES = {"v5p": 2, "v6e": 1}  # cores per chip in the slice name
 START = {"adapter": 16, "adapter+llm": 32, "all": 64}  # chips to start from (parameters alone need about this)
 
 
-def plan_once(algo: str, trainable: str, family: str, chips: int) -> dict:
+def plan_once(algo: str, trainable: str, family: str, chips: int, xla: bool = False) -> dict:
     tp = TENSOR[algo, family]
     fsdp = chips // tp
     micro = max(ROWS[algo] // fsdp, 1)
@@ -43,7 +46,8 @@ def plan_once(algo: str, trainable: str, family: str, chips: int) -> dict:
         out = f.name
     cmd = [sys.executable, "-m", "r1v2_jax.cli", "plan", "--config", CONFIGS[algo], "--topology", topology,
            "--json", out, f"--config.{algo}.trainable={trainable}", f"--config.{algo}.micro_batches={micro}",
-           f"--config.plan.mesh=(1,{fsdp},{tp})"]
+           f"--config.plan.mesh=(1,{fsdp},{tp})", f"--config.plan.sampler_mesh=(1,{fsdp},{tp})",
+           f"--config.plan.xla_estimate={xla}"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if r.returncode not in (0, 1):
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
@@ -95,24 +99,36 @@ def search(algo: str, trainable: str, family: str, max_chips: int, log) -> dict:
             "report": tried[-1] if tried else None, "why": f"does not fit up to {max_chips} chips"}
 
 
+def replan(row: dict, xla: bool) -> dict:
+    """The row's chosen slice planned once more (with XLA's step-time estimate when ``xla``)."""
+    return dict(row, report=plan_once(row["algorithm"], row["trainable"], row["family"], row["report"]["chips"],
+                                      xla=xla))
+
+
 def table(rows: list[dict]) -> str:
     out = ["| stage | trainable | smallest slice | mesh (data, fsdp, tensor) | micro-batches | peak GiB/chip (of HBM) "
-           "| predicted step s (train / rollout) | MFU |", "|---|---|---|---|---|---|---|---|"]
+           "| roofline step s (train / rollout) | MFU | XLA step s (train / rollout) | XLA MFU |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rep = r["report"]
         name = {"grpo": "GRPO G=8, 4k+8k", "mpo": "MPO, 4k+8k pairs"}[r["algorithm"]]
         if not r["fits"]:
             peak = f"{rep['peak_bytes'] / GiB:.1f} ({rep['hbm_per_chip'] / GiB:.0f})" if rep else "-"
-            out.append(f"| {name} | {r['trainable']} | {r['family']}: none ({r['why']}) | | | {peak} | | |")
+            out.append(f"| {name} | {r['trainable']} | {r['family']}: none ({r['why']}) | | | {peak} | | | | |")
             continue
         m = rep["mesh"]
         progs = rep["programs"]
         rollout = sum(p["seconds"] for k, p in progs.items() if k != "train")
+        xla = "| | |"
+        if rep.get("xla_step_seconds"):
+            xla_rollout = sum(p["xla_seconds"] for k, p in progs.items() if k != "train")
+            xla = (f"| {rep['xla_step_seconds']:.0f} ({progs['train']['xla_seconds']:.0f} / {xla_rollout:.0f}) | "
+                   f"{rep['xla_mfu']:.0%} |")
         out.append(f"| {name} | {r['trainable']} | {rep['topology']} ({rep['chips']} chips) | "
                    f"{m['data']}, {m['fsdp']}, {m['tensor']} | {rep['micro_batches']} | "
                    f"{rep['peak_bytes'] / GiB:.1f} ({rep['hbm_per_chip'] / GiB:.0f}) | "
                    f"{rep['step_seconds']:.0f} ({progs['train']['seconds']:.0f} / {rollout:.0f}) | "
-                   f"{rep['mfu']:.0%} |")
+                   f"{rep['mfu']:.0%} {xla}")
     return "\n".join(out)
 
 
@@ -123,6 +139,8 @@ def main() -> int:
     p.add_argument("--trainables", nargs="+", default=["adapter", "adapter+llm", "all"], choices=sorted(START))
     p.add_argument("--max-chips", type=int, default=256)
     p.add_argument("--out", default=None, help="append each row as JSON to this file")
+    p.add_argument("--xla", action="store_true", help="add XLA's step-time estimate for each row's slice")
+    p.add_argument("--replan", action="store_true", help="plan each stored row's slice again (after a planner change)")
     a = p.parse_args()
     done = {}
     if a.out and os.path.exists(a.out):  # rerunning with the same --out continues where it stopped
@@ -138,9 +156,16 @@ def main() -> int:
                         r = refine_down(r, lambda s: print(s, flush=True))
                         with open(a.out, "a") as f:
                             f.write(json.dumps(r) + "\n")
+                    if r["fits"] and (a.replan or (a.xla and not r["report"].get("xla_step_seconds"))):
+                        r = replan(r, a.xla)
+                        print(f"  {algo} {trainable:<11} {r['report']['topology']:>8}: replanned", flush=True)
+                        with open(a.out, "a") as f:
+                            f.write(json.dumps(r) + "\n")
                     rows.append(r)
                     continue
                 r = search(algo, trainable, family, a.max_chips, lambda s: print(s, flush=True))
+                if a.xla and r["fits"]:
+                    r = replan(r, xla=True)
                 rows.append(r)
                 if a.out:
                     with open(a.out, "a") as f:

@@ -5,15 +5,17 @@
 
 Programs: the train step of the config's RL stage (GRPO, or MPO when the config has no GRPO
 stage) and, for GRPO, the sampler's prefill (``batch_size`` prompts) and decode loop
-(``batch_size x group_size`` rows, ``max_new_tokens``). The learner uses ``plan.mesh``, the
-sampler ``plan.sampler_mesh`` (empty: the learner's mesh), both over the same chips.
+(``batch_size x group_size`` rows, ``max_new_tokens``). The learner uses ``plan.mesh`` (empty:
+the run's ``mesh``), the sampler ``plan.sampler_mesh`` (empty: the run's ``sampler_mesh``, or
+the learner's mesh), both over the same chips.
 
 Per program: XLA's memory analysis per chip (arguments, temporaries, outputs) against the
 chip's HBM. The sampler runs while the optimizer state stays in HBM, so its programs are
 charged that resident state too. Step time is a roofline estimate, stated as such: the train
 step and prefill at ``plan.assumed_mfu`` of peak FLOPs (analytic FLOPs: XLA's cost analysis
 counts a scanned layer body once), each decode step as the larger of its FLOPs at peak and
-its HBM traffic (parameters + the whole KV cache, read once per token) at
+its HBM traffic (the chip's tensor shard of every weight, all-gathered over FSDP, + its rows'
+whole KV cache, read once per token) at
 ``plan.assumed_bandwidth_util`` of the chip's bandwidth. Beside it, XLA's own estimate
 (its TPU cost model's ``optimal_seconds``) with every loop counted by its trip count (see
 :func:`_xla_estimate`; ``plan.xla_estimate=False`` skips the extra compiles), and the MFU
@@ -163,6 +165,20 @@ def _shard_bytes(x) -> int:
     return int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
 
 
+def _gathered_bytes(x) -> int:
+    """Bytes of ``x`` one chip holds while using it: sharded over ``tensor`` only (FSDP and data
+    shards are all-gathered before a matmul)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    def keep(entry):
+        names = entry if isinstance(entry, tuple) else (entry,)
+        kept = tuple(n for n in names if n == "tensor")
+        return kept[0] if kept else None
+
+    sh = NamedSharding(x.sharding.mesh, P(*(keep(e) for e in x.sharding.spec)))
+    return int(np.prod(sh.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+
+
 def _per_chip_bytes(tree) -> int:
     import jax
 
@@ -277,10 +293,12 @@ def _train_program(job: _Job, mc, mesh, rows: int, n_micro: int):
     return step.lower(state, batch, ref), state, ref
 
 
-def _sampler_programs(job: _Job, mc, mesh):
+def _sampler_programs(job: _Job, mc, mesh, decode_loops: int = 1):
     """Compile the sampler's prefill (``batch_size`` prompts) and decode loop (``batch_size x
     group_size`` rows). Returns (prefill, decode, parameters, KV cache) as compiled (or
-    _OutOfMemory) programs and ShapeDtypeStructs."""
+    _OutOfMemory) programs and ShapeDtypeStructs. ``decode_loops > 1`` compiles a decode
+    program that runs the whole loop that many times over the same cache (for costing one
+    trip of the loop body: see :func:`_xla_estimate`)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -310,8 +328,19 @@ def _sampler_programs(job: _Job, mc, mesh):
     logits, cache, kv_valid, ids = jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s),
                                                 (logits, cache, kv_valid, ids), outs)
     sp = SamplingParams(max_new_tokens=m, temperature=stage.temperature, top_p=stage.get("top_p", 1.0))
-    dec = _compile(sampler._decode.lower(params, logits, cache, kv_valid, ids, _sds((), jnp.uint32, None),
-                                         _sds((b,), jnp.int32, row), stage.group_size, sp=sp))
+    decode = sampler._decode
+    if decode_loops > 1:
+        def repeated(params, logits, cache, kv_valid, ids, seed, prompt_index, num_samples, sp):
+            outs = []
+            for _ in range(decode_loops):
+                *out, cache = sampler._decode_impl(params, logits, cache, kv_valid, ids, seed, prompt_index,
+                                                   num_samples, sp)
+                outs.append(out)
+            return outs, cache
+
+        decode = jax.jit(repeated, static_argnames=("sp", "num_samples"), donate_argnames=("cache",))
+    dec = _compile(decode.lower(params, logits, cache, kv_valid, ids, _sds((), jnp.uint32, None),
+                                _sds((b,), jnp.int32, row), stage.group_size, sp=sp))
     return pre, dec, params, cache
 
 
@@ -328,15 +357,23 @@ def _xla_estimate(job: _Job, mc, mesh, sampler_mesh, n_micro: int, rows: int) ->
     """XLA's estimated seconds per program, with its loops counted as often as they run.
 
     XLA's cost analysis counts a loop body once: a scanned layer stack as one layer, the
-    micro-batch scan as one micro-batch, the decode loop as one token. So the programs are
-    compiled again with a few *unrolled* layers per tower (everything else as planned, one
-    micro-batch): 2 and 3 (a lone first layer fuses differently from the ones that follow it),
-    and the difference is XLA's time for one more layer:
-    ``t(L_v, L_t) = t(2, 2) + (L_v - 2)·Δ_v + (L_t - 2)·Δ_t``, times the micro-batches (train
-    step) or the new tokens (decode). Not counted: the optimizer update of the layers beyond
-    those compiled (elementwise, milliseconds); counted once per token although it runs once:
-    the decode loop's setup (buffer initialisation, microseconds)."""
+    micro-batch scan as one micro-batch, the decode loop as one token. So:
+
+    * layers: the programs are compiled again with a few *unrolled* layers per tower
+      (everything else as planned, one micro-batch), 2 and 4 (a lone first layer fuses
+      differently from the ones that follow it, and one added layer is a noisy step at small
+      widths); half the difference is XLA's time for one more layer:
+      ``t(L_v, L_t) = t(2, 2) + (L_v - 2)·Δ_v + (L_t - 2)·Δ_t``;
+    * micro-batches: the train step is one micro-batch's step times ``micro_batches`` (the
+      optimizer update of the layers beyond those compiled is not counted: elementwise,
+      milliseconds);
+    * decode tokens: the decode program also runs its whole loop twice over the same cache;
+      the difference is one trip of the loop body (one token for every row), and
+      ``decode = t(one loop) + (max_new_tokens - 1)·t(body)``. What runs once, outside the
+      loop (e.g. the cache's layout changes into and out of the loop), is counted once.
+    """
     lv, lt = min(2, mc.vision.num_layers), min(2, mc.text.num_layers)
+    hv, ht = min(lv + 2, mc.vision.num_layers), min(lt + 2, mc.text.num_layers)
 
     def times(v, t):
         m = mc.replace(scan_layers=False, vision=dataclasses.replace(mc.vision, num_layers=v),
@@ -344,19 +381,24 @@ def _xla_estimate(job: _Job, mc, mesh, sampler_mesh, n_micro: int, rows: int) ->
         out = {"train": _xla_seconds(_compile(_train_program(job, m, mesh, rows // n_micro, 1)[0]))}
         if job.algo == "grpo":
             pre, dec, _, _ = _sampler_programs(job, m, sampler_mesh)
-            out.update(prefill=_xla_seconds(pre), decode=_xla_seconds(dec))
+            dec2 = _sampler_programs(job, m, sampler_mesh, decode_loops=2)[1]
+            out.update(prefill=_xla_seconds(pre), decode=_xla_seconds(dec),
+                       decode_body=_xla_seconds(dec2) - _xla_seconds(dec))
         return out
 
     base = times(lv, lt)
     est = dict(base)
-    if mc.text.num_layers > lt:
-        more = times(lv, lt + 1)
-        est = {k: est[k] + (mc.text.num_layers - lt) * (more[k] - base[k]) for k in est}
-    if job.tiles and mc.vision.num_layers > lv:
-        more = times(lv + 1, lt)
-        est = {k: est[k] + (mc.vision.num_layers - lv) * (more[k] - base[k]) for k in est}
-    trips = {"train": n_micro, "prefill": 1, "decode": job.cfg.grpo.max_new_tokens if job.algo == "grpo" else 0}
-    return {k: v * trips[k] for k, v in est.items()}
+    if ht > lt:
+        more = times(lv, ht)
+        est = {k: est[k] + (mc.text.num_layers - lt) * (more[k] - base[k]) / (ht - lt) for k in est}
+    if job.tiles and hv > lv:
+        more = times(hv, lt)
+        est = {k: est[k] + (mc.vision.num_layers - lv) * (more[k] - base[k]) / (hv - lv) for k in est}
+    out = {"train": est["train"] * n_micro}
+    if job.algo == "grpo":
+        out["prefill"] = est["prefill"]
+        out["decode"] = est["decode"] + (job.cfg.grpo.max_new_tokens - 1) * est["decode_body"]
+    return out
 
 
 def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
@@ -375,8 +417,9 @@ def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
     stage = cfg[algo]
     job = _Job(cfg, algo, tuple(devices), cfg.plan.tiles_per_sample)
     mc = model_config_from(cfg).replace(remat_policy=cfg.plan.remat_policy, scan_layers=True)
-    mesh = make_mesh(*cfg.plan.mesh, devices=devices)
-    sampler_mesh = make_mesh(*cfg.plan.sampler_mesh, devices=devices) if tuple(cfg.plan.sampler_mesh) else mesh
+    mesh = make_mesh(*(tuple(cfg.plan.mesh) or tuple(cfg.mesh) or (1, -1, 1)), devices=devices)
+    s_shape = tuple(cfg.plan.sampler_mesh) or tuple(cfg.sampler_mesh)
+    sampler_mesh = make_mesh(*s_shape, devices=devices) if s_shape else mesh
     shards = batch_shards(mesh)
     n_micro = stage.micro_batches
     peak_s = topo.chips * topo.peak_flops
@@ -402,6 +445,8 @@ def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
                          "seconds": flops / (peak_s * cfg.plan.assumed_mfu),
                          "xla_flops_scan_body_once": float(cost.get("flops", float("nan")))}
     opt_bytes = _per_chip_bytes(state.opt_state) + (_per_chip_bytes(ref) if ref is not None else 0)
+    if sampler_mesh is not mesh:  # the learner's copy of the parameters stays too
+        opt_bytes += _per_chip_bytes(state.params)
 
     if algo == "grpo":
         pre, dec, s_params, cache = _sampler_programs(job, mc, sampler_mesh)
@@ -410,7 +455,9 @@ def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
         programs["prefill"] = {**_memory(pre, hbm, opt_bytes), "flops": pre_f, "tokens": b * p,
                                "seconds": pre_f / (peak_s * cfg.plan.assumed_mfu)}
         rows = b * stage.group_size
-        per_token_bytes = _per_chip_bytes(s_params) + _per_chip_bytes(cache)
+        # each token step reads every weight of the chip's tensor shard (after FSDP all-gathers)
+        # and its rows' whole KV cache
+        per_token_bytes = sum(_gathered_bytes(x) for x in jax.tree.leaves(s_params)) + _per_chip_bytes(cache)
         per_token_s = max(per_token_bytes / (topo.hbm_bandwidth * cfg.plan.assumed_bandwidth_util),
                           forward_flops(mc, rows, p + m) / peak_s)
         programs["decode"] = {**_memory(dec, hbm, opt_bytes), "flops": forward_flops(mc, rows, p + m) * m,

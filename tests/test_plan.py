@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import pytest
 
 from r1v2_jax.cli import main
@@ -33,6 +34,19 @@ def test_plan_tiny_on_a_small_tpu_slice(tmp_path, capsys):
     assert set(r["programs"]) == {"train", "prefill", "decode"}
     for name, p in r["programs"].items():
         assert p["argument_bytes"] > 0 and p["total_bytes"] > 0 and p["flops"] > 0 and p["seconds"] > 0, name
+    # a decode step reads every weight whole (FSDP shards all-gathered; no tensor axis here) and
+    # the chip's quarter of the KV cache
+    import numpy as np
+
+    from r1v2_jax.experiments import model_config_from
+    from r1v2_jax.model import abstract_params
+    from r1v2_jax.train.config import load_config
+
+    mc = model_config_from(load_config("configs/demo.py"))
+    weights = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(abstract_params(mc, boxed=False)))
+    t = mc.text
+    cache = 2 * t.num_layers * 8 * 8 * (192 + 32) * t.num_kv_heads * t.resolved_head_dim * np.dtype(mc.dtype).itemsize
+    assert r["programs"]["decode"]["bytes_per_token_step"] == weights + cache // 4
     # the sampler's programs are charged the optimizer state that stays in HBM meanwhile
     assert r["programs"]["decode"]["resident_bytes"] > 0 == r["programs"]["train"]["resident_bytes"]
     assert r["peak_bytes"] == max(p["total_bytes"] for p in r["programs"].values())
@@ -84,9 +98,12 @@ def test_compiler_out_of_memory_is_a_report_not_a_crash(tmp_path, capsys):
 
 
 def test_xla_estimate_counts_every_layer_and_loop_trip():
-    """XLA's cost model counts a loop body once (a scanned layer stack as one layer, the decode
-    loop as one token). The plan extrapolates from 1- and 2-layer unrolled compiles; against the
-    fully unrolled program, XLA's own figure for it, the extrapolation agrees."""
+    """XLA's cost model counts a loop body once (a scanned layer stack as one layer, the
+    micro-batch scan as one micro-batch, the decode loop as one token). The plan extrapolates
+    from 2- and 4-layer unrolled compiles, multiplies by micro-batches, and counts the decode
+    loop's body once per token; against XLA's own figures for the fully unrolled programs it
+    agrees within 10% (XLA's cost model is close to, not exactly, linear in the layer count:
+    fusion and scheduling differ a little from one layer count to the next)."""
     pytest.importorskip("libtpu")
     from r1v2_jax.experiments import model_config_from
     from r1v2_jax.plan import (_compile, _devices, _Job, _sampler_programs, _train_program, _xla_estimate,
@@ -95,7 +112,7 @@ def test_xla_estimate_counts_every_layer_and_loop_trip():
     from r1v2_jax.train.config import load_config
 
     with no_compile_cache_writes():
-        cfg = load_config("configs/demo.py", ["--config.model.text_layers=4", "--config.model.vision_layers=3",
+        cfg = load_config("configs/demo.py", ["--config.model.text_layers=6", "--config.model.vision_layers=5",
                                               "--config.grpo.group_size=2", "--config.grpo.max_new_tokens=16"])
         devices = _devices(parse_topology("v5p-8"))
         job = _Job(cfg, "grpo", tuple(devices), tiles=1)
@@ -107,9 +124,14 @@ def test_xla_estimate_counts_every_layer_and_loop_trip():
         unrolled = mc.replace(scan_layers=False)
         truth_half = _xla_seconds(_compile(_train_program(job, unrolled, mesh, rows // 2, 1)[0]))
         pre, dec, _, _ = _sampler_programs(job, unrolled, mesh)
-        assert est["train"] == pytest.approx(2 * truth_half, rel=0.05)
-        assert est["prefill"] == pytest.approx(_xla_seconds(pre), rel=0.05)
-        # decode: one token's step (XLA's figure for the unrolled decode loop) per new token
-        assert est["decode"] == pytest.approx(16 * _xla_seconds(dec), rel=0.05)
+        assert est["train"] == pytest.approx(2 * truth_half, rel=0.1)
+        assert est["prefill"] == pytest.approx(_xla_seconds(pre), rel=0.1)
+        # decode: the whole loop once, then one trip of its body (what running the loop a second
+        # time adds) for each further token; the setup outside the loop is counted once
+        once = _xla_seconds(dec)
+        body = _xla_seconds(_sampler_programs(job, unrolled, mesh, decode_loops=2)[1]) - once
+        assert 0 < body < once
+        assert est["decode"] == pytest.approx(once + 15 * body, rel=0.1)
+        assert est["decode"] < 0.8 * 16 * once  # what multiplying the whole program by the tokens would say
         # what the correction is for: the scanned program's own figure counts one layer per tower
         assert _xla_seconds(_compile(_train_program(job, mc, mesh, rows // 2, 1)[0])) < 0.75 * truth_half

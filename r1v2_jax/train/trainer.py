@@ -58,6 +58,9 @@ class Run:
     metrics: MetricsLog
     seed: int = 0
     mesh: Any = None
+    # the sampler's own mesh over the same devices (None: the learner's): e.g. data-parallel
+    # replicas for decoding, which would otherwise all-gather FSDP-sharded weights every token
+    sampler_mesh: Any = None
     checkpoint_every: int = 10
     checkpoint_dir: str = ""  # "" = run_dir/checkpoints; may be remote (gs://...): logs are kept there too
     keep: int = 2
@@ -68,6 +71,18 @@ class Run:
     @property
     def module(self) -> R1V2:
         return R1V2(self.model_config)
+
+    def sampler(self, params) -> Sampler:
+        """A sampler on the sampler mesh (parameters are moved there by :func:`rollout`)."""
+        return Sampler(R1V2Model(self.model_config, self.for_sampler(params), self.sampler_mesh or self.mesh))
+
+    def for_sampler(self, params):
+        """``params`` resharded for the sampler mesh (as they are, without one)."""
+        if self.sampler_mesh is None:
+            return params
+        from r1v2_jax.model import param_shardings
+
+        return jax.device_put(params, param_shardings(self.model_config, self.sampler_mesh))
 
     def eos_ids(self) -> tuple[int, ...]:
         ids = [self.tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")]
@@ -280,7 +295,7 @@ def rollout(run: Run, sampler: Sampler, params, batch: dict, sp: SamplingParams,
             tiles: int | None = None):
     """Sample ``group`` completions per prompt (this host's prompts); returns the sampler
     output (this host's rows, numpy) and this host's per-row tiles."""
-    sampler.model.params = params
+    sampler.model.params = run.for_sampler(params)
     pix = _row_tiles(run, batch, tiles)
     seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
     out = sampler(batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=pix, sp=sp,
@@ -350,7 +365,7 @@ def run_grpo(run: Run, params, records, steps: int, optim: OptimConfig, cfg: GRP
     prompt_len, tiles = grpo_shapes(run, records)
     pipe = dataclasses.replace(run.pipeline, seed=run.seed, length_buckets=(prompt_len,))
     it = rl_prompt_iterator(records, run.builder, pipe, tile_size=run.model_config.tile_size, skips=SkipCounter())
-    sampler = Sampler(R1V2Model(run.model_config, params, run.mesh))
+    sampler = run.sampler(params)
     sp = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                         eos_ids=run.eos_ids(), pad_id=run.eos_ids()[0] if run.eos_ids() else 0)
     step_fn = make_train_step("grpo", run.module, opt, n_micro=cfg.micro_batches, policy_cfg=policy, mesh=run.mesh,
@@ -434,7 +449,7 @@ def make_preference_records(run: Run, params, records, *, candidates: int, thres
     with rejected (< threshold): the R1V2 MPO data recipe."""
     from r1v2_jax.rewards.calibration import Candidate, build_pairs
 
-    sampler = Sampler(R1V2Model(run.model_config, params, run.mesh))
+    sampler = run.sampler(params)
     cfg = dataclasses.replace(run.pipeline, batch_size=batch_size, num_epochs=1, seed=seed, drop_remainder=False)
     it = rl_prompt_iterator(records, run.builder, cfg, tile_size=run.model_config.tile_size)
     by_where = {r["_where"]: r for r in records}
@@ -483,7 +498,7 @@ def run_mpo(run: Run, params, ref_params, pref_records, steps: int, optim: Optim
 def evaluate(run: Run, params, records, *, k: int = 1, temperature: float = 0.0, max_new_tokens: int = 32,
              batch_size: int = 8, seed: int = 0) -> dict:
     """pass@1 averaged over ``k`` samples per question, overall and per category."""
-    sampler = Sampler(R1V2Model(run.model_config, params, run.mesh))
+    sampler = run.sampler(params)
     sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, eos_ids=run.eos_ids(),
                         pad_id=run.eos_ids()[0] if run.eos_ids() else 0)
     cfg = dataclasses.replace(run.pipeline, batch_size=batch_size, num_epochs=1, seed=seed, drop_remainder=False)
