@@ -11,9 +11,10 @@ HBM by a quarter, a bigger slice cannot help (those are per-sequence activations
 micro-batch already holds one sequence per device group; only the parameter share shrinks):
 the row says so and the search stops.
 The sampler runs on the learner's mesh here (the configs' data-parallel sampler mesh is
-planned separately in the README). Each plan runs in its own process (about a minute each for the 38B model) without XLA's
-step-time estimate; ``--xla`` plans each row's chosen slice once more with it (about five
-minutes a row) and adds its column; ``--replan`` plans the stored rows' slices again.
+planned separately in the README). Each plan runs in its own process (one to three minutes
+each for the 38B model) without XLA's step-time estimate; ``--xla`` plans each row's chosen
+slice once more with it (about six minutes a row) and adds its column; ``--replan`` plans
+the stored rows' slices again.
 """
 
 from __future__ import annotations

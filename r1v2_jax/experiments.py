@@ -28,7 +28,10 @@ def demo_config() -> ml_collections.ConfigDict:
         preset="tiny", init="random",
         vision_hidden=64, vision_layers=2, vision_heads=4, vision_mlp=128, image_size=56,
         text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2, text_mlp=256, vocab_size=256,
-        image_token_id=255))
+        image_token_id=255,
+        # "" = the model's own (the 38B preset: full; tiny presets and checkpoints read from
+        # config.json: none); full | dots | save_qkv_attn | none (r1v2_jax.layers.remat_policy)
+        remat_policy=""))
     c.data = ml_collections.ConfigDict(dict(
         path="", synthetic_n=600, synthetic_categories=("color",), synthetic_max_difficulty=1,
         batch_size=8, max_prompt_len=192, max_completion_len=32, workers=0, dynamic_tiling=False, max_tiles=1))
@@ -51,10 +54,11 @@ def demo_config() -> ml_collections.ConfigDict:
     # devices; () = the learner's mesh. Parameters are resharded onto it before each rollout.
     c.sampler_mesh = ()
     # r1v2 plan: the meshes (() = the run's mesh / sampler_mesh above; the learner's default
-    # (1, -1, 1)), remat policy and tiles per prompt to compile for, the efficiencies its
+    # (1, -1, 1)), remat policy ("" = model.remat_policy, else full) and tiles per prompt to
+    # compile for, the efficiencies its
     # roofline step time assumes, and whether to also compile the few-layer variants behind
     # XLA's own step-time estimate (see r1v2_jax/plan.py)
-    c.plan = ml_collections.ConfigDict(dict(mesh=(), sampler_mesh=(), remat_policy="full",
+    c.plan = ml_collections.ConfigDict(dict(mesh=(), sampler_mesh=(), remat_policy="",
                                             tiles_per_sample=1, assumed_mfu=0.4, assumed_bandwidth_util=0.7,
                                             xla_estimate=True))
     c.export = True
@@ -71,6 +75,7 @@ def released_38b_config(stage: str) -> ml_collections.ConfigDict:
     c.stages = (stage,)
     c.model.preset = "r1v2_38b"
     c.model.init = "/path/to/r1v2-38b-ckpt"  # hf_to_jax output or the released HF directory
+    c.model.remat_policy = "full"  # 4k + 8k-token sequences: recompute each layer in the backward pass
     c.data.path = "/path/to/data"  # a folder with train.jsonl / test.jsonl (``rl`` records)
     c.data.synthetic_n = 0
     c.data.max_prompt_len = 4096
@@ -186,6 +191,8 @@ def run_experiment(c: ml_collections.ConfigDict) -> dict:
                                  f"LLM {mc.text.hidden_size}x{mc.text.num_layers})")
         tok = load_tokenizer(c.model.init)
         template = chat_template(c.model.init)
+    if c.model.remat_policy:
+        mc = mc.replace(remat_policy=c.model.remat_policy)
     if mesh is not None:
         from r1v2_jax.model import param_shardings
 

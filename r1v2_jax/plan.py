@@ -213,8 +213,7 @@ class _Job:
     """What every program of one plan shares."""
     cfg: object  # the run config
     algo: str  # "grpo" | "mpo"
-    devices: tuple
-    tiles: int
+    tiles: int  # image tiles per sample
 
 
 def _abstract_state(job: _Job, mc, mesh):
@@ -415,8 +414,9 @@ def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
     if algo is None:
         raise ValueError(f"stages: {tuple(cfg.stages)} has no RL stage (grpo or mpo) to plan")
     stage = cfg[algo]
-    job = _Job(cfg, algo, tuple(devices), cfg.plan.tiles_per_sample)
-    mc = model_config_from(cfg).replace(remat_policy=cfg.plan.remat_policy, scan_layers=True)
+    job = _Job(cfg, algo, cfg.plan.tiles_per_sample)
+    remat = cfg.plan.remat_policy or cfg.model.remat_policy or "full"
+    mc = model_config_from(cfg).replace(remat_policy=remat, scan_layers=True)
     mesh = make_mesh(*(tuple(cfg.plan.mesh) or tuple(cfg.mesh) or (1, -1, 1)), devices=devices)
     s_shape = tuple(cfg.plan.sampler_mesh) or tuple(cfg.sampler_mesh)
     sampler_mesh = make_mesh(*s_shape, devices=devices) if s_shape else mesh
@@ -475,7 +475,8 @@ def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
     total_flops = sum(p_["flops"] for p_ in programs.values())
     xla_s = sum(p_["xla_seconds"] for p_ in programs.values()) if cfg.plan.xla_estimate else None
     return {
-        "algorithm": algo, "trainable": stage.trainable, "topology": topo.name, "topology_name": topo.topology_name,
+        "algorithm": algo, "trainable": stage.trainable, "remat_policy": remat, "topology": topo.name,
+        "topology_name": topo.topology_name,
         "chips": len(devices), "mesh": {k: int(v) for k, v in mesh.shape.items()},
         "sampler_mesh": {k: int(v) for k, v in sampler_mesh.shape.items()}, "hbm_per_chip": hbm,
         "programs": programs, "peak_bytes": peak, "fits": all(p_["fits"] for p_ in programs.values()),
@@ -497,7 +498,8 @@ def _secs(x) -> str:
 def format_plan(r: dict) -> str:
     g = lambda b: f"{b / GiB:7.2f}"  # noqa: E731
     mesh = lambda m: "x".join(f"{k}={v}" for k, v in m.items())  # noqa: E731
-    lines = [f"plan: {r['algorithm'].upper()} (trainable: {r['trainable']}) on {r['topology']} "
+    lines = [f"plan: {r['algorithm'].upper()} (trainable: {r['trainable']}, remat: {r['remat_policy']}) "
+             f"on {r['topology']} "
              f"({r['topology_name']}, {r['chips']} chips); learner mesh {mesh(r['mesh'])}"
              + (f", sampler mesh {mesh(r['sampler_mesh'])}" if r["sampler_mesh"] != r["mesh"] else ""),
              f"  per chip, GiB   {'args':>7} {'temps':>7} {'outs':>7} {'alias':>7} {'resident':>8} {'total':>7}"

@@ -115,7 +115,7 @@ def test_xla_estimate_counts_every_layer_and_loop_trip():
         cfg = load_config("configs/demo.py", ["--config.model.text_layers=6", "--config.model.vision_layers=5",
                                               "--config.grpo.group_size=2", "--config.grpo.max_new_tokens=16"])
         devices = _devices(parse_topology("v5p-8"))
-        job = _Job(cfg, "grpo", tuple(devices), tiles=1)
+        job = _Job(cfg, "grpo", tiles=1)
         mesh = make_mesh(1, 4, 1, devices=devices)
         mc = model_config_from(cfg).replace(scan_layers=True)
         rows = cfg.data.batch_size * cfg.grpo.group_size

@@ -41,6 +41,10 @@ def test_missing_and_mismatched_checkpoints_fail_before_compute(tmp_path):
     c.model.preset = "r1v2_38b"
     with pytest.raises(ValueError, match="holds a different model than preset 'r1v2_38b'"):
         run_experiment(c)
+    # the remat policy a checkpoint's model trains with is the config's (config.json has none)
+    c.model.preset, c.model.remat_policy = "tiny", "everything"
+    with pytest.raises(ValueError, match="remat_policy: expected one of"):
+        run_experiment(c)
 
 
 def test_restore_onto_a_different_mesh(tmp_path):
