@@ -363,21 +363,27 @@ def _xla_estimate(job: _Job, mc, mesh, sampler_mesh, n_micro: int, rows: int) ->
       differently from the ones that follow it, and one added layer is a noisy step at small
       widths); half the difference is XLA's time for one more layer:
       ``t(L_v, L_t) = t(2, 2) + (L_v - 2)·Δ_v + (L_t - 2)·Δ_t``;
-    * micro-batches: the train step is one micro-batch's step times ``micro_batches`` (the
-      optimizer update of the layers beyond those compiled is not counted: elementwise,
-      milliseconds);
+    * micro-batches: the train step is one micro-batch's step times ``micro_batches`` (a
+      micro-batch that does not divide over the batch axes is costed padded to whole rows per
+      device; the optimizer update of the layers beyond those compiled is not counted:
+      elementwise, milliseconds);
     * decode tokens: the decode program also runs its whole loop twice over the same cache;
       the difference is one trip of the loop body (one token for every row), and
       ``decode = t(one loop) + (max_new_tokens - 1)·t(body)``. What runs once, outside the
       loop (e.g. the cache's layout changes into and out of the loop), is counted once.
     """
+    from r1v2_jax.distributed import batch_shards
+
     lv, lt = min(2, mc.vision.num_layers), min(2, mc.text.num_layers)
     hv, ht = min(lv + 2, mc.vision.num_layers), min(lt + 2, mc.text.num_layers)
+    # one micro-batch, padded to whole rows per device when it does not divide (as XLA pads it)
+    shards = batch_shards(mesh)
+    micro_rows = -(-(rows // n_micro) // shards) * shards
 
     def times(v, t):
         m = mc.replace(scan_layers=False, vision=dataclasses.replace(mc.vision, num_layers=v),
                        text=dataclasses.replace(mc.text, num_layers=t))
-        out = {"train": _xla_seconds(_compile(_train_program(job, m, mesh, rows // n_micro, 1)[0]))}
+        out = {"train": _xla_seconds(_compile(_train_program(job, m, mesh, micro_rows, 1)[0]))}
         if job.algo == "grpo":
             pre, dec, _, _ = _sampler_programs(job, m, sampler_mesh)
             dec2 = _sampler_programs(job, m, sampler_mesh, decode_loops=2)[1]
