@@ -5,8 +5,9 @@ adapter-only, adapter+LLM and full training, the smallest v5p / v6e slice that f
     python bench/plan_table.py [--families v5p v6e] [--out plan_table.jsonl]
 
 For each row it tries slices from a starting size upwards (doubling) and stops at the first
-that fits; when the starting size already fits, it halves until a slice does not. The micro-batch count is chosen so that every micro-batch has one sequence (GRPO)
-or one pair (MPO) per FSDP group. When the train step's temporaries alone exceed a chip's
+that fits; when the starting size already fits, it halves until a slice does not. The
+micro-batch count is chosen so that every micro-batch has one sequence (GRPO) or one pair
+(MPO) per FSDP group. When the train step's temporaries alone exceed a chip's
 HBM by a quarter, a bigger slice cannot help (those are per-sequence activations, and the
 micro-batch already holds one sequence per device group; only the parameter share shrinks):
 the row says so and the search stops.
@@ -65,14 +66,18 @@ def start_chips(trainable: str, family: str) -> int:
     return START[trainable] if family == "v5p" else START[trainable] * 2
 
 
+def _log_try(log, algo: str, trainable: str, rep: dict) -> None:
+    log(f"  {algo} {trainable:<11} {rep['topology']:>8}: peak {rep['peak_bytes'] / GiB:6.1f} GiB of "
+        f"{rep['hbm_per_chip'] / GiB:.0f} -> {'fits' if rep['fits'] else 'no'}")
+
+
 def refine_down(row: dict, log) -> dict:
     """A row that fitted at its starting slice: try halving until it stops fitting."""
     algo, trainable, family = row["algorithm"], row["trainable"], row["family"]
     chips = row["report"]["chips"] // 2
     while chips >= TENSOR[algo, family]:
         rep = plan_once(algo, trainable, family, chips)
-        log(f"  {algo} {trainable:<11} {rep['topology']:>8}: peak {rep['peak_bytes'] / GiB:6.1f} GiB of "
-            f"{rep['hbm_per_chip'] / GiB:.0f} -> {'fits' if rep['fits'] else 'no'}")
+        _log_try(log, algo, trainable, rep)
         if not rep["fits"]:
             break
         row = dict(row, report=rep)
@@ -87,8 +92,7 @@ def search(algo: str, trainable: str, family: str, max_chips: int, log) -> dict:
         rep = plan_once(algo, trainable, family, chips)
         tried.append(rep)
         train = rep["programs"]["train"]
-        log(f"  {algo} {trainable:<11} {rep['topology']:>8}: peak {rep['peak_bytes'] / GiB:6.1f} GiB of "
-            f"{rep['hbm_per_chip'] / GiB:.0f} -> {'fits' if rep['fits'] else 'no'}")
+        _log_try(log, algo, trainable, rep)
         if rep["fits"]:
             row = {"algorithm": algo, "trainable": trainable, "family": family, "fits": True, "report": rep}
             return refine_down(row, log) if len(tried) == 1 else row
@@ -148,6 +152,12 @@ def main() -> int:
         with open(a.out) as f:
             done = {(r["algorithm"], r["trainable"], r["family"]): r for r in map(json.loads, f)}  # last wins
     rows = []
+
+    def keep(r: dict) -> None:  # the file's last row per (algorithm, trainable, family) wins
+        if a.out:
+            with open(a.out, "a") as f:
+                f.write(json.dumps(r) + "\n")
+
     for algo in a.algorithms:
         for trainable in a.trainables:
             for family in a.families:
@@ -155,22 +165,18 @@ def main() -> int:
                     r = done[algo, trainable, family]
                     if r["fits"] and not r.get("refined") and r["report"]["chips"] == start_chips(trainable, family):
                         r = refine_down(r, lambda s: print(s, flush=True))
-                        with open(a.out, "a") as f:
-                            f.write(json.dumps(r) + "\n")
+                        keep(r)
                     if r["fits"] and (a.replan or (a.xla and not r["report"].get("xla_step_seconds"))):
                         r = replan(r, a.xla)
                         print(f"  {algo} {trainable:<11} {r['report']['topology']:>8}: replanned", flush=True)
-                        with open(a.out, "a") as f:
-                            f.write(json.dumps(r) + "\n")
+                        keep(r)
                     rows.append(r)
                     continue
                 r = search(algo, trainable, family, a.max_chips, lambda s: print(s, flush=True))
                 if a.xla and r["fits"]:
                     r = replan(r, xla=True)
                 rows.append(r)
-                if a.out:
-                    with open(a.out, "a") as f:
-                        f.write(json.dumps(r) + "\n")
+                keep(r)
     print(table(rows))
     return 0
 

@@ -55,9 +55,8 @@ def demo_config() -> ml_collections.ConfigDict:
     c.sampler_mesh = ()
     # r1v2 plan: the meshes (() = the run's mesh / sampler_mesh above; the learner's default
     # (1, -1, 1)), remat policy ("" = model.remat_policy, else full) and tiles per prompt to
-    # compile for, the efficiencies its
-    # roofline step time assumes, and whether to also compile the few-layer variants behind
-    # XLA's own step-time estimate (see r1v2_jax/plan.py)
+    # compile for, the efficiencies its roofline step time assumes, and whether to also compile
+    # the few-layer variants behind XLA's own step-time estimate (see r1v2_jax/plan.py)
     c.plan = ml_collections.ConfigDict(dict(mesh=(), sampler_mesh=(), remat_policy="",
                                             tiles_per_sample=1, assumed_mfu=0.4, assumed_bandwidth_util=0.7,
                                             xla_estimate=True))
@@ -69,7 +68,8 @@ def demo_config() -> ml_collections.ConfigDict:
 def released_38b_config(stage: str) -> ml_collections.ConfigDict:
     """What every experiment on the released 38B model shares (configs/grpo_38b.py,
     configs/mpo_38b.py): the model and data locations to fill in, R1V2's 4k-prompt / 8k-completion
-    lengths with dynamic tiling (6 tiles + thumbnail), and the planner's mesh. Runs ``stage`` only."""
+    lengths with dynamic tiling (6 tiles + thumbnail), full remat, and the learner's and sampler's
+    meshes. Runs ``stage`` only."""
     c = demo_config()
     c.run_dir = f"runs/{stage}_38b"
     c.stages = (stage,)
@@ -86,7 +86,7 @@ def released_38b_config(stage: str) -> ml_collections.ConfigDict:
     c.mesh = (1, -1, 4)  # learner: FSDP across chips, 4-way tensor parallelism within a host
     # sampler: data-parallel replicas of 4-way tensor-parallel weights: decoding reads each weight
     # once per token instead of all-gathering the FSDP shards every token (r1v2 plan on v5p-128:
-    # rollout 185 s instead of 239 s by XLA's estimate, 39 GiB/chip instead of 26)
+    # rollout 185 s instead of 239 s by XLA's estimate, 41 GiB/chip instead of 26)
     c.sampler_mesh = (-1, 1, 4)
     c.plan.tiles_per_sample = 7  # 6 dynamic tiles + thumbnail
     c.export = False

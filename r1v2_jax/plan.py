@@ -160,9 +160,9 @@ def _memory(compiled, hbm: int, resident: int = 0) -> dict:
             "resident_bytes": resident, "total_bytes": total, "fits": total <= hbm}
 
 
-def _shard_bytes(x) -> int:
-    """Bytes of one chip's shard of ``x`` (a ShapeDtypeStruct with a sharding)."""
-    return int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+def _shard_bytes(x, sharding=None) -> int:
+    """Bytes of one chip's shard of ``x`` (a ShapeDtypeStruct) under ``sharding`` (its own)."""
+    return int(np.prod((sharding or x.sharding).shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
 
 
 def _gathered_bytes(x) -> int:
@@ -175,8 +175,7 @@ def _gathered_bytes(x) -> int:
         kept = tuple(n for n in names if n == "tensor")
         return kept[0] if kept else None
 
-    sh = NamedSharding(x.sharding.mesh, P(*(keep(e) for e in x.sharding.spec)))
-    return int(np.prod(sh.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+    return _shard_bytes(x, NamedSharding(x.sharding.mesh, P(*(keep(e) for e in x.sharding.spec))))
 
 
 def _per_chip_bytes(tree) -> int:
@@ -292,12 +291,12 @@ def _train_program(job: _Job, mc, mesh, rows: int, n_micro: int):
     return step.lower(state, batch, ref), state, ref
 
 
-def _sampler_programs(job: _Job, mc, mesh, decode_loops: int = 1):
+def _sampler_programs(job: _Job, mc, mesh, decode_loops: tuple[int, ...] = (1,)):
     """Compile the sampler's prefill (``batch_size`` prompts) and decode loop (``batch_size x
-    group_size`` rows). Returns (prefill, decode, parameters, KV cache) as compiled (or
-    _OutOfMemory) programs and ShapeDtypeStructs. ``decode_loops > 1`` compiles a decode
-    program that runs the whole loop that many times over the same cache (for costing one
-    trip of the loop body: see :func:`_xla_estimate`)."""
+    group_size`` rows). Returns (prefill, decode programs, parameters, KV cache) as compiled
+    (or _OutOfMemory) programs and ShapeDtypeStructs: one decode program per entry of
+    ``decode_loops``, each running the whole loop that many times over the same cache (more
+    than once: for costing one trip of the loop body, see :func:`_xla_estimate`)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -327,29 +326,35 @@ def _sampler_programs(job: _Job, mc, mesh, decode_loops: int = 1):
     logits, cache, kv_valid, ids = jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s),
                                                 (logits, cache, kv_valid, ids), outs)
     sp = SamplingParams(max_new_tokens=m, temperature=stage.temperature, top_p=stage.get("top_p", 1.0))
-    decode = sampler._decode
-    if decode_loops > 1:
-        def repeated(params, logits, cache, kv_valid, ids, seed, prompt_index, num_samples, sp):
+
+    def repeated(loops):
+        def run(params, logits, cache, kv_valid, ids, seed, prompt_index, num_samples, sp):
             outs = []
-            for _ in range(decode_loops):
+            for _ in range(loops):
                 *out, cache = sampler._decode_impl(params, logits, cache, kv_valid, ids, seed, prompt_index,
                                                    num_samples, sp)
                 outs.append(out)
             return outs, cache
 
-        decode = jax.jit(repeated, static_argnames=("sp", "num_samples"), donate_argnames=("cache",))
-    dec = _compile(decode.lower(params, logits, cache, kv_valid, ids, _sds((), jnp.uint32, None),
-                                _sds((b,), jnp.int32, row), stage.group_size, sp=sp))
-    return pre, dec, params, cache
+        return jax.jit(run, static_argnames=("sp", "num_samples"), donate_argnames=("cache",))
+
+    decs = tuple(_compile((sampler._decode if loops == 1 else repeated(loops)).lower(
+        params, logits, cache, kv_valid, ids, _sds((), jnp.uint32, None), _sds((b,), jnp.int32, row),
+        stage.group_size, sp=sp)) for loops in decode_loops)
+    return pre, decs, params, cache
+
+
+def _cost(compiled) -> dict:
+    """XLA's cost analysis of a compiled program ({} for one the compiler refused)."""
+    if isinstance(compiled, _OutOfMemory):
+        return {}
+    cost = compiled.cost_analysis() or {}
+    return cost[0] if isinstance(cost, list) else cost
 
 
 def _xla_seconds(compiled) -> float:
     """XLA's own estimate of a compiled program's run time (its cost model's ``optimal_seconds``)."""
-    if isinstance(compiled, _OutOfMemory):
-        return float("nan")
-    cost = compiled.cost_analysis() or {}
-    cost = cost[0] if isinstance(cost, list) else cost
-    return float(cost.get("optimal_seconds", float("nan")))
+    return float(_cost(compiled).get("optimal_seconds", float("nan")))
 
 
 def _xla_estimate(job: _Job, mc, mesh, sampler_mesh, n_micro: int, rows: int) -> dict:
@@ -385,10 +390,9 @@ def _xla_estimate(job: _Job, mc, mesh, sampler_mesh, n_micro: int, rows: int) ->
                        text=dataclasses.replace(mc.text, num_layers=t))
         out = {"train": _xla_seconds(_compile(_train_program(job, m, mesh, micro_rows, 1)[0]))}
         if job.algo == "grpo":
-            pre, dec, _, _ = _sampler_programs(job, m, sampler_mesh)
-            dec2 = _sampler_programs(job, m, sampler_mesh, decode_loops=2)[1]
-            out.update(prefill=_xla_seconds(pre), decode=_xla_seconds(dec),
-                       decode_body=_xla_seconds(dec2) - _xla_seconds(dec))
+            pre, (once, twice), _, _ = _sampler_programs(job, m, sampler_mesh, decode_loops=(1, 2))
+            out.update(prefill=_xla_seconds(pre), decode=_xla_seconds(once),
+                       decode_body=_xla_seconds(twice) - _xla_seconds(once))
         return out
 
     base = times(lv, lt)
@@ -445,8 +449,7 @@ def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
                      f"data x fsdp = {shards}: not a whole number of rows per device (XLA pads or replicates)")
     lowered, state, ref = _train_program(job, mc, mesh, n, n_micro)
     compiled = _compile(lowered)
-    cost = {} if isinstance(compiled, _OutOfMemory) else (compiled.cost_analysis() or {})
-    cost = cost[0] if isinstance(cost, list) else cost
+    cost = _cost(compiled)
     programs["train"] = {**_memory(compiled, hbm), "flops": flops, "tokens": tokens,
                          "seconds": flops / (peak_s * cfg.plan.assumed_mfu),
                          "xla_flops_scan_body_once": float(cost.get("flops", float("nan")))}
@@ -455,7 +458,7 @@ def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
         opt_bytes += _per_chip_bytes(state.params)
 
     if algo == "grpo":
-        pre, dec, s_params, cache = _sampler_programs(job, mc, sampler_mesh)
+        pre, (dec,), s_params, cache = _sampler_programs(job, mc, sampler_mesh)
         b, p, m = cfg.data.batch_size, cfg.data.max_prompt_len, stage.max_new_tokens
         pre_f = forward_flops(mc, b * p, p)
         programs["prefill"] = {**_memory(pre, hbm, opt_bytes), "flops": pre_f, "tokens": b * p,

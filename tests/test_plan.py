@@ -127,13 +127,13 @@ def test_xla_estimate_counts_every_layer_and_loop_trip():
         est = _xla_estimate(job, mc, mesh, mesh, n_micro=2, rows=rows)
         unrolled = mc.replace(scan_layers=False)
         truth_half = _xla_seconds(_compile(_train_program(job, unrolled, mesh, rows // 2, 1)[0]))
-        pre, dec, _, _ = _sampler_programs(job, unrolled, mesh)
+        pre, (dec, dec2), _, _ = _sampler_programs(job, unrolled, mesh, decode_loops=(1, 2))
         assert est["train"] == pytest.approx(2 * truth_half, rel=0.1)
         assert est["prefill"] == pytest.approx(_xla_seconds(pre), rel=0.1)
         # decode: the whole loop once, then one trip of its body (what running the loop a second
         # time adds) for each further token; the setup outside the loop is counted once
         once = _xla_seconds(dec)
-        body = _xla_seconds(_sampler_programs(job, unrolled, mesh, decode_loops=2)[1]) - once
+        body = _xla_seconds(dec2) - once
         assert 0 < body < once
         assert est["decode"] == pytest.approx(once + 15 * body, rel=0.1)
         assert est["decode"] < 0.8 * 16 * once  # what multiplying the whole program by the tokens would say

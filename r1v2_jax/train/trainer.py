@@ -73,7 +73,8 @@ class Run:
         return R1V2(self.model_config)
 
     def sampler(self, params) -> Sampler:
-        """A sampler on the sampler mesh (parameters are moved there by :func:`rollout`)."""
+        """A sampler on the sampler mesh, holding ``params`` resharded for it (:func:`rollout`
+        reshards the parameters it is given again: a no-op for these)."""
         return Sampler(R1V2Model(self.model_config, self.for_sampler(params), self.sampler_mesh or self.mesh))
 
     def for_sampler(self, params):
@@ -457,7 +458,7 @@ def make_preference_records(run: Run, params, records, *, candidates: int, thres
     key = jax.random.key(seed)
     for batch in _synced(it):
         key, k = jax.random.split(key)
-        out, _ = rollout(run, sampler, params, batch, sp, candidates, k)
+        out, _ = rollout(run, sampler, sampler.model.params, batch, sp, candidates, k)  # already resharded
         total, rule, texts, _, rows = score_completions(run, out, batch["answer"], batch["choices"], candidates,
                                                         hybrid, fmt)
         total, rule = total[rows], rule[rows]
@@ -507,7 +508,7 @@ def evaluate(run: Run, params, records, *, k: int = 1, temperature: float = 0.0,
     key = jax.random.key(seed)
     for batch in _synced(it):
         key, kk = jax.random.split(key)
-        out, _ = rollout(run, sampler, params, batch, sp, k, kk)
+        out, _ = rollout(run, sampler, sampler.model.params, batch, sp, k, kk)  # already resharded
         _, rule, _, _, rows = score_completions(run, out, batch["answer"], batch["choices"], k, HybridConfig(),
                                                 FormatConfig())
         rule = rule[rows]
