@@ -21,7 +21,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-_STEP = ("import resource, sys, time; from r1v2_jax.convert import {fn}; t = time.perf_counter(); "
+_STEP = ("import resource, sys, time; from r1v2_jax.convert.converters import {fn}; t = time.perf_counter(); "
          "rc = {fn}(sys.argv[1:]); print('STEP', time.perf_counter() - t, "
          "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
 _READ = ("import os, resource, sys, time; t = time.perf_counter(); n = 0\n"
@@ -54,7 +54,7 @@ def main():
         # Written by a child process, so this process stays small (a child's peak RSS can
         # include its parent's at fork time).
         code = ("import sys; sys.path.insert(0, 'tests'); from test_convert_memory import *; "
-                "from r1v2_jax.config import model_config; "
+                "from r1v2_jax.model.config import model_config; "
                 f"cfg = wide_config() if {a.preset!r} == 'wide' else model_config({a.preset!r}); "
                 "print('LARGEST', write_synthetic_released(cfg, sys.argv[1]))")
         r = subprocess.run([sys.executable, "-c", code, src], capture_output=True, text=True, cwd=ROOT, check=True)

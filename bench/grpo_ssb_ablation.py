@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 
-from r1v2_jax.experiments import demo_config, run_experiment
+from r1v2_jax.train.experiment import demo_config, run_experiment
 
 
 def rows(run_dir):

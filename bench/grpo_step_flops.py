@@ -56,7 +56,7 @@ def main():
     import torch
 
     import r1v2_jax
-    from r1v2_jax.model import R1V2
+    from r1v2_jax.model.vlm import R1V2
     from r1v2_jax.rl.losses import PolicyLossConfig
     from r1v2_jax.train.state import OptimConfig, init_state, make_optimizer
     from r1v2_jax.train.steps import make_train_step

@@ -2,7 +2,7 @@
 temperature 1.0, adapter-only training). Set model.init to the converted checkpoint and
 data.path to a folder with train.jsonl / test.jsonl (``rl`` records)."""
 
-from r1v2_jax.experiments import released_38b_config
+from r1v2_jax.train.experiment import released_38b_config
 
 
 def get_config():

@@ -1,7 +1,7 @@
 """MPO on the released 38B model: InternVL's weights (0.8 / 0.2 / 1.0, beta 0.1), pairs from
 policy samples split at reward threshold 15 (the paper's best), adapter-only training."""
 
-from r1v2_jax.experiments import released_38b_config
+from r1v2_jax.train.experiment import released_38b_config
 
 
 def get_config():

@@ -29,7 +29,7 @@ def _table(rows: list[tuple[str, str]], title: str) -> str:
 def _distributed(args) -> None:
     """Join the other processes of a multi-host job before anything touches JAX."""
     if getattr(args, "multihost", False) or getattr(args, "coordinator", None):
-        from r1v2_jax.distributed import initialize
+        from r1v2_jax.parallel.multihost import initialize
 
         initialize(args.coordinator, args.num_processes, args.process_id, auto=args.multihost)
 
@@ -43,8 +43,8 @@ def _add_distributed_args(p) -> None:
 
 
 def cmd_train(args, overrides) -> int:
-    from r1v2_jax.experiments import format_summary, run_experiment
-    from r1v2_jax.train.config import ConfigKeyError, load_config
+    from r1v2_jax.train.experiment import format_summary, run_experiment
+    from r1v2_jax.train.config_files import ConfigKeyError, load_config
 
     try:
         cfg = load_config(args.config, overrides)
@@ -63,8 +63,8 @@ def cmd_train(args, overrides) -> int:
 def cmd_demo(args, overrides) -> int:
     """The main job: SFT -> MPO -> GRPO on the synthetic task with a tiny model, evaluated after
     each stage, exported to the released format and reloaded."""
-    from r1v2_jax.experiments import demo_config, format_summary, run_experiment
-    from r1v2_jax.train.config import apply_override
+    from r1v2_jax.train.experiment import demo_config, format_summary, run_experiment
+    from r1v2_jax.train.config_files import apply_override
 
     cfg = demo_config()
     cfg.lock()
@@ -133,8 +133,8 @@ def cmd_smoke(args) -> int:
 
 def cmd_info(args) -> int:
     import r1v2_jax
-    from r1v2_jax.hf_config import read_config
-    from r1v2_jax.model import abstract_params
+    from r1v2_jax.convert.hf_config import read_config
+    from r1v2_jax.model.vlm import abstract_params
 
     cfg = read_config(args.model) if args.model else r1v2_jax.model_config(args.preset)
     ap = abstract_params(cfg, boxed=False)
@@ -239,8 +239,9 @@ def cmd_eval(args) -> int:
     from r1v2_jax.data.pipeline import PipelineConfig
     from r1v2_jax.data.prompt import PromptBuilder
     from r1v2_jax.data.tokenizer import chat_template, load_tokenizer
-    from r1v2_jax.train.logging import MetricsLog
-    from r1v2_jax.train.trainer import Run, evaluate
+    from r1v2_jax.train.metrics_log import MetricsLog
+    from r1v2_jax.train.evaluate import evaluate
+    from r1v2_jax.train.run import Run
 
     try:
         tok = load_tokenizer(args.model)
@@ -270,8 +271,8 @@ def cmd_eval(args) -> int:
 def cmd_plan(args, overrides) -> int:
     import json
 
-    from r1v2_jax.plan import format_plan, plan
-    from r1v2_jax.train.config import ConfigKeyError, load_config
+    from r1v2_jax.plan.planner import format_plan, plan
+    from r1v2_jax.train.config_files import ConfigKeyError, load_config
 
     try:
         cfg = load_config(args.config, overrides)

@@ -308,9 +308,9 @@ def test_preference_and_sft_batches(tmp_path):
 
 
 def test_image_settings_from_a_released_config(tmp_path):
-    from r1v2_jax.config import model_config
+    from r1v2_jax.model.config import model_config
     from r1v2_jax.data.image import image_settings
-    from r1v2_jax.hf_formats import released_config_dict
+    from r1v2_jax.convert.transformers_format import released_config_dict
 
     c = released_config_dict(model_config("tiny"))
     c.update(force_image_size=84, max_dynamic_patch=6, use_thumbnail=False)

@@ -8,7 +8,7 @@ from tokenizers import Tokenizer
 
 import r1v2_jax
 from r1v2_jax.cli import main
-from r1v2_jax.config import model_config
+from r1v2_jax.model.config import model_config
 from r1v2_jax.data.image import IMAGENET_MEAN, IMAGENET_STD, closest_grid, preprocess, target_ratios
 from r1v2_jax.data.prompt import chatml, expand_images
 from r1v2_jax.data.tokenizer import tiny_tokenizer
@@ -48,7 +48,7 @@ def test_generate_command_prints_the_greedy_answer(tiny_dir, capsys):
 
 
 def test_generate_from_our_checkpoint(tiny_dir, capsys):
-    from r1v2_jax.convert import hf_to_jax
+    from r1v2_jax.convert.converters import hf_to_jax
 
     d, _ = tiny_dir
     hf_to_jax(str(d / "model"), str(d / "ours"))

@@ -8,11 +8,11 @@ import torch
 from safetensors.numpy import save_file
 
 import r1v2_jax
-from r1v2_jax import keymap
-from r1v2_jax.config import model_config
-from r1v2_jax.hf_formats import native_to_released, released_to_native
-from r1v2_jax.hf_io import CheckpointFormatError, SafetensorsDir
-from r1v2_jax.model import init_params
+from r1v2_jax.convert import keymap
+from r1v2_jax.model.config import model_config
+from r1v2_jax.convert.transformers_format import native_to_released, released_to_native
+from r1v2_jax.convert.safetensors_io import CheckpointFormatError, SafetensorsDir
+from r1v2_jax.model.vlm import init_params
 from torch_ref import internvl_reference, write_released
 
 import jax

@@ -75,7 +75,7 @@ def test_dry_run_prints_the_whole_sequence():
     assert not re.search(pattern, f"bash -c {follow}")
 
     # the worker command is a valid `r1v2 train` call: its overrides name real keys of the config
-    from r1v2_jax.train.config import load_config
+    from r1v2_jax.train.config_files import load_config
 
     overrides = [a for a in argv if a.startswith("--config.")]
     cfg = load_config(os.path.join(ROOT, "configs", "grpo_38b.py"), overrides)

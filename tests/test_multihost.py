@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pytest
 
-from r1v2_jax.hf_io import SafetensorsDir
+from r1v2_jax.convert.safetensors_io import SafetensorsDir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--config.stages=('sft','grpo')", "--config.sft.steps=20", "--config.grpo.steps={steps}",

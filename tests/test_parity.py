@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import r1v2_jax
-from r1v2_jax.config import VisionConfig, model_config
-from r1v2_jax.text import DecoderLayer, rope_tables, causal_mask
-from r1v2_jax.vision import Adapter, VisionBlock, VisionEmbeddings
+from r1v2_jax.model.config import VisionConfig, model_config
+from r1v2_jax.model.qwen2 import DecoderLayer, rope_tables, causal_mask
+from r1v2_jax.model.vision import Adapter, VisionBlock, VisionEmbeddings
 from torch_ref import internvl_reference, write_released
 
 BLOCK_TOL = 1e-5

@@ -6,7 +6,7 @@ import jax
 import pytest
 
 from r1v2_jax.cli import main
-from r1v2_jax.plan import parse_topology
+from r1v2_jax.plan.planner import parse_topology
 
 
 def test_topology_names():
@@ -37,9 +37,9 @@ def test_plan_tiny_on_a_small_tpu_slice(tmp_path, capsys):
     # the chip's quarter of the KV cache
     import numpy as np
 
-    from r1v2_jax.experiments import model_config_from
-    from r1v2_jax.model import abstract_params
-    from r1v2_jax.train.config import load_config
+    from r1v2_jax.train.experiment import model_config_from
+    from r1v2_jax.model.vlm import abstract_params
+    from r1v2_jax.train.config_files import load_config
 
     mc = model_config_from(load_config("configs/demo.py"))
     weights = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(abstract_params(mc, boxed=False)))
@@ -85,7 +85,7 @@ def test_compiler_out_of_memory_is_a_report_not_a_crash(tmp_path, capsys):
     """When activations exceed HBM the TPU compiler itself refuses (RESOURCE_EXHAUSTED): the plan
     reports that program as not fitting, with the compiler's figure, and exits 1."""
     pytest.importorskip("libtpu")
-    from r1v2_jax.plan import _memory, _OutOfMemory
+    from r1v2_jax.plan.planner import _memory, _OutOfMemory
 
     oom = _OutOfMemory("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. ... the total memory required "
                        "for HLO temporaries (100.21G) exceeds available HBM (95.74G).")
@@ -109,11 +109,11 @@ def test_xla_estimate_counts_every_layer_and_loop_trip():
     agrees within 10% (XLA's cost model is close to, not exactly, linear in the layer count:
     fusion and scheduling differ a little from one layer count to the next)."""
     pytest.importorskip("libtpu")
-    from r1v2_jax.experiments import model_config_from
-    from r1v2_jax.plan import (_compile, _devices, _Job, _sampler_programs, _train_program, _xla_estimate,
+    from r1v2_jax.train.experiment import model_config_from
+    from r1v2_jax.plan.planner import (_compile, _devices, _Job, _sampler_programs, _train_program, _xla_estimate,
                                _xla_seconds, no_compile_cache_writes)
-    from r1v2_jax.sharding import make_mesh
-    from r1v2_jax.train.config import load_config
+    from r1v2_jax.parallel.sharding import make_mesh
+    from r1v2_jax.train.config_files import load_config
 
     with no_compile_cache_writes():
         cfg = load_config("configs/demo.py", ["--config.model.text_layers=6", "--config.model.vision_layers=5",

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from r1v2_jax.config import model_config
+from r1v2_jax.model.config import model_config
 from r1v2_jax.rewards.calibration import (Candidate, HallucinationMonitor, MonitorConfig, build_pairs,
                                           contradicts_facts, format_report, threshold_report)
 from r1v2_jax.rewards.format import FormatConfig, format_reward
@@ -129,7 +129,7 @@ def test_reward_model_bradley_terry_training():
     acc = float((score(params, held[0], None, mask) > score(params, held[1], None, mask)).mean())
     assert acc >= 0.9 and acc > acc0 + 0.2, (acc0, acc)
     # the backbone slot takes a policy's parameters as they are
-    from r1v2_jax.model import init_params
+    from r1v2_jax.model.vlm import init_params
     policy = init_params(cfg, jax.random.key(1))
     rm = init_reward_params(cfg, jax.random.key(2), backbone_params=policy)
     assert rm["backbone"] is policy and rm["value_head"]["kernel"].shape == (cfg.text.hidden_size, 1)

@@ -9,9 +9,9 @@ import torch
 from scipy import stats
 
 import r1v2_jax
-from r1v2_jax.config import model_config
-from r1v2_jax.sampler import Sampler, SamplingParams, generate, process_logits, sample_step
-from r1v2_jax.sharding import make_mesh
+from r1v2_jax.model.config import model_config
+from r1v2_jax.sampling.sampler import Sampler, SamplingParams, generate, process_logits, sample_step
+from r1v2_jax.parallel.sharding import make_mesh
 from torch_ref import internvl_reference, write_released
 
 

@@ -10,10 +10,10 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import r1v2_jax
-from r1v2_jax import keymap
-from r1v2_jax.config import VisionConfig, model_config
-from r1v2_jax.model import R1V2, R1V2Model, abstract_params, init_params, param_shardings
-from r1v2_jax.sharding import logical_to_pspec, make_mesh
+from r1v2_jax.convert import keymap
+from r1v2_jax.model.config import VisionConfig, model_config
+from r1v2_jax.model.vlm import R1V2, R1V2Model, abstract_params, init_params, param_shardings
+from r1v2_jax.parallel.sharding import logical_to_pspec, make_mesh
 
 TOL = 1e-5
 

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from scipy import stats
 
 from r1v2_jax.rl.ssb import SSBConfig, sampling_weights, ssb_add, ssb_init, ssb_mix, ssb_sample, ssb_shardings
-from r1v2_jax.sharding import make_mesh
+from r1v2_jax.parallel.sharding import make_mesh
 
 N = 8  # samples per add
 

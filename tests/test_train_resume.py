@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from r1v2_jax.hf_io import SafetensorsDir
+from r1v2_jax.convert.safetensors_io import SafetensorsDir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = ["--config.sft.steps=40", "--config.mpo.threshold=0.5", "--config.mpo.steps=6", "--config.grpo.steps=6", "--config.checkpoint.every=2",

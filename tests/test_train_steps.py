@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from r1v2_jax.config import model_config
-from r1v2_jax.model import R1V2, init_params
+from r1v2_jax.model.config import model_config
+from r1v2_jax.model.vlm import R1V2, init_params
 from r1v2_jax.rl.losses import PolicyLossConfig
 from r1v2_jax.rl.mpo import MPOConfig
 from r1v2_jax.train.state import OptimConfig, init_state, make_optimizer

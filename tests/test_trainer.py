@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 
 import r1v2_jax
-from r1v2_jax.experiments import demo_config, run_experiment
-from r1v2_jax.model import init_params, param_shardings
-from r1v2_jax.sharding import make_mesh
-from r1v2_jax.train.config import ConfigKeyError, load_config
-from r1v2_jax.train.logging import MetricsLog
+from r1v2_jax.train.experiment import demo_config, run_experiment
+from r1v2_jax.model.vlm import init_params, param_shardings
+from r1v2_jax.parallel.sharding import make_mesh
+from r1v2_jax.train.config_files import ConfigKeyError, load_config
+from r1v2_jax.train.metrics_log import MetricsLog
 from r1v2_jax.train.state import OptimConfig, init_state, make_optimizer
-from r1v2_jax.train.trainer import Run, StageCheckpoints
+from r1v2_jax.train.checkpoints import StageCheckpoints
+from r1v2_jax.train.run import Run
 
 
 def test_unknown_config_key_is_an_error():

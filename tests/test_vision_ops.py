@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from r1v2_jax.interpolate import bicubic_matrix, resize_grid
-from r1v2_jax.model import merge_image_features
-from r1v2_jax.vision import pixel_shuffle
+from r1v2_jax.model.interpolate import bicubic_matrix, resize_grid
+from r1v2_jax.model.vlm import merge_image_features
+from r1v2_jax.model.vision import pixel_shuffle
 
 
 @pytest.mark.parametrize("src,dst", [((32, 32), (24, 24)), ((32, 32), (40, 40)), ((4, 4), (7, 7)),
@@ -76,7 +76,7 @@ def test_merge_no_image_tokens_is_identity():
 
 
 def test_per_row_merge_matches_flat_merge_and_ignores_padding():
-    from r1v2_jax.model import merge_image_features_per_row
+    from r1v2_jax.model.vlm import merge_image_features_per_row
 
     rng = np.random.default_rng(0)
     text = jnp.asarray(rng.normal(size=(2, 6, 3)), jnp.float32)

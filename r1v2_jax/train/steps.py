@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from r1v2_jax.distributed import batch_shards
-from r1v2_jax.model import R1V2, param_shardings
+from r1v2_jax.model.vlm import R1V2, param_shardings
+from r1v2_jax.parallel.multihost import batch_shards
+from r1v2_jax.parallel.sharding import use_mesh_rules
 from r1v2_jax.rewards.reward_model import RewardModel, bradley_terry_loss
 from r1v2_jax.rl.losses import LossSum, PolicyLossConfig, policy_loss, sequence_logprobs, token_entropy
 from r1v2_jax.rl.mpo import MPOConfig, bco_delta_update, implicit_rewards, mpo_loss
-from r1v2_jax.sharding import use_mesh_rules
 from r1v2_jax.train.state import TrainState, apply_gradients, trainable_labels
 
 log = logging.getLogger("r1v2_jax.train")
@@ -147,7 +147,7 @@ def make_train_step(kind: str, module, optimizer: optax.GradientTransformation, 
     fn = losses[kind]
 
     def step(state: TrainState, batch: dict, ref_params):
-        from r1v2_jax.sharding import DEFAULT_RULES
+        from r1v2_jax.parallel.sharding import DEFAULT_RULES
 
         if mesh is not None:  # trace time: say when micro-batches cannot be split evenly over the batch axes
             rows = jax.tree.leaves(batch)[0].shape[0] // n_micro

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Iterator, Mapping
 
-from r1v2_jax.config import ModelConfig
+from r1v2_jax.model.config import ModelConfig
 
 # (native regex, released template); applied in order, first match wins.
 _RENAMES = [

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from r1v2_jax.sharding import constrain
+from r1v2_jax.parallel.sharding import constrain
 
 Dtype = jnp.dtype
 Initializer = Callable[..., jax.Array]

@@ -8,12 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from r1v2_jax.config import DTYPES, ConfigError
-from r1v2_jax.hf_config import read_config
-from r1v2_jax.hf_io import SafetensorsDir
-from r1v2_jax.keymap import released_to_params
-from r1v2_jax.model import R1V2Model, param_shardings
-from r1v2_jax.sharding import DEFAULT_RULES
+from r1v2_jax.model.config import DTYPES, ConfigError
+from r1v2_jax.convert.hf_config import read_config
+from r1v2_jax.convert.safetensors_io import SafetensorsDir
+from r1v2_jax.convert.keymap import released_to_params
+from r1v2_jax.model.vlm import R1V2Model, param_shardings
+from r1v2_jax.parallel.sharding import DEFAULT_RULES
 
 
 def load_pretrained(path: str | os.PathLike, dtype: str = "float32", *, mesh=None, rules=DEFAULT_RULES,
@@ -25,12 +25,12 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", *, mesh=Non
       path: the HF directory (as downloaded from ``Skywork/Skywork-R1V2-38B``).
       dtype: parameter and compute dtype (``float32``, ``bfloat16`` or ``float16``).
       mesh: optional ``data`` x ``fsdp`` x ``tensor`` mesh; parameters are placed sharded on it.
-      scan_layers / remat_policy: how the towers run (see :class:`r1v2_jax.config.ModelConfig`).
+      scan_layers / remat_policy: how the towers run (see :class:`r1v2_jax.model.config.ModelConfig`).
       image_token_id: the ``<IMG_CONTEXT>`` id; by default read from the tokenizer files.
-      strict: refuse unknown ``config.json`` keys (see :mod:`r1v2_jax.hf_config`).
+      strict: refuse unknown ``config.json`` keys (see :mod:`r1v2_jax.convert.hf_config`).
 
     Tensors are read one at a time; a missing key, an extra key or a wrong shape raises
-    :class:`r1v2_jax.keymap.CheckpointKeyError` naming the key and both shapes.
+    :class:`r1v2_jax.convert.keymap.CheckpointKeyError` naming the key and both shapes.
     """
     if dtype not in DTYPES:
         raise ConfigError(f"load_pretrained: dtype must be one of {DTYPES}, got {dtype!r}")
@@ -55,9 +55,9 @@ def save_released(model: R1V2Model, out_dir: str | os.PathLike, *, dtype: str | 
 
     Tensors are converted one at a time. ``dtype`` casts on the way out (default: as stored).
     """
-    from r1v2_jax.hf_formats import released_config_dict
-    from r1v2_jax.hf_io import write_safetensors_dir
-    from r1v2_jax.keymap import key_entries, params_to_released
+    from r1v2_jax.convert.transformers_format import released_config_dict
+    from r1v2_jax.convert.safetensors_io import write_safetensors_dir
+    from r1v2_jax.convert.keymap import key_entries, params_to_released
 
     np_dtype = None if dtype is None else jnp.dtype(dtype)
     stored = str(np_dtype or jnp.dtype(model.config.param_dtype))
@@ -75,7 +75,7 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, dtype: str | None = None, *, me
                     scan_layers: bool = True, remat_policy: str = "none") -> R1V2Model:
     """Load our parameter checkpoint (written by ``tools/convert_weights/hf_to_jax.py``), sharded
     on ``mesh`` when given: each device reads only its own shard."""
-    from r1v2_jax.checkpoint import checkpoint_config, load_params
+    from r1v2_jax.convert.param_store import checkpoint_config, load_params
 
     opts = dict(scan_layers=scan_layers, remat_policy=remat_policy)
     if dtype is not None:
@@ -90,7 +90,7 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, dtype: str | None = None, *, me
 def load_model(path: str | os.PathLike, dtype: str | None = None, **kw) -> R1V2Model:
     """Either format: our checkpoint (it has ``r1v2_params.json``) via :func:`load_checkpoint`,
     otherwise a released HF directory via :func:`load_pretrained` (float32 unless ``dtype``)."""
-    from r1v2_jax.checkpoint import META_FILE
+    from r1v2_jax.convert.param_store import META_FILE
 
     if os.path.exists(os.path.join(os.fspath(path), META_FILE)):
         return load_checkpoint(path, dtype, **kw)

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from r1v2_jax.config import ModelConfig
+from r1v2_jax.model.config import ModelConfig
 
 
 class CheckpointKeyError(KeyError):
@@ -137,7 +137,7 @@ def _flat_paths(tree) -> dict[tuple[str, ...], tuple[int, ...]]:
 @functools.lru_cache(maxsize=32)
 def key_entries(config: ModelConfig) -> tuple[KeyEntry, ...]:
     """Every released tensor of a model with this config, in released-checkpoint order."""
-    from r1v2_jax.model import abstract_params  # late import: model imports nothing from here
+    from r1v2_jax.model.vlm import abstract_params  # late import: model imports nothing from here
 
     ours = _flat_paths(abstract_params(config, boxed=False))
     covered: set[tuple[str, ...]] = set()

@@ -221,7 +221,7 @@ def _abstract_state(job: _Job, mc, mesh):
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from r1v2_jax.model import abstract_params, param_shardings
+    from r1v2_jax.model.vlm import abstract_params, param_shardings
     from r1v2_jax.train.state import OptimConfig, TrainState, make_optimizer
 
     stage = job.cfg[job.algo]
@@ -259,7 +259,7 @@ def _train_program(job: _Job, mc, mesh, rows: int, n_micro: int):
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from r1v2_jax.model import R1V2
+    from r1v2_jax.model.vlm import R1V2
     from r1v2_jax.rl.losses import PolicyLossConfig
     from r1v2_jax.rl.mpo import MPOConfig
     from r1v2_jax.train.steps import make_train_step
@@ -301,8 +301,8 @@ def _sampler_programs(job: _Job, mc, mesh, decode_loops: tuple[int, ...] = (1,))
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from r1v2_jax.model import R1V2Model, abstract_params, param_shardings
-    from r1v2_jax.sampler import Sampler, SamplingParams
+    from r1v2_jax.model.vlm import R1V2Model, abstract_params, param_shardings
+    from r1v2_jax.sampling.sampler import Sampler, SamplingParams
 
     cfg, stage = job.cfg, job.cfg.grpo
     params = jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s), abstract_params(mc, boxed=False),
@@ -316,8 +316,8 @@ def _sampler_programs(job: _Job, mc, mesh, decode_loops: tuple[int, ...] = (1,))
     pre = _compile(sampler._prefill.lower(*pre_args, **kw))
     logits, cache, kv_valid, ids = jax.eval_shape(lambda *a: sampler._prefill_impl(*a, **kw), *pre_args)
     if isinstance(pre, _OutOfMemory):  # decode's inputs as the constraints lay them out
-        from r1v2_jax.sharding import logical_to_pspec
-        from r1v2_jax.text import CACHE_AXES
+        from r1v2_jax.parallel.sharding import logical_to_pspec
+        from r1v2_jax.model.qwen2 import CACHE_AXES
 
         cache_sh = NamedSharding(mesh, logical_to_pspec(CACHE_AXES, shape=cache[0].shape, mesh=mesh))
         outs = (row, (cache_sh, cache_sh), row, row)
@@ -377,7 +377,7 @@ def _xla_estimate(job: _Job, mc, mesh, sampler_mesh, n_micro: int, rows: int) ->
       ``decode = t(one loop) + (max_new_tokens - 1)·t(body)``. What runs once, outside the
       loop (e.g. the cache's layout changes into and out of the loop), is counted once.
     """
-    from r1v2_jax.distributed import batch_shards
+    from r1v2_jax.parallel.multihost import batch_shards
 
     lv, lt = min(2, mc.vision.num_layers), min(2, mc.text.num_layers)
     hv, ht = min(lv + 2, mc.vision.num_layers), min(lt + 2, mc.text.num_layers)
@@ -413,9 +413,9 @@ def _xla_estimate(job: _Job, mc, mesh, sampler_mesh, n_micro: int, rows: int) ->
 def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
     import jax
 
-    from r1v2_jax.distributed import batch_shards
-    from r1v2_jax.experiments import model_config_from
-    from r1v2_jax.sharding import make_mesh
+    from r1v2_jax.parallel.multihost import batch_shards
+    from r1v2_jax.train.experiment import model_config_from
+    from r1v2_jax.parallel.sharding import make_mesh
 
     topo = parse_topology(topology)
     hbm = hbm_bytes or topo.hbm_bytes

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from r1v2_jax.config import ModelConfig
+from r1v2_jax.model.config import ModelConfig
 
 META_FILE = "r1v2_params.json"
 FORMAT = "r1v2-params"
@@ -169,8 +169,8 @@ def load_params(ckpt_dir: str, config: ModelConfig | None = None, *, mesh=None, 
     the stored config is used with ``dtype`` as parameter/compute dtype. The scan or unrolled
     layout follows ``config.scan_layers``. With a mesh, every device reads only its shard.
     """
-    from r1v2_jax.model import abstract_params, param_shardings
-    from r1v2_jax.sharding import DEFAULT_RULES
+    from r1v2_jax.model.vlm import abstract_params, param_shardings
+    from r1v2_jax.parallel.sharding import DEFAULT_RULES
 
     meta = read_metadata(ckpt_dir)
     stored = ModelConfig.from_config_dict(meta["model_config"])

@@ -30,7 +30,7 @@ def demo_config() -> ml_collections.ConfigDict:
         text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2, text_mlp=256, vocab_size=256,
         image_token_id=255,
         # "" = the model's own (the 38B preset: full; tiny presets and checkpoints read from
-        # config.json: none); full | dots | save_qkv_attn | none (r1v2_jax.layers.remat_policy)
+        # config.json: none); full | dots | save_qkv_attn | none (r1v2_jax.model.layers.remat_policy)
         remat_policy=""))
     c.data = ml_collections.ConfigDict(dict(
         path="", synthetic_n=600, synthetic_categories=("color",), synthetic_max_difficulty=1,
@@ -56,7 +56,7 @@ def demo_config() -> ml_collections.ConfigDict:
     # r1v2 plan: the meshes (() = the run's mesh / sampler_mesh above; the learner's default
     # (1, -1, 1)), remat policy ("" = model.remat_policy, else full) and tiles per prompt to
     # compile for, the efficiencies its roofline step time assumes, and whether to also compile
-    # the few-layer variants behind XLA's own step-time estimate (see r1v2_jax/plan.py)
+    # the few-layer variants behind XLA's own step-time estimate (see r1v2_jax/plan/planner.py)
     c.plan = ml_collections.ConfigDict(dict(mesh=(), sampler_mesh=(), remat_policy="",
                                             tiles_per_sample=1, assumed_mfu=0.4, assumed_bandwidth_util=0.7,
                                             xla_estimate=True))
@@ -94,7 +94,7 @@ def released_38b_config(stage: str) -> ml_collections.ConfigDict:
 
 
 def model_config_from(c: ml_collections.ConfigDict):
-    from r1v2_jax.config import ModelConfig, TextConfig, VisionConfig, model_config
+    from r1v2_jax.model.config import ModelConfig, TextConfig, VisionConfig, model_config
 
     m = c.model
     if m.preset != "tiny" or m.init != "random":
@@ -115,8 +115,8 @@ def cold_start_response(record: dict) -> str:
 
 
 def _ensure_data(c) -> str:
-    from r1v2_jax import distributed as dist
     from r1v2_jax.data.synthetic import make_synthetic
+    from r1v2_jax.parallel import multihost as dist
 
     path = c.data.path or os.path.join(c.run_dir, "data")
 
@@ -134,7 +134,7 @@ def _ensure_data(c) -> str:
 
 
 def _mesh(c, key: str = "mesh"):
-    from r1v2_jax.sharding import make_mesh
+    from r1v2_jax.parallel.sharding import make_mesh
 
     shape = tuple(c[key])
     if key == "mesh" and not shape and jax.process_count() > 1:
@@ -151,17 +151,21 @@ def run_experiment(c: ml_collections.ConfigDict) -> dict:
     from r1v2_jax.data.pipeline import PipelineConfig
     from r1v2_jax.data.prompt import PromptBuilder
     from r1v2_jax.data.tokenizer import tiny_tokenizer
-    from r1v2_jax.model import init_params
+    from r1v2_jax.model.vlm import init_params
+    from r1v2_jax.parallel import multihost as dist
     from r1v2_jax.rewards.format import FormatConfig
     from r1v2_jax.rl.losses import PolicyLossConfig
     from r1v2_jax.rl.mpo import MPOConfig
     from r1v2_jax.rl.ssb import SSBConfig
-    from r1v2_jax.sampler import SamplingParams
-    from r1v2_jax.train import trainer as T
-    from r1v2_jax.train.logging import MetricsLog, plot_curves
+    from r1v2_jax.sampling.sampler import SamplingParams
+    from r1v2_jax.train.checkpoints import sync_logs
+    from r1v2_jax.train.evaluate import evaluate
+    from r1v2_jax.train.run import Run
+    from r1v2_jax.train.stages.grpo import GRPOConfig, run_grpo
+    from r1v2_jax.train.stages.mpo import make_preference_records, run_mpo
+    from r1v2_jax.train.stages.sft import run_sft
+    from r1v2_jax.train.metrics_log import MetricsLog, plot_curves
     from r1v2_jax.train.state import OptimConfig
-
-    from r1v2_jax import distributed as dist
 
     t_start = time.perf_counter()
     os.makedirs(c.run_dir, exist_ok=True)
@@ -194,7 +198,7 @@ def run_experiment(c: ml_collections.ConfigDict) -> dict:
     if c.model.remat_policy:
         mc = mc.replace(remat_policy=c.model.remat_policy)
     if mesh is not None:
-        from r1v2_jax.model import param_shardings
+        from r1v2_jax.model.vlm import param_shardings
 
         params = jax.device_put(params, param_shardings(mc, mesh))
     data_dir = _ensure_data(c)
@@ -208,9 +212,9 @@ def run_experiment(c: ml_collections.ConfigDict) -> dict:
                           dynamic_tiling=c.data.dynamic_tiling, max_tiles=c.data.max_tiles,
                           length_buckets=(c.data.max_prompt_len, c.data.max_prompt_len + c.data.max_completion_len),
                           process_index=jax.process_index(), process_count=jax.process_count())
-    T.sync_logs(c.run_dir, c.checkpoint.dir, pull=True)  # resuming on a new machine: continue the kept logs
+    sync_logs(c.run_dir, c.checkpoint.dir, pull=True)  # resuming on a new machine: continue the kept logs
     metrics = MetricsLog(c.run_dir, is_main=jax.process_index() == 0)
-    run = T.Run(mc, tok, builder, c.run_dir, metrics, seed=c.seed, checkpoint_every=c.checkpoint.every,
+    run = Run(mc, tok, builder, c.run_dir, metrics, seed=c.seed, checkpoint_every=c.checkpoint.every,
                 checkpoint_dir=c.checkpoint.dir,
                 keep=c.checkpoint.keep, async_checkpoints=c.checkpoint.async_save, progress=c.progress, pipeline=pipe,
                 mesh=mesh, sampler_mesh=sampler_mesh)
@@ -224,7 +228,7 @@ def run_experiment(c: ml_collections.ConfigDict) -> dict:
         if done is not None:
             evals[name] = {"pass@1": done["pass@1"], "n": done["n"], "per_category": done["per_category"]}
             return
-        r = T.evaluate(run, p, test, k=c.eval.k, temperature=c.eval.temperature,
+        r = evaluate(run, p, test, k=c.eval.k, temperature=c.eval.temperature,
                        max_new_tokens=c.eval.max_new_tokens, seed=c.seed)
         evals[name] = r
         metrics.write({"stage": f"eval_{name}", "step": 0, "pass@1": r["pass@1"], "n": r["n"],
@@ -235,28 +239,28 @@ def run_experiment(c: ml_collections.ConfigDict) -> dict:
     for stage in c.stages:
         if stage == "sft":
             sft_records = [dict(r, prompt=r["question"], response=cold_start_response(r)) for r in train]
-            params = T.run_sft(run, params, sft_records, c.sft.steps,
+            params = run_sft(run, params, sft_records, c.sft.steps,
                                OptimConfig(lr=c.sft.lr, trainable=c.sft.trainable), c.sft.micro_batches)
             ref = jax.tree.map(jnp.copy, params)  # its own buffers: train steps donate the state
         elif stage == "mpo":
             ref = ref if ref is not None else jax.tree.map(jnp.copy, params)
             sp = SamplingParams(max_new_tokens=c.data.max_completion_len, temperature=c.mpo.temperature,
                                 eos_ids=run.eos_ids(), pad_id=run.eos_ids()[0])
-            pref, info = T.make_preference_records(run, params, train[: c.mpo.prompts], candidates=c.mpo.candidates,
+            pref, info = make_preference_records(run, params, train[: c.mpo.prompts], candidates=c.mpo.candidates,
                                                    threshold=c.mpo.threshold, sp=sp, batch_size=c.data.batch_size,
                                                    seed=c.seed)
             if find("mpo_pairs") is None:
                 metrics.write({"stage": "mpo_pairs", "step": 0, **info})
             if pref:
-                params = T.run_mpo(run, params, ref, pref, c.mpo.steps,
+                params = run_mpo(run, params, ref, pref, c.mpo.steps,
                                    OptimConfig(lr=c.mpo.lr, trainable=c.mpo.trainable),
                                    MPOConfig(beta=c.mpo.beta, w_pref=c.mpo.w_pref, w_quality=c.mpo.w_quality,
                                              w_gen=c.mpo.w_gen), n_micro=c.mpo.micro_batches)
         elif stage == "grpo":
             g = c.grpo
-            params = T.run_grpo(
+            params = run_grpo(
                 run, params, train, g.steps, OptimConfig(lr=g.lr, trainable=g.trainable),
-                T.GRPOConfig(group_size=g.group_size, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+                GRPOConfig(group_size=g.group_size, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
                              micro_batches=g.micro_batches, advantage=g.advantage, use_ssb=g.use_ssb,
                              dynamic_sampling=g.dynamic_sampling, kl_coef=g.kl_coef),
                 PolicyLossConfig(clip_low=g.clip_low, clip_high=g.clip_high, aggregation=g.aggregation,
@@ -277,7 +281,7 @@ def run_experiment(c: ml_collections.ConfigDict) -> dict:
         with open(os.path.join(c.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, default=str)
     metrics.close()
-    T.sync_logs(c.run_dir, c.checkpoint.dir)  # summary.json beside the checkpoints marks the run finished (launch/tpu_pod.py)
+    sync_logs(c.run_dir, c.checkpoint.dir)  # summary.json beside the checkpoints marks the run finished (launch/tpu_pod.py)
     dist.barrier("run-finished")
     return summary
 
@@ -285,7 +289,7 @@ def run_experiment(c: ml_collections.ConfigDict) -> dict:
 def _export(run, params) -> dict:
     """Save the final model in the released HF format and check that it reloads exactly."""
     import r1v2_jax
-    from r1v2_jax.model import R1V2Model
+    from r1v2_jax.model.vlm import R1V2Model
 
     out = os.path.join(run.run_dir, "export", "released")
     model = R1V2Model(run.model_config, params)

@@ -1,6 +1,6 @@
 """Streaming weight conversion between the released HF checkpoint and our parameter checkpoint.
 
-* :func:`hf_to_jax`: released safetensors (one file or shards) -> :mod:`r1v2_jax.checkpoint`.
+* :func:`hf_to_jax`: released safetensors (one file or shards) -> :mod:`r1v2_jax.convert.param_store`.
 * :func:`jax_to_hf`: our checkpoint -> released format (``released``) or the native
   transformers ``InternVLForConditionalGeneration`` format (``transformers``).
 
@@ -22,13 +22,13 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from r1v2_jax.checkpoint import META_FILE, ParamWriter, default_chunks, leaf_name, read_metadata
-from r1v2_jax.config import ModelConfig
-from r1v2_jax.hf_config import read_config
-from r1v2_jax.hf_formats import native_config_dict, native_parts, released_config_dict
-from r1v2_jax.hf_io import INDEX_FILE, SINGLE_FILE, SafetensorsDir, fresh_output_dir, publish_dir, \
+from r1v2_jax.convert.param_store import META_FILE, ParamWriter, default_chunks, leaf_name, read_metadata
+from r1v2_jax.model.config import ModelConfig
+from r1v2_jax.convert.hf_config import read_config
+from r1v2_jax.convert.transformers_format import native_config_dict, native_parts, released_config_dict
+from r1v2_jax.convert.safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsDir, fresh_output_dir, publish_dir, \
     write_safetensors_dir
-from r1v2_jax.keymap import check_keys, key_entries
+from r1v2_jax.convert.keymap import check_keys, key_entries
 
 # Files of an HF directory that travel with the weights (never weights, never pickles).
 _SIDE_FILES = (".json", ".py", ".txt", ".model", ".tiktoken", ".md", ".jinja")
@@ -102,8 +102,8 @@ def _plan_leaves(config: ModelConfig, dtype: str, mesh_shape) -> dict[str, dict]
     import flax.linen as nn
     import jax
 
-    from r1v2_jax.model import abstract_params
-    from r1v2_jax.sharding import DEFAULT_RULES, logical_to_pspec
+    from r1v2_jax.model.vlm import abstract_params
+    from r1v2_jax.parallel.sharding import DEFAULT_RULES, logical_to_pspec
 
     boxed = abstract_params(config, boxed=True)
     out = {}
@@ -140,7 +140,7 @@ def jax_to_hf(ckpt_dir: str, out_dir: str, *, fmt: str = "released", dtype: str 
     meta = read_metadata(ckpt_dir)
     config = ModelConfig.from_config_dict(meta["model_config"]).replace(scan_layers=True)
     out_dtype = jnp.dtype(dtype or config.param_dtype)
-    from r1v2_jax.checkpoint import open_leaves
+    from r1v2_jax.convert.param_store import open_leaves
 
     arrays = open_leaves(ckpt_dir, meta)
     entries = key_entries(config)

@@ -8,10 +8,10 @@ from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
-from r1v2_jax.config import ModelConfig, VisionConfig
-from r1v2_jax.interpolate import resize_grid
-from r1v2_jax.layers import CKPT_ATTN_OUT, CKPT_QKV, LayerNorm, LayerStack, Linear, RMSNorm, gelu_exact, param
-from r1v2_jax.sharding import constrain
+from r1v2_jax.model.config import ModelConfig, VisionConfig
+from r1v2_jax.model.interpolate import resize_grid
+from r1v2_jax.model.layers import CKPT_ATTN_OUT, CKPT_QKV, LayerNorm, LayerStack, Linear, RMSNorm, gelu_exact, param
+from r1v2_jax.parallel.sharding import constrain
 
 ACT = ("act_batch", "act_len", "act_embed")
 

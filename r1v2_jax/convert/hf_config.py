@@ -14,7 +14,7 @@ import json
 import os
 from typing import Any, Mapping
 
-from r1v2_jax.config import ConfigError, ModelConfig, TextConfig, VisionConfig
+from r1v2_jax.model.config import ConfigError, ModelConfig, TextConfig, VisionConfig
 
 IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 

@@ -7,9 +7,9 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
-from r1v2_jax.config import ModelConfig, TextConfig
-from r1v2_jax.layers import CKPT_ATTN_OUT, CKPT_QKV, LayerStack, Linear, RMSNorm
-from r1v2_jax.sharding import constrain
+from r1v2_jax.model.config import ModelConfig, TextConfig
+from r1v2_jax.model.layers import CKPT_ATTN_OUT, CKPT_QKV, LayerStack, Linear, RMSNorm
+from r1v2_jax.parallel.sharding import constrain
 
 ACT = ("act_batch", "act_len", "act_embed")
 NEG_INF = float(jnp.finfo(jnp.float32).min)

@@ -9,7 +9,7 @@ Two faces of one thing:
   override single fields. :func:`ModelConfig.from_config_dict` turns it back into the typed
   object, rejecting unknown fields.
 
-Released checkpoints are read by :mod:`r1v2_jax.hf_config`, which builds a ModelConfig from
+Released checkpoints are read by :mod:`r1v2_jax.convert.hf_config`, which builds a ModelConfig from
 ``config.json``.
 """
 
@@ -22,7 +22,7 @@ import ml_collections
 
 VISION_NORM_TYPES = ("rms_norm", "layer_norm")
 PS_VERSIONS = ("v1", "v2")
-# Named remat policies for the scanned layer body; r1v2_jax.layers.remat_policy maps them to
+# Named remat policies for the scanned layer body; r1v2_jax.model.layers.remat_policy maps them to
 # jax.checkpoint_policies. "none" runs without remat.
 REMAT_POLICIES = ("none", "full", "dots", "save_qkv_attn")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -255,7 +255,7 @@ def _r1v2_38b() -> ModelConfig:
     """The released Skywork-R1V2-38B sizes (../shared/REFERENCE.md §1).
 
     ``ps_version`` and ``image_token_id`` are not confirmed by the paper: a real checkpoint's
-    values come from its own config.json / tokenizer via :func:`r1v2_jax.hf_config.read_config`.
+    values come from its own config.json / tokenizer via :func:`r1v2_jax.convert.hf_config.read_config`.
     """
     return ModelConfig(
         vision=VisionConfig(hidden_size=3200, num_layers=45, num_heads=25, intermediate_size=12800,

@@ -32,9 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from r1v2_jax.model import R1V2, R1V2Model
-from r1v2_jax.sharding import constrain, use_mesh_rules
-from r1v2_jax.text import CACHE_AXES, init_cache
+from r1v2_jax.model.vlm import R1V2, R1V2Model
+from r1v2_jax.parallel.sharding import constrain, use_mesh_rules
+from r1v2_jax.model.qwen2 import CACHE_AXES, init_cache
 
 NEG = -1e30
 
@@ -96,7 +96,7 @@ class SampleOutput:
 
     def host_local(self) -> SampleOutput:
         """This host's real rows as numpy arrays (everything, on one host without a mesh)."""
-        from r1v2_jax.distributed import local_rows
+        from r1v2_jax.parallel.multihost import local_rows
 
         n = self.host_rows
         arrays = {f: local_rows(getattr(self, f)) for f in ("tokens", "logprobs", "ref_logprobs", "lengths",
@@ -300,7 +300,7 @@ class Sampler:
             raise ValueError("pixel_values: with several hosts, give per-prompt tiles [B, K, 3, S, S] (rows are "
                              "sharded over hosts), not one flat list of tiles")
         if mesh is not None and not flat_tiles:  # rows sharded over the mesh (flat tiles: replicated inputs)
-            from r1v2_jax import distributed as dist
+            from r1v2_jax.parallel import multihost as dist
 
             counts = dist.allgather_json([int(b_local), int(ids.shape[1]), int(t)])
             first = sum(c[0] for c in counts[:jax.process_index()])
@@ -317,7 +317,7 @@ class Sampler:
         if host_rows is None:
             put = jnp.asarray
         else:
-            from r1v2_jax.distributed import global_rows
+            from r1v2_jax.parallel.multihost import global_rows
 
             put = functools.partial(global_rows, mesh=mesh)
         ids_d, mask_d, index_d = put(ids), put(mask), put(index)

@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-log = logging.getLogger("r1v2_jax.distributed")
+log = logging.getLogger("r1v2_jax.parallel.multihost")
 
 ROW_AXES = ("data", "fsdp")
 

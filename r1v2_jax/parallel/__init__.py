@@ -1,0 +1,1 @@
+"""Meshes, the logical-axis sharding rules, and multi-host helpers."""

@@ -1,0 +1,131 @@
+"""What every stage of a run shares (:class:`Run`), and the host-to-device batch helpers."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import jax
+import numpy as np
+
+from r1v2_jax.data.pipeline import PipelineConfig
+from r1v2_jax.data.prompt import PromptBuilder
+from r1v2_jax.model.config import ModelConfig
+from r1v2_jax.model.vlm import R1V2, R1V2Model
+from r1v2_jax.parallel import multihost as dist
+from r1v2_jax.sampling.sampler import Sampler
+from r1v2_jax.train.metrics_log import MetricsLog
+from r1v2_jax.train.state import TrainState, init_state
+
+log = logging.getLogger("r1v2_jax.train")
+
+
+@dataclasses.dataclass
+class Run:
+    """What every stage shares."""
+
+    model_config: ModelConfig
+    tokenizer: Any
+    builder: PromptBuilder
+    run_dir: str
+    metrics: MetricsLog
+    seed: int = 0
+    mesh: Any = None
+    # the sampler's own mesh over the same devices (None: the learner's): e.g. data-parallel
+    # replicas for decoding, which would otherwise all-gather FSDP-sharded weights every token
+    sampler_mesh: Any = None
+    checkpoint_every: int = 10
+    checkpoint_dir: str = ""  # "" = run_dir/checkpoints; may be remote (gs://...): logs are kept there too
+    keep: int = 2
+    async_checkpoints: bool = True
+    progress: bool = True
+    pipeline: PipelineConfig = dataclasses.field(default_factory=lambda: PipelineConfig(batch_size=8))
+
+    @property
+    def module(self) -> R1V2:
+        return R1V2(self.model_config)
+
+    def sampler(self, params) -> Sampler:
+        """A sampler on the sampler mesh, holding ``params`` resharded for it (:func:`rollout`
+        reshards the parameters it is given again: a no-op for these)."""
+        return Sampler(R1V2Model(self.model_config, self.for_sampler(params), self.sampler_mesh or self.mesh))
+
+    def for_sampler(self, params):
+        """``params`` resharded for the sampler mesh (as they are, without one)."""
+        if self.sampler_mesh is None:
+            return params
+        from r1v2_jax.model.vlm import param_shardings
+
+        return jax.device_put(params, param_shardings(self.model_config, self.sampler_mesh))
+
+    def eos_ids(self) -> tuple[int, ...]:
+        ids = [self.tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")]
+        return tuple(i for i in ids if i is not None)
+
+
+def per_row_tiles(batch, k: int | None = None) -> np.ndarray | None:
+    """Flat batch tiles + counts -> f32[B, K, 3, S, S] (K given, or padded to a power of two)."""
+    n = batch["num_tiles"]
+    if n.sum() == 0 and not k:
+        return None
+    if k is None:
+        k = 1 << int(np.ceil(np.log2(max(int(n.max()), 1))))
+    if int(n.max()) > k:
+        raise ValueError(f"a prompt has {int(n.max())} tiles, more than the {k} this run allows")
+    pix = batch["pixel_values"]
+    out = np.zeros((len(n), k) + pix.shape[1:], np.float32)
+    off = 0
+    for i, c in enumerate(n):
+        out[i, :c] = pix[off:off + c]
+        off += c
+    return out
+
+
+def row_tiles(run: Run, batch, tiles: int | None = None) -> np.ndarray | None:
+    """:func:`per_row_tiles`, with the tiles-per-row count agreed by all hosts (their arrays
+    must have one shape) when it is not fixed."""
+    if tiles is None and run.mesh is not None:
+        most = dist.agree_max(int(batch["num_tiles"].max(initial=0)))
+        tiles = 1 << int(np.ceil(np.log2(most))) if most else None
+    return per_row_tiles(batch, tiles)
+
+
+def device_batch(run: Run, arrays: dict, pixel_values=None) -> dict:
+    """This host's rows -> device arrays (global arrays sharded by rows, with a mesh)."""
+    out = dict(arrays)
+    if pixel_values is not None:
+        out["pixel_values"] = pixel_values
+    return dist.global_batch(out, run.mesh)
+
+
+def init_run_state(run: Run, params, opt, ssb=None) -> TrainState:
+    """A fresh TrainState; with a mesh, everything but the (already sharded) parameters and
+    their optimizer moments is replicated on it."""
+    state = init_state(params, opt, run.seed, ssb=ssb)
+    if run.mesh is None:
+        return state
+    from jax.sharding import NamedSharding
+
+    def place(x):
+        if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == run.mesh:
+            return x
+        return dist.replicated(x, run.mesh)
+
+    return jax.tree.map(place, state)
+
+
+def synced(it):
+    """Iterate a finite per-host iterator in lockstep with the other hosts: a host that runs
+    out while others still have batches repeats its last batch, marked as padding."""
+    last = None
+    while True:
+        batch = next(it, None)
+        if not dist.agree_max(batch is not None):
+            return
+        if batch is None:
+            if last is None:
+                raise ValueError("data: this host received no batch at all (fewer records than hosts)")
+            batch = dict(last, pad=[True] * len(last["pad"]))
+        last = batch
+        yield batch

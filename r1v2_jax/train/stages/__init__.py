@@ -1,0 +1,1 @@
+"""Training stages: one module per stage (sft, mpo, grpo, rm)."""

@@ -1,0 +1,126 @@
+"""The GRPO stage: rollout, hybrid reward, group advantages, SSB, policy update."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from r1v2_jax.data.formats import SkipCounter
+from r1v2_jax.data.pipeline import rl_prompt_iterator
+from r1v2_jax.parallel import multihost as dist
+from r1v2_jax.rewards.format import FormatConfig
+from r1v2_jax.rewards.hybrid import HybridConfig
+from r1v2_jax.rl.advantages import group_advantages, nonzero_variance_groups
+from r1v2_jax.rl.losses import PolicyLossConfig
+from r1v2_jax.rl.ssb import SSBConfig, ssb_add, ssb_init, ssb_mix
+from r1v2_jax.sampling.sampler import SamplingParams
+from r1v2_jax.train.loop import run_loop
+from r1v2_jax.train.rollout import grpo_batch, rollout, score_completions
+from r1v2_jax.train.run import Run, device_batch, init_run_state
+from r1v2_jax.train.state import OptimConfig, make_optimizer, step_key
+from r1v2_jax.train.steps import make_train_step
+
+log = logging.getLogger("r1v2_jax.train")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    group_size: int = 8
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    micro_batches: int = 1
+    advantage: str = "grpo"
+    std_ddof: int = 1
+    adv_eps: float = 1e-6
+    use_ssb: bool = True
+    dynamic_sampling: bool = False
+    kl_coef: float = 0.0
+
+
+def run_grpo(run: Run, params, records, steps: int, optim: OptimConfig, cfg: GRPOConfig, policy: PolicyLossConfig,
+             ssb_cfg: SSBConfig, hybrid: HybridConfig = HybridConfig(), fmt: FormatConfig = FormatConfig(),
+             ref_params=None):
+    opt = make_optimizer(optim, params)
+    # Static shapes across steps (the SSB stores whole examples): one prompt length, one tile count.
+    prompt_len, tiles = grpo_shapes(run, records)
+    pipe = dataclasses.replace(run.pipeline, seed=run.seed, length_buckets=(prompt_len,))
+    it = rl_prompt_iterator(records, run.builder, pipe, tile_size=run.model_config.tile_size, skips=SkipCounter())
+    sampler = run.sampler(params)
+    sp = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                        eos_ids=run.eos_ids(), pad_id=run.eos_ids()[0] if run.eos_ids() else 0)
+    step_fn = make_train_step("grpo", run.module, opt, n_micro=cfg.micro_batches, policy_cfg=policy, mesh=run.mesh,
+                              trainable=optim.trainable)
+    add = jax.jit(lambda s, p, a, r: ssb_add(s, p, a, r, ssb_cfg))
+    mix = jax.jit(lambda s, p, a, k: ssb_mix(s, p, a, k, ssb_cfg))
+    ssb = ssb_init(ssb_cfg.capacity, _grpo_example(run, prompt_len, tiles, sp)) if cfg.use_ssb else None
+    state = init_run_state(run, params, opt, ssb=ssb)
+
+    def one(state, batch):
+        t0 = time.perf_counter()
+        out, pix = rollout(run, sampler, state.params, batch, sp, cfg.group_size, step_key(state, 1), tiles)
+        t_roll = time.perf_counter() - t0
+        total, rule, texts, rmetrics, mine = score_completions(run, out, batch["answer"], batch["choices"],
+                                                               cfg.group_size, hybrid, fmt)
+        # groups never straddle hosts (a prompt's G samples are consecutive rows of its host)
+        adv_all = np.asarray(group_advantages(jnp.asarray(total), cfg.group_size, mode=cfg.advantage,
+                                              std_ddof=cfg.std_ddof, eps=cfg.adv_eps))
+        b = grpo_batch(out, pix, cfg.group_size)
+        if pix is None:
+            b.pop("pixel_values", None)
+        if cfg.dynamic_sampling:  # DAPO: zero-variance groups leave the batch (and its loss normaliser)
+            keep = np.asarray(nonzero_variance_groups(jnp.asarray(total), cfg.group_size))[mine]
+            b["completion_mask"] = b["completion_mask"] & keep[:, None]
+        b["_advantages"], b["_total"] = adv_all[mine], np.asarray(total, np.float32)[mine]
+        dev = device_batch(run, b)
+        adv, total_d = dev.pop("_advantages"), dev.pop("_total")
+        metrics = {}
+        if state.ssb is not None:
+            dev_mixed, adv_mixed, ssb_state, mm = mix(state.ssb, dev, adv, step_key(state, 2))
+            ssb_state, ma = add(ssb_state, dev, adv, total_d)
+            metrics.update({k: float(v) for k, v in {**mm, **ma}.items()})
+            dev, adv = dev_mixed, adv_mixed
+            state = state.replace(ssb=ssb_state)
+        else:
+            metrics["effective_share_before"] = float((jnp.abs(adv) > 0).mean())
+        dev["advantages"] = adv
+        t1 = time.perf_counter()
+        state, m = step_fn(state, dev, ref_params)
+        jax.block_until_ready(state.params)
+        t_upd = time.perf_counter() - t1
+        lengths, _ = dist.gather_rows(np.asarray(out.lengths))
+        metrics.update({k: float(v) for k, v in m.items()})
+        metrics.update(rmetrics, response_length=float(lengths.mean()), rollout_seconds=t_roll,
+                       update_seconds=t_upd, tokens_per_s=float(lengths.sum() / max(t_roll, 1e-9)),
+                       skipped_samples=dist.total(it.skips.total))
+        return state, metrics
+
+    return run_loop(run, "grpo", state, steps, it, one).params
+
+
+def grpo_shapes(run: Run, records) -> tuple[int, int]:
+    """(prompt length, tiles per prompt) of every GRPO batch: the smallest length bucket that
+    holds max_prompt_len (a multiple of the sampler's bucket), and the most tiles a prompt can
+    have with this run's tiling settings."""
+    pc = run.pipeline
+    fits = [b for b in pc.length_buckets if b >= run.builder.max_prompt_len]
+    prompt_len = fits[0] if fits else -(-run.builder.max_prompt_len // 32) * 32
+    per_image = (pc.max_tiles + (1 if pc.use_thumbnail and pc.max_tiles > 1 else 0)) if pc.dynamic_tiling else 1
+    images = max((len(r["images"]) for r in records), default=0)
+    return prompt_len, per_image * images
+
+
+def _grpo_example(run: Run, prompt_len: int, tiles: int, sp: SamplingParams):
+    """ShapeDtypeStructs of one GRPO training example (the SSB's payload layout)."""
+    t = prompt_len + sp.max_new_tokens
+    ex = {"tokens": jax.ShapeDtypeStruct((1, t), jnp.int32), "attention_mask": jax.ShapeDtypeStruct((1, t), bool),
+          "completion_mask": jax.ShapeDtypeStruct((1, t), bool), "old_logp": jax.ShapeDtypeStruct((1, t), jnp.float32)}
+    if tiles:
+        s = run.model_config.tile_size
+        ex["pixel_values"] = jax.ShapeDtypeStruct((1, tiles, 3, s, s), jnp.float32)
+    return ex

@@ -1,0 +1,74 @@
+"""The MPO stage: preference pairs mined from policy samples, then the MPO update."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+
+from r1v2_jax.data.formats import SkipCounter
+from r1v2_jax.data.pipeline import rl_prompt_iterator, sequence_iterator
+from r1v2_jax.parallel import multihost as dist
+from r1v2_jax.rewards.format import FormatConfig
+from r1v2_jax.rewards.hybrid import HybridConfig
+from r1v2_jax.rl.mpo import MPOConfig
+from r1v2_jax.sampling.sampler import SamplingParams
+from r1v2_jax.train.loop import run_loop
+from r1v2_jax.train.rollout import rollout, score_completions
+from r1v2_jax.train.run import Run, device_batch, init_run_state, row_tiles, synced
+from r1v2_jax.train.state import OptimConfig, make_optimizer
+from r1v2_jax.train.steps import make_train_step
+
+log = logging.getLogger("r1v2_jax.train")
+
+
+def make_preference_records(run: Run, params, records, *, candidates: int, threshold: float, sp: SamplingParams,
+                            batch_size: int, hybrid: HybridConfig = HybridConfig(), fmt: FormatConfig = FormatConfig(),
+                            seed: int = 0) -> tuple[list[dict], dict]:
+    """Sample candidates with the policy, score them, and pair chosen (reward >= threshold)
+    with rejected (< threshold): the R1V2 MPO data recipe."""
+    from r1v2_jax.rewards.calibration import Candidate, build_pairs
+
+    sampler = run.sampler(params)
+    cfg = dataclasses.replace(run.pipeline, batch_size=batch_size, num_epochs=1, seed=seed, drop_remainder=False)
+    it = rl_prompt_iterator(records, run.builder, cfg, tile_size=run.model_config.tile_size)
+    by_where = {r["_where"]: r for r in records}
+    mine, n_prompts = [], 0
+    key = jax.random.key(seed)
+    for batch in synced(it):
+        key, k = jax.random.split(key)
+        out, _ = rollout(run, sampler, sampler.model.params, batch, sp, candidates, k)  # already resharded
+        total, rule, texts, _, rows = score_completions(run, out, batch["answer"], batch["choices"], candidates,
+                                                        hybrid, fmt)
+        total, rule = total[rows], rule[rows]
+        groups = [[Candidate(texts[i * candidates + j], float(total[i * candidates + j]),
+                             float(rule[i * candidates + j])) for j in range(candidates)]
+                  for i in range(len(batch["answer"]))]
+        real = [i for i, pad in enumerate(batch["pad"]) if not pad]
+        for p, c, r in build_pairs([groups[i] for i in real], threshold, "absolute"):
+            p = real[p]
+            src = by_where[batch["where"][p]]
+            mine.append({"images": src["images"], "prompt": src["question"], "chosen": groups[p][c].text,
+                         "rejected": groups[p][r].text, "_root": src["_root"], "_where": src["_where"]})
+        n_prompts += len(real)
+    # every host trains on all pairs (the MPO iterator shards them again), in process order
+    out_records = [r for host in dist.allgather_json(mine) for r in host]
+    return out_records, {"prompts": int(dist.total(n_prompts)), "pairs": len(out_records)}
+
+
+def run_mpo(run: Run, params, ref_params, pref_records, steps: int, optim: OptimConfig, cfg: MPOConfig,
+            n_micro: int = 1):
+    opt = make_optimizer(optim, params)
+    state = init_run_state(run, params, opt)
+    it = sequence_iterator(pref_records, run.builder, dataclasses.replace(run.pipeline, seed=run.seed),
+                           kind="preference", tile_size=run.model_config.tile_size, skips=SkipCounter())
+    step_fn = make_train_step("mpo", run.module, opt, n_micro=n_micro, mpo_cfg=cfg, mesh=run.mesh,
+                              trainable=optim.trainable)
+    keys = [f"{n}_{s}" for n in ("chosen", "rejected") for s in ("ids", "mask", "loss_mask")]
+
+    def one(state, batch):
+        state, m = step_fn(state, device_batch(run, {k: batch[k] for k in keys}, row_tiles(run, batch)), ref_params)
+        return state, {k: float(v) for k, v in m.items()}
+
+    return run_loop(run, "mpo", state, steps, it, one).params
