@@ -8,10 +8,10 @@ def get_config():
     c = released_38b_config("mpo")
     c.data.batch_size = 64  # preference pairs per step
     c.mpo.steps = 750
-    c.mpo.lr = 1e-6
-    c.mpo.trainable = "adapter"
-    c.mpo.candidates = 8
-    c.mpo.threshold = 15.0
-    c.mpo.prompts = 20000
+    c.mpo.optim.lr = 1e-6
+    c.mpo.optim.trainable = "adapter"
+    c.mpo.pairs.candidates = 8
+    c.mpo.pairs.threshold = 15.0
+    c.mpo.pairs.prompts = 20000
     c.mpo.micro_batches = 4  # 16 pairs per micro-batch: one per device of a 16-way FSDP axis
     return c

@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--config.stages=('sft','grpo')", "--config.sft.steps=20", "--config.grpo.steps={steps}",
           "--config.checkpoint.every=2", "--config.data.synthetic_n=40", "--config.eval.prompts=4",
           "--config.eval.max_new_tokens=8", "--config.grpo.group_size=4", "--config.grpo.max_new_tokens=8",
-          "--config.data.batch_size=8", "--config.progress=False", "--config.grpo.lr=1e-3",
+          "--config.data.batch_size=8", "--config.progress=False", "--config.grpo.optim.lr=1e-3",
           "--config.checkpoint.async_save=False"]
 
 

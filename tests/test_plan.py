@@ -39,9 +39,9 @@ def test_plan_tiny_on_a_small_tpu_slice(tmp_path, capsys):
 
     from r1v2_jax.train.experiment import model_config_from
     from r1v2_jax.model.vlm import abstract_params
-    from r1v2_jax.train.config_files import load_config
+    from r1v2_jax.train.config_files import load_experiment
 
-    mc = model_config_from(load_config("configs/demo.py"))
+    mc = model_config_from(load_experiment("configs/demo.py"))
     weights = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(abstract_params(mc, boxed=False)))
     t = mc.text
     cache = 2 * t.num_layers * 8 * 8 * (192 + 32) * t.num_kv_heads * t.resolved_head_dim * np.dtype(mc.dtype).itemsize
@@ -113,10 +113,10 @@ def test_xla_estimate_counts_every_layer_and_loop_trip():
     from r1v2_jax.plan.planner import (_compile, _devices, _Job, _sampler_programs, _train_program, _xla_estimate,
                                _xla_seconds, no_compile_cache_writes)
     from r1v2_jax.parallel.sharding import make_mesh
-    from r1v2_jax.train.config_files import load_config
+    from r1v2_jax.train.config_files import load_experiment
 
     with no_compile_cache_writes():
-        cfg = load_config("configs/demo.py", ["--config.model.text_layers=6", "--config.model.vision_layers=5",
+        cfg = load_experiment("configs/demo.py", ["--config.model.text_layers=6", "--config.model.vision_layers=5",
                                               "--config.grpo.group_size=2", "--config.grpo.max_new_tokens=16"])
         devices = _devices(parse_topology("v5p-8"))
         job = _Job(cfg, "grpo", tiles=1)

@@ -14,8 +14,8 @@ import pytest
 from r1v2_jax.convert.safetensors_io import SafetensorsDir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OVERRIDES = ["--config.sft.steps=40", "--config.mpo.threshold=0.5", "--config.mpo.steps=6", "--config.grpo.steps=6", "--config.checkpoint.every=2",
-             "--config.data.synthetic_n=40", "--config.mpo.prompts=8", "--config.eval.prompts=4",
+OVERRIDES = ["--config.sft.steps=40", "--config.mpo.pairs.threshold=0.5", "--config.mpo.steps=6", "--config.grpo.steps=6", "--config.checkpoint.every=2",
+             "--config.data.synthetic_n=40", "--config.mpo.pairs.prompts=8", "--config.eval.prompts=4",
              "--config.grpo.group_size=4", "--config.grpo.max_new_tokens=12", "--config.data.batch_size=4",
              "--config.eval.max_new_tokens=12", "--config.progress=False"]
 

@@ -14,13 +14,14 @@ from r1v2_jax.train.metrics_log import MetricsLog
 from r1v2_jax.train.state import OptimConfig, init_state, make_optimizer
 from r1v2_jax.train.checkpoints import StageCheckpoints
 from r1v2_jax.train.run import Run
+from r1v2_jax.train.schema import ExperimentError
 
 
 def test_unknown_config_key_is_an_error():
     with pytest.raises(ConfigKeyError, match=r"unknown config key 'optim\.lr'"):
         load_config("configs/demo.py", ["--config.optim.lr=1e-6"])
-    with pytest.raises(ConfigKeyError, match="did you mean 'grpo.lr'"):
-        load_config("configs/grpo_38b.py", ["--config.grpo.lrr=1e-6"])
+    with pytest.raises(ConfigKeyError, match="did you mean 'grpo.optim'"):
+        load_config("configs/grpo_38b.py", ["--config.grpo.optimm.lr=1e-6"])
     with pytest.raises(ValueError, match="sft.steps"):
         load_config("configs/demo.py", ["--config.sft.steps=many"])
     c = load_config("configs/demo.py", ["--config.grpo.use_ssb=false", "--config.stages=('sft',)"])
@@ -31,7 +32,7 @@ def test_missing_and_mismatched_checkpoints_fail_before_compute(tmp_path):
     c = demo_config()
     c.run_dir = str(tmp_path / "run")
     c.model.init = str(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="model.init"):
+    with pytest.raises(ExperimentError, match="model.init"):
         run_experiment(c)
     tiny = r1v2_jax.init_model("tiny")
     r1v2_jax.save_released(tiny, str(tmp_path / "tiny"))

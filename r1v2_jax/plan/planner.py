@@ -168,7 +168,8 @@ def _shard_bytes(x, sharding=None) -> int:
 def _gathered_bytes(x) -> int:
     """Bytes of ``x`` one chip holds while using it: sharded over ``tensor`` only (FSDP and data
     shards are all-gathered before a matmul)."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     def keep(entry):
         names = entry if isinstance(entry, tuple) else (entry,)
@@ -202,7 +203,12 @@ def no_compile_cache_writes():
 
 
 def plan(cfg, topology: str, hbm_bytes: int | None = None) -> dict:
-    """Compile the RL stage's programs of ``cfg`` (a run config) for ``topology`` and report."""
+    """Compile the RL stage's programs of ``cfg`` (an Experiment, or a ConfigDict checked into
+    one) for ``topology`` and report."""
+    from r1v2_jax.train.schema import from_config_dict
+
+    if not dataclasses.is_dataclass(cfg):
+        cfg = from_config_dict(cfg)
     with no_compile_cache_writes():
         return _plan(cfg, topology, hbm_bytes)
 
@@ -215,80 +221,46 @@ class _Job:
     tiles: int  # image tiles per sample
 
 
-def _abstract_state(job: _Job, mc, mesh):
-    """The train state as ShapeDtypeStructs with their training shardings, and the optimizer."""
+def _abstract_params(mc, mesh):
     import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
     from r1v2_jax.model.vlm import abstract_params, param_shardings
-    from r1v2_jax.train.state import OptimConfig, TrainState, make_optimizer
 
-    stage = job.cfg[job.algo]
-    p_sh = param_shardings(mc, mesh)
-    params = jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s), abstract_params(mc, boxed=False), p_sh)
-    opt = make_optimizer(OptimConfig(lr=stage.lr, trainable=stage.trainable), params)
-    rep = NamedSharding(mesh, P())
-    # Adam's moments are sharded like their parameters (as eager ``opt.init`` on sharded
-    # parameters makes them in training): match each state leaf to the parameter whose key path
-    # ends its own; anything else (step counts) is replicated.
-    by_path = {tuple(k.key for k in kp): sh for kp, sh in jax.tree_util.tree_flatten_with_path(p_sh)[0]}
-
-    def opt_leaf(kp, a):
-        keys = tuple(k.key for k in kp if isinstance(k, jax.tree_util.DictKey))
-        sh = next((by_path[keys[i:]] for i in range(len(keys)) if keys[i:] in by_path), rep)
-        return _sds(a.shape, a.dtype, sh if a.shape else rep)
-
-    opt_state = jax.tree_util.tree_map_with_path(opt_leaf, jax.eval_shape(opt.init, params))
-    scalar = lambda dt: _sds((), dt, rep)  # noqa: E731
-    state = TrainState(step=scalar(jnp.int32), params=params, opt_state=opt_state, rng=_sds((2,), jnp.uint32, rep),
-                       bco_delta=scalar(jnp.float32), skipped=scalar(jnp.int32), ssb=None)
-    return state, opt
+    return jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s), abstract_params(mc, boxed=False),
+                        param_shardings(mc, mesh))
 
 
-def _pixels(job: _Job, mc, n: int, sharding):
-    import jax.numpy as jnp
+def train_program_args(exp, algo: str, mc, mesh, rows: int, tiles: int, n_micro: int | None = None):
+    """What ``r1v2 train`` would call stage ``algo``'s step with for ``rows`` rows, as
+    ShapeDtypeStructs on ``mesh``: (program, (state, batch, ref params or None)). Built by
+    :func:`r1v2_jax.train.program.build_program`, the builder training uses; the GRPO state
+    carries its SSB buffer when the stage uses one."""
+    import jax
 
-    s = mc.tile_size
-    return _sds((n, job.tiles, 3, s, s), jnp.bfloat16 if mc.dtype == "bfloat16" else jnp.float32, sharding)
+    from r1v2_jax.rl.ssb import ssb_init
+    from r1v2_jax.train.program import abstract_args, build_program
+
+    params = _abstract_params(mc, mesh)
+    program = build_program(algo, exp, mc, params, mesh, micro_batches=n_micro)
+    ssb = None
+    if algo == "grpo" and exp.grpo.use_ssb:
+        example = program.example_spec(tiles, mc.tile_size)
+        ssb = jax.eval_shape(lambda: ssb_init(exp.grpo.ssb.capacity, example))
+    return program, abstract_args(program, params, rows, tiles, mc.tile_size, mesh, ssb=ssb)
 
 
 def _train_program(job: _Job, mc, mesh, rows: int, n_micro: int):
     """Lower the RL train step over ``rows`` rows (GRPO rollouts or MPO pairs) in ``n_micro``
     micro-batches. Returns (lowered, state, ref params or None)."""
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    program, (state, batch, ref) = train_program_args(job.cfg, job.algo, mc, mesh, rows, job.tiles, n_micro)
+    return program.step.lower(state, batch, ref), state, ref
 
-    from r1v2_jax.model.vlm import R1V2
-    from r1v2_jax.rl.losses import PolicyLossConfig
-    from r1v2_jax.rl.mpo import MPOConfig
-    from r1v2_jax.train.steps import make_train_step
 
-    cfg, stage = job.cfg, job.cfg[job.algo]
-    state, opt = _abstract_state(job, mc, mesh)
-    row = NamedSharding(mesh, P(("data", "fsdp")))
-    kw = dict(n_micro=n_micro, mesh=mesh, trainable=stage.trainable)
-    if job.algo == "grpo":
-        t = cfg.data.max_prompt_len + stage.max_new_tokens
-        batch = {k: _sds((rows, t), dt, row) for k, dt in (("tokens", jnp.int32), ("attention_mask", bool),
-                                                             ("completion_mask", bool), ("old_logp", jnp.float32))}
-        batch["advantages"] = _sds((rows,), jnp.float32, row)
-        step = make_train_step("grpo", R1V2(mc), opt, **kw,
-                               policy_cfg=PolicyLossConfig(clip_low=stage.clip_low, clip_high=stage.clip_high,
-                                                           aggregation=stage.aggregation,
-                                                           norm_tokens=stage.max_new_tokens))
-        ref = None
-    else:
-        t = cfg.data.max_prompt_len + cfg.data.max_completion_len
-        batch = {f"{w}_{k}": _sds((rows, t), dt, row) for w in ("chosen", "rejected")
-                 for k, dt in (("ids", jnp.int32), ("mask", bool), ("loss_mask", bool))}
-        step = make_train_step("mpo", R1V2(mc), opt, **kw,
-                               mpo_cfg=MPOConfig(beta=stage.beta, w_pref=stage.w_pref, w_quality=stage.w_quality,
-                                                 w_gen=stage.w_gen))
-        ref = state.params  # the frozen reference: a second copy, sharded like the policy
-    if job.tiles:
-        batch["pixel_values"] = _pixels(job, mc, rows, row)
-    return step.lower(state, batch, ref), state, ref
+def _pixels(job: _Job, mc, n: int, sharding):
+    from r1v2_jax.train.program import PIXEL_DTYPE
+
+    s = mc.tile_size
+    return _sds((n, job.tiles, 3, s, s), PIXEL_DTYPE, sharding)
 
 
 def _sampler_programs(job: _Job, mc, mesh, decode_loops: tuple[int, ...] = (1,)):
@@ -299,10 +271,11 @@ def _sampler_programs(job: _Job, mc, mesh, decode_loops: tuple[int, ...] = (1,))
     than once: for costing one trip of the loop body, see :func:`_xla_estimate`)."""
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from r1v2_jax.model.vlm import R1V2Model, abstract_params, param_shardings
-    from r1v2_jax.sampling.sampler import Sampler, SamplingParams
+    from r1v2_jax.sampling.sampler import Sampler
 
     cfg, stage = job.cfg, job.cfg.grpo
     params = jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s), abstract_params(mc, boxed=False),
@@ -316,8 +289,8 @@ def _sampler_programs(job: _Job, mc, mesh, decode_loops: tuple[int, ...] = (1,))
     pre = _compile(sampler._prefill.lower(*pre_args, **kw))
     logits, cache, kv_valid, ids = jax.eval_shape(lambda *a: sampler._prefill_impl(*a, **kw), *pre_args)
     if isinstance(pre, _OutOfMemory):  # decode's inputs as the constraints lay them out
-        from r1v2_jax.parallel.sharding import logical_to_pspec
         from r1v2_jax.model.qwen2 import CACHE_AXES
+        from r1v2_jax.parallel.sharding import logical_to_pspec
 
         cache_sh = NamedSharding(mesh, logical_to_pspec(CACHE_AXES, shape=cache[0].shape, mesh=mesh))
         outs = (row, (cache_sh, cache_sh), row, row)
@@ -325,7 +298,7 @@ def _sampler_programs(job: _Job, mc, mesh, decode_loops: tuple[int, ...] = (1,))
         outs = tuple(pre.output_shardings)
     logits, cache, kv_valid, ids = jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s),
                                                 (logits, cache, kv_valid, ids), outs)
-    sp = SamplingParams(max_new_tokens=m, temperature=stage.temperature, top_p=stage.get("top_p", 1.0))
+    sp = stage.sampling(())
 
     def repeated(loops):
         def run(params, logits, cache, kv_valid, ids, seed, prompt_index, num_samples, sp):
@@ -414,8 +387,9 @@ def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
     import jax
 
     from r1v2_jax.parallel.multihost import batch_shards
-    from r1v2_jax.train.experiment import model_config_from
     from r1v2_jax.parallel.sharding import make_mesh
+    from r1v2_jax.train.experiment import model_config_from
+    from r1v2_jax.train.schema import mesh_for
 
     topo = parse_topology(topology)
     hbm = hbm_bytes or topo.hbm_bytes
@@ -423,12 +397,15 @@ def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
     algo = "grpo" if "grpo" in cfg.stages else "mpo" if "mpo" in cfg.stages else None
     if algo is None:
         raise ValueError(f"stages: {tuple(cfg.stages)} has no RL stage (grpo or mpo) to plan")
-    stage = cfg[algo]
+    stage = getattr(cfg, algo)
     job = _Job(cfg, algo, cfg.plan.tiles_per_sample)
     remat = cfg.plan.remat_policy or cfg.model.remat_policy or "full"
     mc = model_config_from(cfg).replace(remat_policy=remat, scan_layers=True)
-    mesh = make_mesh(*(tuple(cfg.plan.mesh) or tuple(cfg.mesh) or (1, -1, 1)), devices=devices)
-    s_shape = tuple(cfg.plan.sampler_mesh) or tuple(cfg.sampler_mesh)
+    key = "plan.mesh" if cfg.plan.mesh else "mesh"
+    shape = mesh_for(cfg.plan if cfg.plan.mesh else cfg, key.split(".")[-1], len(devices)) or (1, len(devices), 1)
+    mesh = make_mesh(*shape, devices=devices)
+    s_src = cfg.plan if cfg.plan.sampler_mesh else cfg
+    s_shape = mesh_for(s_src, "sampler_mesh", len(devices))
     sampler_mesh = make_mesh(*s_shape, devices=devices) if s_shape else mesh
     shards = batch_shards(mesh)
     n_micro = stage.micro_batches
@@ -484,7 +461,7 @@ def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
     total_flops = sum(p_["flops"] for p_ in programs.values())
     xla_s = sum(p_["xla_seconds"] for p_ in programs.values()) if cfg.plan.xla_estimate else None
     return {
-        "algorithm": algo, "trainable": stage.trainable, "remat_policy": remat, "topology": topo.name,
+        "algorithm": algo, "trainable": stage.optim.trainable, "remat_policy": remat, "topology": topo.name,
         "topology_name": topo.topology_name,
         "chips": len(devices), "mesh": {k: int(v) for k, v in mesh.shape.items()},
         "sampler_mesh": {k: int(v) for k, v in sampler_mesh.shape.items()}, "hbm_per_chip": hbm,

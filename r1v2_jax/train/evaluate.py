@@ -19,11 +19,12 @@ from r1v2_jax.train.run import Run, synced
 log = logging.getLogger("r1v2_jax.train")
 
 
-def evaluate(run: Run, params, records, *, k: int = 1, temperature: float = 0.0, max_new_tokens: int = 32,
+def evaluate(run: Run, params, records, *, k: int = 1, temperature: float = 0.0, top_p: float = 1.0,
+             max_new_tokens: int = 32,
              batch_size: int = 8, seed: int = 0) -> dict:
     """pass@1 averaged over ``k`` samples per question, overall and per category."""
     sampler = run.sampler(params)
-    sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, eos_ids=run.eos_ids(),
+    sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, eos_ids=run.eos_ids(),
                         pad_id=run.eos_ids()[0] if run.eos_ids() else 0)
     cfg = dataclasses.replace(run.pipeline, batch_size=batch_size, num_epochs=1, seed=seed, drop_remainder=False)
     it = rl_prompt_iterator(records, run.builder, cfg, tile_size=run.model_config.tile_size)

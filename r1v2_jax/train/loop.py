@@ -8,6 +8,7 @@ import os
 import time
 
 from r1v2_jax.parallel import multihost as dist
+from r1v2_jax.train.progress import Progress
 from r1v2_jax.train.checkpoints import StageCheckpoints, sync_logs
 from r1v2_jax.train.run import Run
 from r1v2_jax.train.state import TrainState
@@ -15,19 +16,7 @@ from r1v2_jax.train.state import TrainState
 log = logging.getLogger("r1v2_jax.train")
 
 
-def progress_bar(run: Run, total: int, desc: str, initial: int):
-    if not run.progress:
-        return None
-    import sys
-
-    from tqdm import tqdm
-
-    # A bar only on a terminal: redirected output gets the per-step metrics.jsonl instead.
-    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True,
-                disable=not sys.stderr.isatty())
-
-
-def run_loop(run: Run, stage: str, state: TrainState, steps: int, data_iter, one_step, data_state_fn=None) -> TrainState:
+def run_loop(run: Run, stage: str, state: TrainState, steps: int, data_iter, one_step) -> TrainState:
     """The resumable loop every stage uses. ``one_step(state, batch) -> (state, metrics)``."""
     ckpt = StageCheckpoints(run, stage)
     start = 0
@@ -39,7 +28,7 @@ def run_loop(run: Run, stage: str, state: TrainState, steps: int, data_iter, one
         start = int(state.step)
         run.metrics.truncate(start, stage)
         log.info("%s: resumed from step %d", stage, start)
-    bar = progress_bar(run, steps, stage, start)
+    bar = Progress(stage, steps, start, every_s=run.progress_seconds, enabled=run.progress and dist.is_main())
     timing_path = os.path.join(run.run_dir, "timing.jsonl")
     try:
         while int(state.step) < steps:
@@ -54,15 +43,11 @@ def run_loop(run: Run, stage: str, state: TrainState, steps: int, data_iter, one
                 with open(timing_path, "a") as f:
                     f.write(json.dumps({"stage": stage, "step": step, "seconds": time.perf_counter() - t0,
                                         **{k: float(v) for k, v in timings.items()}}) + "\n")
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix({k: f"{float(v):.3g}" for k, v in row.items()
-                                 if k in ("loss", "accuracy", "reward_total")})
+            bar.update(step, row)
             if step % run.checkpoint_every == 0 or step == steps:
                 ckpt.save(step, state, data_iter.get_state() if data_iter is not None else None, force=step == steps)
                 sync_logs(run.run_dir, run.checkpoint_dir)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
         ckpt.close()
     return state

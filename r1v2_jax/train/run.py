@@ -40,6 +40,7 @@ class Run:
     keep: int = 2
     async_checkpoints: bool = True
     progress: bool = True
+    progress_seconds: float = 30.0  # off a terminal: a progress line this often
     pipeline: PipelineConfig = dataclasses.field(default_factory=lambda: PipelineConfig(batch_size=8))
 
     @property
@@ -58,6 +59,10 @@ class Run:
         from r1v2_jax.model.vlm import param_shardings
 
         return jax.device_put(params, param_shardings(self.model_config, self.sampler_mesh))
+
+    def logged(self, stage: str) -> dict | None:
+        """The last logged row of ``stage`` (process 0's log decides, so every host skips the same work)."""
+        return dist.allgather_json(self.metrics.find(stage))[0]
 
     def eos_ids(self) -> tuple[int, ...]:
         ids = [self.tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")]

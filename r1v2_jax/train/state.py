@@ -4,6 +4,7 @@ clipping, per-module trainability, and the skip-if-not-finite update."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax
@@ -26,7 +27,7 @@ class OptimConfig:
     lr: float = 1e-6
     warmup_steps: int = 0
     schedule: str = "constant"  # or "cosine"
-    total_steps: int = 1000  # for cosine decay
+    total_steps: int = 0  # cosine decay's length; 0 = the stage's steps
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
     b1: float = 0.9
@@ -36,10 +37,25 @@ class OptimConfig:
     trainable: str = "adapter"
 
     def __post_init__(self):
+        # AdamW's step is ~lr per parameter: above 1 it is a mistake (e.g. a missing minus sign)
+        if not (math.isfinite(self.lr) and 0 < self.lr <= 1):
+            raise ValueError(f"lr: must be finite and in (0, 1], got {self.lr}")
+        for name in ("b1", "b2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
+        if not self.eps > 0:
+            raise ValueError(f"eps: must be > 0, got {self.eps}")
+        if not (self.weight_decay >= 0 and self.grad_clip >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"weight_decay / grad_clip: must be >= 0, got {self.weight_decay}, {self.grad_clip}")
+        if self.warmup_steps < 0 or self.total_steps < 0:
+            raise ValueError(f"warmup_steps / total_steps: must be >= 0, got {self.warmup_steps}, "
+                             f"{self.total_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"optim.schedule: expected 'constant' or 'cosine', got {self.schedule!r}")
+            raise ValueError(f"schedule: expected 'constant' or 'cosine', got {self.schedule!r}")
         if self.trainable not in TRAINABLE:
-            raise ValueError(f"optim.trainable: expected one of {sorted(TRAINABLE)}, got {self.trainable!r}")
+            raise ValueError(f"trainable: expected one of {sorted(TRAINABLE)}, got {self.trainable!r}")
 
 
 def schedule(cfg: OptimConfig) -> optax.Schedule:
@@ -47,7 +63,7 @@ def schedule(cfg: OptimConfig) -> optax.Schedule:
     if cfg.schedule == "constant":
         main = optax.constant_schedule(cfg.lr)
     else:
-        main = optax.cosine_decay_schedule(cfg.lr, max(cfg.total_steps - cfg.warmup_steps, 1), alpha=cfg.min_lr_ratio)
+        main = optax.cosine_decay_schedule(cfg.lr, max((cfg.total_steps or 1000) - cfg.warmup_steps, 1), alpha=cfg.min_lr_ratio)
     if cfg.warmup_steps == 0:
         return main
     return optax.join_schedules([warm, main], [cfg.warmup_steps])

@@ -20,46 +20,91 @@ from r1v2_jax.rl.losses import PolicyLossConfig
 from r1v2_jax.rl.ssb import SSBConfig, ssb_add, ssb_init, ssb_mix
 from r1v2_jax.sampling.sampler import SamplingParams
 from r1v2_jax.train.loop import run_loop
+from r1v2_jax.train.program import build_program
 from r1v2_jax.train.rollout import grpo_batch, rollout, score_completions
 from r1v2_jax.train.run import Run, device_batch, init_run_state
-from r1v2_jax.train.state import OptimConfig, make_optimizer, step_key
-from r1v2_jax.train.steps import make_train_step
+from r1v2_jax.train.stages.base import StageContext, positive
+from r1v2_jax.train.state import OptimConfig, step_key
 
 log = logging.getLogger("r1v2_jax.train")
 
 
+ADVANTAGES = ("grpo", "drgrpo", "rloo")
+
+
 @dataclasses.dataclass(frozen=True)
-class GRPOConfig:
+class GRPOSection:
+    """GRPO: ``group_size`` samples per prompt (``data.batch_size`` prompts a step), the hybrid
+    reward, group advantages, the Selective Sample Buffer (``use_ssb``) or DAPO's dynamic
+    sampling, and the clipped policy loss (``loss``; its ``kl_coef`` > 0 adds the KL penalty to
+    the frozen reference)."""
+
+    steps: int = 200
     group_size: int = 8
+    micro_batches: int = 1
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_p: float = 1.0
-    micro_batches: int = 1
+    top_k: int = 0
+    repetition_penalty: float = 1.0
     advantage: str = "grpo"
     std_ddof: int = 1
     adv_eps: float = 1e-6
     use_ssb: bool = True
     dynamic_sampling: bool = False
-    kl_coef: float = 0.0
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=1e-4, trainable="all"))
+    loss: PolicyLossConfig = dataclasses.field(default_factory=lambda: PolicyLossConfig(clip_high=0.28))
+    ssb: SSBConfig = dataclasses.field(default_factory=lambda: SSBConfig(reuse_limit=2, max_age=8))
+    reward: HybridConfig = dataclasses.field(default_factory=HybridConfig)
+    format: FormatConfig = dataclasses.field(default_factory=FormatConfig)
+
+    step_kind = "grpo"
+
+    def __post_init__(self):
+        positive(self, "steps", "micro_batches", "max_new_tokens")
+        if self.group_size < 2:
+            raise ValueError(f"group_size: must be >= 2 (advantages compare samples of a prompt), got "
+                             f"{self.group_size}")
+        if self.advantage not in ADVANTAGES:
+            raise ValueError(f"advantage: expected one of {', '.join(ADVANTAGES)}, got {self.advantage!r}")
+        if self.use_ssb and self.dynamic_sampling:
+            raise ValueError("use_ssb / dynamic_sampling: choose one (both fill the batch with informative groups)")
+        SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                       top_k=self.top_k, repetition_penalty=self.repetition_penalty)  # its checks
+
+    @property
+    def needs_ref(self) -> bool:
+        return self.loss.kl_coef > 0
+
+    def policy_loss(self) -> PolicyLossConfig:
+        """The loss config, with ``seq-mean-token-sum-norm``'s divisor defaulting to max_new_tokens."""
+        return dataclasses.replace(self.loss, norm_tokens=self.loss.norm_tokens or self.max_new_tokens)
+
+    def step_kwargs(self) -> dict:
+        return {"policy_cfg": self.policy_loss()}
+
+    def sampling(self, eos_ids: tuple[int, ...]) -> SamplingParams:
+        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=self.top_k, repetition_penalty=self.repetition_penalty, eos_ids=eos_ids,
+                              pad_id=eos_ids[0] if eos_ids else 0)
 
 
-def run_grpo(run: Run, params, records, steps: int, optim: OptimConfig, cfg: GRPOConfig, policy: PolicyLossConfig,
-             ssb_cfg: SSBConfig, hybrid: HybridConfig = HybridConfig(), fmt: FormatConfig = FormatConfig(),
-             ref_params=None):
-    opt = make_optimizer(optim, params)
+def run_grpo(ctx: StageContext, params, cfg: GRPOSection):
+    run, records = ctx.run, ctx.train
+    ref_params = ctx.reference(params) if cfg.needs_ref else None
     # Static shapes across steps (the SSB stores whole examples): one prompt length, one tile count.
     prompt_len, tiles = grpo_shapes(run, records)
+    prog = build_program("grpo", ctx.exp, run.model_config, params, run.mesh, prompt_len=prompt_len)
     pipe = dataclasses.replace(run.pipeline, seed=run.seed, length_buckets=(prompt_len,))
     it = rl_prompt_iterator(records, run.builder, pipe, tile_size=run.model_config.tile_size, skips=SkipCounter())
     sampler = run.sampler(params)
-    sp = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                        eos_ids=run.eos_ids(), pad_id=run.eos_ids()[0] if run.eos_ids() else 0)
-    step_fn = make_train_step("grpo", run.module, opt, n_micro=cfg.micro_batches, policy_cfg=policy, mesh=run.mesh,
-                              trainable=optim.trainable)
-    add = jax.jit(lambda s, p, a, r: ssb_add(s, p, a, r, ssb_cfg))
-    mix = jax.jit(lambda s, p, a, k: ssb_mix(s, p, a, k, ssb_cfg))
-    ssb = ssb_init(ssb_cfg.capacity, _grpo_example(run, prompt_len, tiles, sp)) if cfg.use_ssb else None
-    state = init_run_state(run, params, opt, ssb=ssb)
+    sp = cfg.sampling(run.eos_ids())
+    add = jax.jit(lambda s, p, a, r: ssb_add(s, p, a, r, cfg.ssb))
+    mix = jax.jit(lambda s, p, a, k: ssb_mix(s, p, a, k, cfg.ssb))
+    example = prog.example_spec(tiles, run.model_config.tile_size)
+    ssb = ssb_init(cfg.ssb.capacity, example) if cfg.use_ssb else None
+    state = init_run_state(run, params, prog.optimizer, ssb=ssb)
+    hybrid, fmt, step_fn = cfg.reward, cfg.format, prog.step
 
     def one(state, batch):
         t0 = time.perf_counter()
@@ -100,7 +145,7 @@ def run_grpo(run: Run, params, records, steps: int, optim: OptimConfig, cfg: GRP
                        skipped_samples=dist.total(it.skips.total))
         return state, metrics
 
-    return run_loop(run, "grpo", state, steps, it, one).params
+    return run_loop(run, "grpo", state, cfg.steps, it, one).params
 
 
 def grpo_shapes(run: Run, records) -> tuple[int, int]:
@@ -113,14 +158,3 @@ def grpo_shapes(run: Run, records) -> tuple[int, int]:
     per_image = (pc.max_tiles + (1 if pc.use_thumbnail and pc.max_tiles > 1 else 0)) if pc.dynamic_tiling else 1
     images = max((len(r["images"]) for r in records), default=0)
     return prompt_len, per_image * images
-
-
-def _grpo_example(run: Run, prompt_len: int, tiles: int, sp: SamplingParams):
-    """ShapeDtypeStructs of one GRPO training example (the SSB's payload layout)."""
-    t = prompt_len + sp.max_new_tokens
-    ex = {"tokens": jax.ShapeDtypeStruct((1, t), jnp.int32), "attention_mask": jax.ShapeDtypeStruct((1, t), bool),
-          "completion_mask": jax.ShapeDtypeStruct((1, t), bool), "old_logp": jax.ShapeDtypeStruct((1, t), jnp.float32)}
-    if tiles:
-        s = run.model_config.tile_size
-        ex["pixel_values"] = jax.ShapeDtypeStruct((1, tiles, 3, s, s), jnp.float32)
-    return ex

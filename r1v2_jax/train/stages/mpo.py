@@ -1,74 +1,92 @@
-"""The MPO stage: preference pairs mined from policy samples, then the MPO update."""
+"""The MPO stage: preference pairs mined from policy samples, then the MPO update
+(``w_p·DPO + w_q·BCO + w_g·NLL`` against the frozen reference)."""
 
 from __future__ import annotations
 
 import dataclasses
-import logging
-
-import jax
 
 from r1v2_jax.data.formats import SkipCounter
-from r1v2_jax.data.pipeline import rl_prompt_iterator, sequence_iterator
-from r1v2_jax.parallel import multihost as dist
+from r1v2_jax.data.pipeline import sequence_iterator
 from r1v2_jax.rewards.format import FormatConfig
 from r1v2_jax.rewards.hybrid import HybridConfig
 from r1v2_jax.rl.mpo import MPOConfig
 from r1v2_jax.sampling.sampler import SamplingParams
 from r1v2_jax.train.loop import run_loop
-from r1v2_jax.train.rollout import rollout, score_completions
-from r1v2_jax.train.run import Run, device_batch, init_run_state, row_tiles, synced
-from r1v2_jax.train.state import OptimConfig, make_optimizer
-from r1v2_jax.train.steps import make_train_step
-
-log = logging.getLogger("r1v2_jax.train")
-
-
-def make_preference_records(run: Run, params, records, *, candidates: int, threshold: float, sp: SamplingParams,
-                            batch_size: int, hybrid: HybridConfig = HybridConfig(), fmt: FormatConfig = FormatConfig(),
-                            seed: int = 0) -> tuple[list[dict], dict]:
-    """Sample candidates with the policy, score them, and pair chosen (reward >= threshold)
-    with rejected (< threshold): the R1V2 MPO data recipe."""
-    from r1v2_jax.rewards.calibration import Candidate, build_pairs
-
-    sampler = run.sampler(params)
-    cfg = dataclasses.replace(run.pipeline, batch_size=batch_size, num_epochs=1, seed=seed, drop_remainder=False)
-    it = rl_prompt_iterator(records, run.builder, cfg, tile_size=run.model_config.tile_size)
-    by_where = {r["_where"]: r for r in records}
-    mine, n_prompts = [], 0
-    key = jax.random.key(seed)
-    for batch in synced(it):
-        key, k = jax.random.split(key)
-        out, _ = rollout(run, sampler, sampler.model.params, batch, sp, candidates, k)  # already resharded
-        total, rule, texts, _, rows = score_completions(run, out, batch["answer"], batch["choices"], candidates,
-                                                        hybrid, fmt)
-        total, rule = total[rows], rule[rows]
-        groups = [[Candidate(texts[i * candidates + j], float(total[i * candidates + j]),
-                             float(rule[i * candidates + j])) for j in range(candidates)]
-                  for i in range(len(batch["answer"]))]
-        real = [i for i, pad in enumerate(batch["pad"]) if not pad]
-        for p, c, r in build_pairs([groups[i] for i in real], threshold, "absolute"):
-            p = real[p]
-            src = by_where[batch["where"][p]]
-            mine.append({"images": src["images"], "prompt": src["question"], "chosen": groups[p][c].text,
-                         "rejected": groups[p][r].text, "_root": src["_root"], "_where": src["_where"]})
-        n_prompts += len(real)
-    # every host trains on all pairs (the MPO iterator shards them again), in process order
-    out_records = [r for host in dist.allgather_json(mine) for r in host]
-    return out_records, {"prompts": int(dist.total(n_prompts)), "pairs": len(out_records)}
+from r1v2_jax.train.preference_pairs import make_preference_records
+from r1v2_jax.train.program import BATCH_LAYOUTS, build_program
+from r1v2_jax.train.run import device_batch, init_run_state, row_tiles
+from r1v2_jax.train.stages.base import StageContext, positive
+from r1v2_jax.train.state import OptimConfig
 
 
-def run_mpo(run: Run, params, ref_params, pref_records, steps: int, optim: OptimConfig, cfg: MPOConfig,
-            n_micro: int = 1):
-    opt = make_optimizer(optim, params)
-    state = init_run_state(run, params, opt)
-    it = sequence_iterator(pref_records, run.builder, dataclasses.replace(run.pipeline, seed=run.seed),
+@dataclasses.dataclass(frozen=True)
+class PairMining:
+    """How preference pairs are mined: ``candidates`` policy samples for each of the first
+    ``prompts`` training prompts at ``temperature`` / ``top_p``, chosen = reward >= ``threshold``."""
+
+    candidates: int = 4
+    threshold: float = 1.5
+    prompts: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    reward: HybridConfig = dataclasses.field(default_factory=HybridConfig)
+    format: FormatConfig = dataclasses.field(default_factory=FormatConfig)
+
+    def __post_init__(self):
+        positive(self, "prompts")
+        if self.candidates < 2:
+            raise ValueError(f"candidates: must be >= 2 (a pair needs two), got {self.candidates}")
+        if not 0 < self.top_p <= 1 or not self.temperature >= 0:
+            raise ValueError(f"temperature / top_p: need temperature >= 0 and top_p in (0, 1], got "
+                             f"{self.temperature}, {self.top_p}")
+
+
+def mine_pairs(ctx: StageContext, params, stage: str, pairs: PairMining) -> list[dict]:
+    """This experiment's pairs for ``stage`` (logged once as ``<stage>_pairs``)."""
+    run = ctx.run
+    eos = run.eos_ids()
+    sp = SamplingParams(max_new_tokens=ctx.exp.data.max_completion_len, temperature=pairs.temperature,
+                        top_p=pairs.top_p, eos_ids=eos, pad_id=eos[0] if eos else 0)
+    pref, info = make_preference_records(run, params, ctx.train[: pairs.prompts], candidates=pairs.candidates,
+                                         threshold=pairs.threshold, sp=sp, batch_size=ctx.exp.data.batch_size,
+                                         hybrid=pairs.reward, fmt=pairs.format, seed=run.seed)
+    if run.logged(f"{stage}_pairs") is None:
+        run.metrics.write({"stage": f"{stage}_pairs", "step": 0, **info})
+    return pref
+
+
+@dataclasses.dataclass(frozen=True)
+class MPOSection:
+    steps: int = 20
+    micro_batches: int = 1
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=5e-4, trainable="all"))
+    loss: MPOConfig = dataclasses.field(default_factory=MPOConfig)
+    pairs: PairMining = dataclasses.field(default_factory=PairMining)
+
+    step_kind = "mpo"
+    needs_ref = True
+
+    def __post_init__(self):
+        positive(self, "steps", "micro_batches")
+
+    def step_kwargs(self) -> dict:
+        return {"mpo_cfg": self.loss}
+
+
+def run_mpo(ctx: StageContext, params, sec: MPOSection):
+    run = ctx.run
+    ref = ctx.reference(params)
+    pref = mine_pairs(ctx, params, "mpo", sec.pairs)
+    if not pref:
+        return params
+    prog = build_program("mpo", ctx.exp, run.model_config, params, run.mesh)
+    state = init_run_state(run, params, prog.optimizer)
+    it = sequence_iterator(pref, run.builder, dataclasses.replace(run.pipeline, seed=run.seed),
                            kind="preference", tile_size=run.model_config.tile_size, skips=SkipCounter())
-    step_fn = make_train_step("mpo", run.module, opt, n_micro=n_micro, mpo_cfg=cfg, mesh=run.mesh,
-                              trainable=optim.trainable)
-    keys = [f"{n}_{s}" for n in ("chosen", "rejected") for s in ("ids", "mask", "loss_mask")]
+    keys = [k for k, _ in BATCH_LAYOUTS["mpo"]]
 
     def one(state, batch):
-        state, m = step_fn(state, device_batch(run, {k: batch[k] for k in keys}, row_tiles(run, batch)), ref_params)
+        state, m = prog.step(state, device_batch(run, {k: batch[k] for k in keys}, row_tiles(run, batch)), ref)
         return state, {k: float(v) for k, v in m.items()}
 
-    return run_loop(run, "mpo", state, steps, it, one).params
+    return run_loop(run, "mpo", state, sec.steps, it, one).params

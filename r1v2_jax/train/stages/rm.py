@@ -1,0 +1,59 @@
+"""The ``rm`` stage: a reward model (the policy's backbone with a scalar value head,
+:class:`~r1v2_jax.rewards.reward_model.RewardModel`) trained with the Bradley–Terry loss on
+preference pairs mined from the current policy. The policy's parameters pass through
+unchanged; the reward model's are kept in the stage context (``ctx.reward_params``) for the
+stages that follow."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from r1v2_jax.data.formats import SkipCounter
+from r1v2_jax.data.pipeline import sequence_iterator
+from r1v2_jax.rewards.reward_model import init_reward_params
+from r1v2_jax.train.loop import run_loop
+from r1v2_jax.train.program import BATCH_LAYOUTS, build_program
+from r1v2_jax.train.run import device_batch, init_run_state, row_tiles
+from r1v2_jax.train.stages.base import StageContext, positive
+from r1v2_jax.train.stages.mpo import PairMining, mine_pairs
+from r1v2_jax.train.state import OptimConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class RMSection:
+    steps: int = 20
+    micro_batches: int = 1
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=5e-4, trainable="all"))
+    pairs: PairMining = dataclasses.field(default_factory=PairMining)
+
+    step_kind = "rm"
+    needs_ref = False
+
+    def __post_init__(self):
+        positive(self, "steps", "micro_batches")
+
+    def step_kwargs(self) -> dict:
+        return {}
+
+
+def run_rm(ctx: StageContext, params, sec: RMSection):
+    run = ctx.run
+    pref = mine_pairs(ctx, params, "rm", sec.pairs)
+    if not pref:
+        return params
+    rm_params = init_reward_params(run.model_config, jax.random.key(run.seed + 1),
+                                   backbone_params=jax.tree.map(lambda x: x.copy(), params))
+    prog = build_program("rm", ctx.exp, run.model_config, rm_params, run.mesh)
+    state = init_run_state(run, rm_params, prog.optimizer)
+    it = sequence_iterator(pref, run.builder, dataclasses.replace(run.pipeline, seed=run.seed),
+                           kind="preference", tile_size=run.model_config.tile_size, skips=SkipCounter())
+    keys = [k for k, _ in BATCH_LAYOUTS["rm"]]
+
+    def one(state, batch):
+        state, m = prog.step(state, device_batch(run, {k: batch[k] for k in keys}, row_tiles(run, batch)), None)
+        return state, {k: float(v) for k, v in m.items()}
+
+    ctx.reward_params = run_loop(run, "rm", state, sec.steps, it, one).params
+    return params
