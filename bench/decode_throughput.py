@@ -37,8 +37,8 @@ def torch_model(model):
     import torch
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
-    from r1v2_jax.convert.transformers_format import native_config_dict, released_to_native
     from r1v2_jax.convert.keymap import params_to_released
+    from r1v2_jax.convert.transformers_format import native_config_dict, released_to_native
 
     d = native_config_dict(model.config, "float32")
     cfg = InternVLConfig(**{k: v for k, v in d.items() if k not in ("architectures", "model_type", "torch_dtype")})

@@ -7,9 +7,9 @@ import ml_collections
 import pytest
 
 import r1v2_jax
-from r1v2_jax.model.config import ConfigError, ModelConfig, get_preset, model_config
 from r1v2_jax.convert.hf_config import config_from_dict, find_token_id, read_config
 from r1v2_jax.convert.transformers_format import released_config_dict
+from r1v2_jax.model.config import ConfigError, ModelConfig, get_preset, model_config
 
 
 @pytest.mark.parametrize("name", ["tiny", "small", "r1v2_38b"])

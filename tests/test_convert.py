@@ -11,15 +11,15 @@ import jax
 import numpy as np
 import pytest
 import torch
+from torch_ref import internvl_reference, write_released
 
 import r1v2_jax
-from r1v2_jax.convert.param_store import CheckpointError, load_params
-from r1v2_jax.model.config import model_config
 from r1v2_jax.convert.converters import hf_to_jax, jax_to_hf
-from r1v2_jax.convert.safetensors_io import CheckpointFormatError, SafetensorsDir
 from r1v2_jax.convert.keymap import CheckpointKeyError
+from r1v2_jax.convert.param_store import CheckpointError, load_params
+from r1v2_jax.convert.safetensors_io import CheckpointFormatError, SafetensorsDir
+from r1v2_jax.model.config import model_config
 from r1v2_jax.parallel.sharding import make_mesh
-from torch_ref import internvl_reference, write_released
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

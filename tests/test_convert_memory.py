@@ -10,14 +10,17 @@ import sys
 import numpy as np
 import pytest
 
-from r1v2_jax.model.config import model_config
-from r1v2_jax.convert.transformers_format import released_config_dict
-from r1v2_jax.convert.safetensors_io import SafetensorsDir, write_safetensors_dir
 from r1v2_jax.convert.keymap import key_entries
+from r1v2_jax.convert.safetensors_io import SafetensorsDir, write_safetensors_dir
+from r1v2_jax.convert.transformers_format import released_config_dict
+from r1v2_jax.model.config import model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _RSS = ("import resource, sys; from r1v2_jax.convert.converters import {fn}; rc = {fn}(sys.argv[1:]); "
         "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+
+
+pytestmark = pytest.mark.slow  # the fast lane (-m "not slow") skips this module
 
 
 def wide_config():

@@ -15,7 +15,6 @@ from r1v2_jax.data.prompt import PromptBuilder, PromptTooLong, chatml
 from r1v2_jax.data.synthetic import make_synthetic
 from r1v2_jax.data.tokenizer import IMG_CONTEXT, build_qwen2_tokenizer, tiny_tokenizer
 
-
 # --- the reference algorithm, transcribed from InternVL's inference script --------------------
 
 def ref_find_closest_aspect_ratio(aspect_ratio, target_ratios_, width, height, image_size):
@@ -308,9 +307,9 @@ def test_preference_and_sft_batches(tmp_path):
 
 
 def test_image_settings_from_a_released_config(tmp_path):
-    from r1v2_jax.model.config import model_config
-    from r1v2_jax.data.image import image_settings
     from r1v2_jax.convert.transformers_format import released_config_dict
+    from r1v2_jax.data.image import image_settings
+    from r1v2_jax.model.config import model_config
 
     c = released_config_dict(model_config("tiny"))
     c.update(force_image_size=84, max_dynamic_patch=6, use_thumbnail=False)

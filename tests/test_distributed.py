@@ -9,13 +9,13 @@ import jax
 import numpy as np
 import pytest
 
-from r1v2_jax.parallel import multihost as dist
 from r1v2_jax.model.config import model_config
 from r1v2_jax.model.vlm import R1V2Model, init_params, param_shardings
-from r1v2_jax.sampling.sampler import Sampler, SamplingParams
+from r1v2_jax.parallel import multihost as dist
 from r1v2_jax.parallel.sharding import make_mesh
-from r1v2_jax.train.metrics_log import MetricsLog
+from r1v2_jax.sampling.sampler import Sampler, SamplingParams
 from r1v2_jax.train.checkpoints import sync_logs
+from r1v2_jax.train.metrics_log import MetricsLog
 
 
 def test_rows_round_trip_and_indivisible_batches():

@@ -8,10 +8,11 @@ from tokenizers import Tokenizer
 
 import r1v2_jax
 from r1v2_jax.cli import main
-from r1v2_jax.model.config import model_config
 from r1v2_jax.data.image import IMAGENET_MEAN, IMAGENET_STD, closest_grid, preprocess, target_ratios
 from r1v2_jax.data.prompt import chatml, expand_images
 from r1v2_jax.data.tokenizer import tiny_tokenizer
+from r1v2_jax.model.config import model_config
+
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):

@@ -2,20 +2,19 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 import torch
 from safetensors.numpy import save_file
+from torch_ref import internvl_reference, write_released
 
 import r1v2_jax
 from r1v2_jax.convert import keymap
-from r1v2_jax.model.config import model_config
-from r1v2_jax.convert.transformers_format import native_to_released, released_to_native
 from r1v2_jax.convert.safetensors_io import CheckpointFormatError, SafetensorsDir
+from r1v2_jax.convert.transformers_format import native_to_released, released_to_native
+from r1v2_jax.model.config import model_config
 from r1v2_jax.model.vlm import init_params
-from torch_ref import internvl_reference, write_released
-
-import jax
 
 
 def _released(cfg, seed=0):

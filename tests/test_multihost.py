@@ -30,6 +30,9 @@ COMMON = ["--config.stages=('sft','grpo')", "--config.sft.steps=20", "--config.g
           "--config.checkpoint.async_save=False"]
 
 
+pytestmark = pytest.mark.slow  # the fast lane (-m "not slow") skips this module
+
+
 def _env(devices: int) -> dict:
     cache = os.environ.get("R1V2_TEST_JAX_CACHE", os.path.join(ROOT, ".jax_cache"))
     return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",

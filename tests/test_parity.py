@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from torch_ref import internvl_reference, write_released
 
 import r1v2_jax
 from r1v2_jax.model.config import VisionConfig, model_config
-from r1v2_jax.model.qwen2 import DecoderLayer, rope_tables, causal_mask
+from r1v2_jax.model.qwen2 import DecoderLayer, causal_mask, rope_tables
 from r1v2_jax.model.vision import Adapter, VisionBlock, VisionEmbeddings
-from torch_ref import internvl_reference, write_released
 
 BLOCK_TOL = 1e-5
 E2E_TOL = 1e-4

@@ -8,6 +8,8 @@ import pytest
 from r1v2_jax.cli import main
 from r1v2_jax.plan.planner import parse_topology
 
+pytestmark = pytest.mark.slow  # the fast lane (-m "not slow") skips this module
+
 
 def test_topology_names():
     t = parse_topology("v5p-128")
@@ -37,9 +39,9 @@ def test_plan_tiny_on_a_small_tpu_slice(tmp_path, capsys):
     # the chip's quarter of the KV cache
     import numpy as np
 
-    from r1v2_jax.train.experiment import model_config_from
     from r1v2_jax.model.vlm import abstract_params
     from r1v2_jax.train.config_files import load_experiment
+    from r1v2_jax.train.experiment import model_config_from
 
     mc = model_config_from(load_experiment("configs/demo.py"))
     weights = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(abstract_params(mc, boxed=False)))
@@ -109,11 +111,19 @@ def test_xla_estimate_counts_every_layer_and_loop_trip():
     agrees within 10% (XLA's cost model is close to, not exactly, linear in the layer count:
     fusion and scheduling differ a little from one layer count to the next)."""
     pytest.importorskip("libtpu")
-    from r1v2_jax.train.experiment import model_config_from
-    from r1v2_jax.plan.planner import (_compile, _devices, _Job, _sampler_programs, _train_program, _xla_estimate,
-                               _xla_seconds, no_compile_cache_writes)
     from r1v2_jax.parallel.sharding import make_mesh
+    from r1v2_jax.plan.planner import (
+        _compile,
+        _devices,
+        _Job,
+        _sampler_programs,
+        _train_program,
+        _xla_estimate,
+        _xla_seconds,
+        no_compile_cache_writes,
+    )
     from r1v2_jax.train.config_files import load_experiment
+    from r1v2_jax.train.experiment import model_config_from
 
     with no_compile_cache_writes():
         cfg = load_experiment("configs/demo.py", ["--config.model.text_layers=6", "--config.model.vision_layers=5",

@@ -12,16 +12,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from verifier_cases import CASES, CHOICES
 
 from r1v2_jax.model.config import model_config
-from r1v2_jax.rewards.calibration import (Candidate, HallucinationMonitor, MonitorConfig, build_pairs,
-                                          contradicts_facts, format_report, threshold_report)
+from r1v2_jax.rewards.calibration import (
+    Candidate,
+    HallucinationMonitor,
+    MonitorConfig,
+    build_pairs,
+    contradicts_facts,
+    format_report,
+    threshold_report,
+)
 from r1v2_jax.rewards.format import FormatConfig, format_reward
 from r1v2_jax.rewards.hybrid import HybridConfig, combine
 from r1v2_jax.rewards.remote import RemoteScorer
 from r1v2_jax.rewards.reward_model import RewardModel, bradley_terry_loss, init_reward_params, make_scorer
 from r1v2_jax.rewards.verifier import VerifierPool, check, extract_answer, last_boxed
-from verifier_cases import CASES, CHOICES
 
 
 def _choices(gold):

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
+from torch_ref import internvl_reference, write_released
 
 import r1v2_jax
 from r1v2_jax.model.config import model_config
-from r1v2_jax.sampling.sampler import Sampler, SamplingParams, generate, process_logits, sample_step
 from r1v2_jax.parallel.sharding import make_mesh
-from torch_ref import internvl_reference, write_released
+from r1v2_jax.sampling.sampler import Sampler, SamplingParams, generate, process_logits, sample_step
 
 
 @pytest.fixture(scope="module", params=[0, 1])

@@ -99,6 +99,7 @@ def test_errors_name_nested_fields():
         from_config_dict({"data": {"synthetic_categories": ["color", 3]}})
 
 
+@pytest.mark.slow
 def test_plan_builds_the_step_training_runs(tmp_path, monkeypatch):
     """A GRPO config with a KL term: the step `r1v2 train` calls and the one `r1v2 plan` lowers
     take the same abstract arguments (state with its SSB buffer, batch, reference parameters)."""

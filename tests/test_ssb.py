@@ -7,11 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from scipy import stats
 
-from r1v2_jax.rl.ssb import SSBConfig, sampling_weights, ssb_add, ssb_init, ssb_mix, ssb_sample, ssb_shardings
 from r1v2_jax.parallel.sharding import make_mesh
+from r1v2_jax.rl.ssb import SSBConfig, sampling_weights, ssb_add, ssb_init, ssb_mix, ssb_sample, ssb_shardings
 
 N = 8  # samples per add
 

@@ -20,6 +20,9 @@ OVERRIDES = ["--config.sft.steps=40", "--config.mpo.pairs.threshold=0.5", "--con
              "--config.eval.max_new_tokens=12", "--config.progress=False"]
 
 
+pytestmark = pytest.mark.slow  # the fast lane (-m "not slow") skips this module
+
+
 def _cmd(run_dir):
     return [sys.executable, "-m", "r1v2_jax.cli", "demo", "--out", run_dir, *OVERRIDES]
 

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 
 import r1v2_jax
-from r1v2_jax.train.experiment import demo_config, run_experiment
 from r1v2_jax.model.vlm import init_params, param_shardings
 from r1v2_jax.parallel.sharding import make_mesh
-from r1v2_jax.train.config_files import ConfigKeyError, load_config
-from r1v2_jax.train.metrics_log import MetricsLog
-from r1v2_jax.train.state import OptimConfig, init_state, make_optimizer
 from r1v2_jax.train.checkpoints import StageCheckpoints
+from r1v2_jax.train.config_files import ConfigKeyError, load_config
+from r1v2_jax.train.experiment import demo_config, run_experiment
+from r1v2_jax.train.metrics_log import MetricsLog
 from r1v2_jax.train.run import Run
 from r1v2_jax.train.schema import ExperimentError
+from r1v2_jax.train.state import OptimConfig, init_state, make_optimizer
 
 
 def test_unknown_config_key_is_an_error():
@@ -72,6 +72,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
     assert int(restored.step) == 3 and data == {"grain": {"next_index": 7}}
 
 
+@pytest.mark.slow
 def test_sampler_on_its_own_mesh_gives_the_same_training(tmp_path):
     """GRPO with the sampler on a data-parallel mesh (parameters resharded before each rollout)
     trains exactly like sampling on the learner's FSDP mesh: same rollouts, rewards, losses."""

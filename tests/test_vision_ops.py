@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from r1v2_jax.model.interpolate import bicubic_matrix, resize_grid
-from r1v2_jax.model.vlm import merge_image_features
 from r1v2_jax.model.vision import pixel_shuffle
+from r1v2_jax.model.vlm import merge_image_features
 
 
 @pytest.mark.parametrize("src,dst", [((32, 32), (24, 24)), ((32, 32), (40, 40)), ((4, 4), (7, 7)),

@@ -9,8 +9,8 @@ import os
 import numpy as np
 import torch
 
-from r1v2_jax.model.config import ModelConfig
 from r1v2_jax.convert.transformers_format import native_config_dict, native_to_released, released_config_dict
+from r1v2_jax.model.config import ModelConfig
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:

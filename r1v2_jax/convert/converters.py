@@ -14,6 +14,7 @@ Pickle files are never loaded. The command-line wrappers are ``tools/convert_wei
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import shutil
 import sys
@@ -22,13 +23,19 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from r1v2_jax.convert.param_store import META_FILE, ParamWriter, default_chunks, leaf_name, read_metadata
-from r1v2_jax.model.config import ModelConfig
 from r1v2_jax.convert.hf_config import read_config
-from r1v2_jax.convert.transformers_format import native_config_dict, native_parts, released_config_dict
-from r1v2_jax.convert.safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsDir, fresh_output_dir, publish_dir, \
-    write_safetensors_dir
 from r1v2_jax.convert.keymap import check_keys, key_entries
+from r1v2_jax.convert.param_store import META_FILE, ParamWriter, default_chunks, leaf_name, read_metadata
+from r1v2_jax.convert.safetensors_io import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    SafetensorsDir,
+    fresh_output_dir,
+    publish_dir,
+    write_safetensors_dir,
+)
+from r1v2_jax.convert.transformers_format import native_config_dict, native_parts, released_config_dict
+from r1v2_jax.model.config import ModelConfig
 
 # Files of an HF directory that travel with the weights (never weights, never pickles).
 _SIDE_FILES = (".json", ".py", ".txt", ".model", ".tiktoken", ".md", ".jinja")
@@ -184,10 +191,8 @@ def jax_to_hf(ckpt_dir: str, out_dir: str, *, fmt: str = "released", dtype: str 
         extra = {f: os.path.join(src_hf, f) for f in side}
         extra_json = None if any(f in side for f in _TOKENIZER_FILES) else _img_token_json(config)
     else:
-        import transformers
-
         config_json = native_config_dict(config, str(out_dtype))
-        config_json["transformers_version"] = transformers.__version__
+        config_json["transformers_version"] = _transformers_version()
         extra = {f: os.path.join(src_hf, f) for f in side if f in _TOKENIZER_FILES and f != "config.json"}
         extra_json = None if extra else _img_token_json(config)
     try:
@@ -272,3 +277,15 @@ def main_jax_to_hf(argv=None) -> int:
 
 
 __all__ = ["hf_to_jax", "jax_to_hf", "main_hf_to_jax", "main_jax_to_hf", "META_FILE"]
+
+
+TESTED_TRANSFORMERS = "5.24.0"  # the transformers release the native-format export is tested against
+
+
+def _transformers_version() -> str:
+    """The installed transformers' version for a native export's config.json, without importing
+    it (it is not a dependency of the core); the tested release when it is not installed."""
+    try:
+        return importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return TESTED_TRANSFORMERS

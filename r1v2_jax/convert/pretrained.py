@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from r1v2_jax.model.config import DTYPES, ConfigError
 from r1v2_jax.convert.hf_config import read_config
-from r1v2_jax.convert.safetensors_io import SafetensorsDir
 from r1v2_jax.convert.keymap import released_to_params
+from r1v2_jax.convert.safetensors_io import SafetensorsDir
+from r1v2_jax.model.config import DTYPES, ConfigError
 from r1v2_jax.model.vlm import R1V2Model, param_shardings
 from r1v2_jax.parallel.sharding import DEFAULT_RULES
 
@@ -55,9 +55,9 @@ def save_released(model: R1V2Model, out_dir: str | os.PathLike, *, dtype: str | 
 
     Tensors are converted one at a time. ``dtype`` casts on the way out (default: as stored).
     """
-    from r1v2_jax.convert.transformers_format import released_config_dict
-    from r1v2_jax.convert.safetensors_io import write_safetensors_dir
     from r1v2_jax.convert.keymap import key_entries, params_to_released
+    from r1v2_jax.convert.safetensors_io import write_safetensors_dir
+    from r1v2_jax.convert.transformers_format import released_config_dict
 
     np_dtype = None if dtype is None else jnp.dtype(dtype)
     stored = str(np_dtype or jnp.dtype(model.config.param_dtype))

@@ -43,9 +43,10 @@ def chatml(user: str, think: bool = True) -> str:
 
 def render_template(template: str, user: str) -> str:
     """Render an HF chat template for one user message with the generation prompt."""
+    import json
+
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
-    import json
 
     def raise_exception(msg):
         raise TemplateError(msg)

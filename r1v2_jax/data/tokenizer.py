@@ -158,7 +158,7 @@ def build_qwen2_tokenizer(out_path: str | None = None):
 def tiny_tokenizer(image_token_id: int = 255, vocab_size: int = 256):
     """Characters as tokens, the chat and image special tokens, ``<IMG_CONTEXT>`` at
     ``image_token_id``: the tokenizer of tiny test models."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     chars = [chr(c) for c in range(32, 127)] + ["\n"]
     vocab = {t: i for i, t in enumerate(TINY_SPECIALS + chars + ["[UNK]"])}

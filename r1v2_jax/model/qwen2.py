@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from r1v2_jax.model.config import ModelConfig, TextConfig
 from r1v2_jax.model.layers import CKPT_ATTN_OUT, CKPT_QKV, LayerStack, Linear, RMSNorm

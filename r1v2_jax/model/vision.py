@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from r1v2_jax.model.config import ModelConfig, VisionConfig
 from r1v2_jax.model.interpolate import resize_grid

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from r1v2_jax.model.config import ModelConfig
-from r1v2_jax.parallel.sharding import DEFAULT_RULES, constrain, tree_shardings, use_mesh_rules
 from r1v2_jax.model.qwen2 import Qwen2, cache_mask, default_positions
 from r1v2_jax.model.vision import Adapter, InternViT
+from r1v2_jax.parallel.sharding import DEFAULT_RULES, constrain, tree_shardings, use_mesh_rules
 
 
 def merge_image_features(text_embeds: jax.Array, input_ids: jax.Array, image_features: jax.Array,

@@ -186,8 +186,9 @@ def ssb_metrics(state: SSBState) -> dict[str, jax.Array]:
 
 def ssb_shardings(state: SSBState, mesh, rules=None):
     """NamedShardings putting every buffer array's capacity axis on the batch mesh axes."""
-    from r1v2_jax.parallel.sharding import DEFAULT_RULES, logical_to_pspec
     from jax.sharding import NamedSharding
+
+    from r1v2_jax.parallel.sharding import DEFAULT_RULES, logical_to_pspec
 
     rules = rules or DEFAULT_RULES
 

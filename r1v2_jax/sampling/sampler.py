@@ -32,9 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from r1v2_jax.model.qwen2 import CACHE_AXES, init_cache
 from r1v2_jax.model.vlm import R1V2, R1V2Model
 from r1v2_jax.parallel.sharding import constrain, use_mesh_rules
-from r1v2_jax.model.qwen2 import CACHE_AXES, init_cache
 
 NEG = -1e30
 

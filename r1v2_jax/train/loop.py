@@ -8,8 +8,8 @@ import os
 import time
 
 from r1v2_jax.parallel import multihost as dist
-from r1v2_jax.train.progress import Progress
 from r1v2_jax.train.checkpoints import StageCheckpoints, sync_logs
+from r1v2_jax.train.progress import Progress
 from r1v2_jax.train.run import Run
 from r1v2_jax.train.state import TrainState
 
