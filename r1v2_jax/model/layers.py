@@ -28,6 +28,25 @@ def param(module: nn.Module, name: str, init: Initializer, shape: Sequence[int],
                      tuple(names))
 
 
+class Embed(nn.Module):
+    """A token-embedding table ``[num_embeddings, features]`` (declared through :func:`param`, so
+    it is constrained to its sharding where it is used like every other weight)."""
+
+    num_embeddings: int
+    features: int
+    names: tuple[str | None, str | None] = ("vocab", "embed")
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    embedding_init: Initializer = nn.initializers.normal(0.02)
+
+    @nn.compact
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        """ids: i32[...] -> f[..., features] (rows gathered, then cast: the same values as casting first)."""
+        table = param(self, "embedding", self.embedding_init, (self.num_embeddings, self.features), self.names,
+                      self.param_dtype)
+        return jnp.take(table, ids, axis=0).astype(self.dtype)
+
+
 class Linear(nn.Module):
     """``y = x @ kernel + bias`` with kernel [in, out] (PyTorch's weight transposed)."""
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from r1v2_jax.model.config import ModelConfig, TextConfig
-from r1v2_jax.model.layers import CKPT_ATTN_OUT, CKPT_QKV, LayerStack, Linear, RMSNorm
+from r1v2_jax.model.layers import CKPT_ATTN_OUT, CKPT_QKV, Embed, LayerStack, Linear, RMSNorm
 from r1v2_jax.parallel.sharding import constrain
 
 ACT = ("act_batch", "act_len", "act_embed")
@@ -153,9 +153,7 @@ class Qwen2(nn.Module):
     def setup(self):
         mc, c = self.config, self.config.text
         kw = dict(dtype=jnp.dtype(mc.dtype), param_dtype=jnp.dtype(mc.param_dtype))
-        self.embed_tokens = nn.Embed(
-            c.vocab_size, c.hidden_size, dtype=kw["dtype"], param_dtype=kw["param_dtype"],
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
+        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, ("vocab", "embed"), **kw)
         self.layers = LayerStack(DecoderLayer, dict(cfg=c, **kw), num_layers=c.num_layers, scan=mc.scan_layers,
                                  remat=mc.remat_policy, broadcast_args=4)
         self.norm = RMSNorm(c.rms_norm_eps, **kw)
