@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-import r1v2_jax
+from r1v2_jax.convert.pretrained import load_model, load_pretrained, save_released
 from r1v2_jax.data.formats import load_records
 from r1v2_jax.data.pipeline import PipelineConfig
 from r1v2_jax.data.prompt import PromptBuilder
@@ -122,7 +122,7 @@ def _load_model(exp):
     if not os.path.exists(exp.model.init):
         raise ExperimentError(f"model.init: {exp.model.init} does not exist (a released HF directory or an "
                               "r1v2-jax checkpoint)")
-    loaded = r1v2_jax.load_model(exp.model.init)
+    loaded = load_model(exp.model.init)
     mc = loaded.config
     if exp.model.preset != "tiny":
         want = model_config_from(exp)
@@ -205,9 +205,9 @@ def _export(run: Run, params) -> dict:
     """Save the final model in the released HF format and check that it reloads exactly."""
     out = os.path.join(run.run_dir, "export", "released")
     model = R1V2Model(run.model_config, params)
-    r1v2_jax.save_released(model, out, overwrite=True)
+    save_released(model, out, overwrite=True)
     run.tokenizer.save(os.path.join(out, "tokenizer.json"))
-    back = r1v2_jax.load_pretrained(out)
+    back = load_pretrained(out)
     ids = np.asarray([[1, 2, 3, 4]])
     same = bool(np.array_equal(np.asarray(model(ids)), np.asarray(back(ids))))
     same &= all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
