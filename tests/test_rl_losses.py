@@ -92,11 +92,12 @@ def test_log_ratio_clamp():
     np.testing.assert_allclose(float(m["ratio_max"]), np.exp(2.0), rtol=1e-6)
 
 
-@pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
 def test_aggregation_hand_values_and_micro_batches_exact(agg):
     x = jnp.array([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [5.0, 6.0, 0.0], [7.0, 8.0, 9.0]])
     mask = jnp.array([[1, 1, 1], [1, 0, 0], [1, 1, 0], [0, 0, 0]], jnp.float32)
     expected = {"seq-mean-token-mean": (2.0 + 4.0 + 5.5) / 3, "token-mean": 21.0 / 6,
+                "seq-mean-token-sum": (6.0 + 4.0 + 11.0) / 3,  # the empty 4th sequence is not counted
                 "seq-mean-token-sum-norm": (6.0 + 4.0 + 11.0) / 4 / 3}[agg]
     whole = aggregate(x, mask, agg, norm_tokens=4)
     np.testing.assert_allclose(float(whole.value), expected, rtol=1e-6)
@@ -130,6 +131,42 @@ def test_kl_estimators_hand_values():
     loss, m = policy_loss(jnp.zeros((1, 2)), old, jnp.array([0.0]), jnp.ones((1, 2)),
                           PolicyLossConfig(kl_coef=0.5), ref_logp=jnp.array([[-0.5, 0.0]]))
     np.testing.assert_allclose(float(loss.value), 0.5 * (np.exp(-0.5) + 0.5 - 1) / 2, rtol=1e-6)
+
+
+def test_kl_at_padding_cannot_make_the_loss_nan():
+    """A padding position whose policy and reference log-probs differ by 90: exp(90) is inf in
+    float32 and inf x 0 = NaN. Masked before the exp, it contributes exactly nothing."""
+    logp = jnp.array([[-1.0, -2.0, 0.0]])
+    ref = jnp.array([[-1.5, -2.0, 90.0]])  # third position is padding
+    mask = jnp.array([[1, 1, 0]], jnp.float32)
+    cfg = PolicyLossConfig(kl_coef=0.5)
+
+    def f(lp):
+        return policy_loss(lp, logp, jnp.array([0.0]), mask, cfg, ref_logp=ref)[0].value
+
+    k3 = np.exp(-0.5) + 0.5 - 1  # x = ref - logp = -0.5 at the first token, 0 at the second
+    np.testing.assert_allclose(float(f(logp)), 0.5 * k3 / 2, rtol=1e-6)
+    g = np.asarray(jax.grad(f)(logp))
+    assert np.all(np.isfinite(g)) and g[0, 2] == 0.0
+    # d/dlogp of 0.5 * k3 / 2 with k3 = exp(x) - x - 1, x = ref - logp: 0.25 * (1 - exp(x))
+    np.testing.assert_allclose(g[0, :2], [0.25 * (1 - np.exp(-0.5)), 0.0], rtol=1e-5, atol=1e-8)
+    # the policy ratio at padding too: an old log-prob 100 away at a masked position
+    loss, _ = policy_loss(logp, logp.at[0, 2].set(-100.0), jnp.array([1.0]), mask,
+                          PolicyLossConfig(log_ratio_clamp=1e9))
+    np.testing.assert_allclose(float(loss.value), -1.0, rtol=1e-6)
+
+
+def test_k3_is_clamped_like_verl():
+    lp, ref = jnp.array([0.0, 0.0, 0.0]), jnp.array([30.0, 2.5, -30.0])
+    # x = ref - logp clamped to +-20; k3 = exp(x) - x - 1 capped at 10
+    want = [10.0, min(np.exp(2.5) - 2.5 - 1, 10.0), np.exp(-20.0) + 20.0 - 1]
+    want[2] = min(want[2], 10.0)
+    np.testing.assert_allclose(np.asarray(kl_penalty(lp, ref, "k3")), want, rtol=1e-6)
+    np.testing.assert_allclose(float(kl_penalty(lp[:1], jnp.array([1.0]), "k3", log_ratio_clamp=0.5, k3_max=100.0)[0]),
+                               np.exp(0.5) - 0.5 - 1, rtol=1e-6)
+    np.testing.assert_allclose(float(kl_penalty(lp[:1], jnp.array([3.0]), "k3", k3_max=2.0)[0]), 2.0)
+    with pytest.raises(ValueError, match="kl_max"):
+        PolicyLossConfig(kl_max=0.0)
 
 
 def test_entropy_of_uniform():
