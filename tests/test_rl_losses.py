@@ -8,7 +8,7 @@ import pytest
 
 from r1v2_jax.rl.advantages import effective_share, group_advantages, nonzero_variance_groups, select_first
 from r1v2_jax.rl.losses import PolicyLossConfig, aggregate, kl_penalty, policy_loss, token_entropy
-from r1v2_jax.rl.mpo import MPOConfig, bco_delta_update, dpo_config, implicit_rewards, mpo_loss
+from r1v2_jax.rl.mpo import MPOConfig, batch_reward_mean, bco_delta_update, dpo_config, implicit_rewards, mpo_loss
 
 jax.config.update("jax_enable_x64", False)
 
@@ -92,11 +92,12 @@ def test_log_ratio_clamp():
     np.testing.assert_allclose(float(m["ratio_max"]), np.exp(2.0), rtol=1e-6)
 
 
-@pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
 def test_aggregation_hand_values_and_micro_batches_exact(agg):
     x = jnp.array([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [5.0, 6.0, 0.0], [7.0, 8.0, 9.0]])
     mask = jnp.array([[1, 1, 1], [1, 0, 0], [1, 1, 0], [0, 0, 0]], jnp.float32)
     expected = {"seq-mean-token-mean": (2.0 + 4.0 + 5.5) / 3, "token-mean": 21.0 / 6,
+                "seq-mean-token-sum": (6.0 + 4.0 + 11.0) / 3,  # the empty 4th sequence is not counted
                 "seq-mean-token-sum-norm": (6.0 + 4.0 + 11.0) / 4 / 3}[agg]
     whole = aggregate(x, mask, agg, norm_tokens=4)
     np.testing.assert_allclose(float(whole.value), expected, rtol=1e-6)
@@ -132,6 +133,42 @@ def test_kl_estimators_hand_values():
     np.testing.assert_allclose(float(loss.value), 0.5 * (np.exp(-0.5) + 0.5 - 1) / 2, rtol=1e-6)
 
 
+def test_kl_at_padding_cannot_make_the_loss_nan():
+    """A padding position whose policy and reference log-probs differ by 90: exp(90) is inf in
+    float32 and inf x 0 = NaN. Masked before the exp, it contributes exactly nothing."""
+    logp = jnp.array([[-1.0, -2.0, 0.0]])
+    ref = jnp.array([[-1.5, -2.0, 90.0]])  # third position is padding
+    mask = jnp.array([[1, 1, 0]], jnp.float32)
+    cfg = PolicyLossConfig(kl_coef=0.5)
+
+    def f(lp):
+        return policy_loss(lp, logp, jnp.array([0.0]), mask, cfg, ref_logp=ref)[0].value
+
+    k3 = np.exp(-0.5) + 0.5 - 1  # x = ref - logp = -0.5 at the first token, 0 at the second
+    np.testing.assert_allclose(float(f(logp)), 0.5 * k3 / 2, rtol=1e-6)
+    g = np.asarray(jax.grad(f)(logp))
+    assert np.all(np.isfinite(g)) and g[0, 2] == 0.0
+    # d/dlogp of 0.5 * k3 / 2 with k3 = exp(x) - x - 1, x = ref - logp: 0.25 * (1 - exp(x))
+    np.testing.assert_allclose(g[0, :2], [0.25 * (1 - np.exp(-0.5)), 0.0], rtol=1e-5, atol=1e-8)
+    # the policy ratio at padding too: an old log-prob 100 away at a masked position
+    loss, _ = policy_loss(logp, logp.at[0, 2].set(-100.0), jnp.array([1.0]), mask,
+                          PolicyLossConfig(log_ratio_clamp=1e9))
+    np.testing.assert_allclose(float(loss.value), -1.0, rtol=1e-6)
+
+
+def test_k3_is_clamped_like_verl():
+    lp, ref = jnp.array([0.0, 0.0, 0.0]), jnp.array([30.0, 2.5, -30.0])
+    # x = ref - logp clamped to +-20; k3 = exp(x) - x - 1 capped at 10
+    want = [10.0, min(np.exp(2.5) - 2.5 - 1, 10.0), np.exp(-20.0) + 20.0 - 1]
+    want[2] = min(want[2], 10.0)
+    np.testing.assert_allclose(np.asarray(kl_penalty(lp, ref, "k3")), want, rtol=1e-6)
+    np.testing.assert_allclose(float(kl_penalty(lp[:1], jnp.array([1.0]), "k3", log_ratio_clamp=0.5, k3_max=100.0)[0]),
+                               np.exp(0.5) - 0.5 - 1, rtol=1e-6)
+    np.testing.assert_allclose(float(kl_penalty(lp[:1], jnp.array([3.0]), "k3", k3_max=2.0)[0]), 2.0)
+    with pytest.raises(ValueError, match="kl_max"):
+        PolicyLossConfig(kl_max=0.0)
+
+
 def test_entropy_of_uniform():
     np.testing.assert_allclose(float(token_entropy(jnp.zeros(8))), np.log(8), rtol=1e-6)
 
@@ -143,12 +180,13 @@ def _np_logsig(x):
 
 
 def _np_mpo(pc, pr, rc, rr, ntok, delta, beta, wp, wq, wg):
-    """The R1V2/InternVL MPO formulas written out independently, in float64."""
+    """The R1V2/InternVL MPO formulas written out independently, in float64: TRL's per-pair
+    sigmoid and bco_pair losses averaged over pairs, plus one NLL token mean over all chosen
+    tokens of the batch (InternVL's CrossEntropyLoss over the flattened chosen labels)."""
     dc, dr = beta * (pc - rc), beta * (pr - rr)
     pref = -_np_logsig(dc - dr)
     qual = -_np_logsig(dc - delta) - _np_logsig(-(dr - delta))
-    gen = -pc / ntok
-    return np.mean(wp * pref + wq * qual + wg * gen)
+    return np.mean(wp * pref + wq * qual) + wg * (-pc.sum() / ntok.sum())
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -158,8 +196,11 @@ def test_mpo_matches_numpy_and_finite_differences(seed):
     ntok = rng.integers(5, 50, 5).astype(np.float64)
     delta = 0.3
     cfg = MPOConfig()
-    f = lambda pc_, pr_: mpo_loss(pc_, pr_, jnp.asarray(rc, jnp.float32), jnp.asarray(rr, jnp.float32),  # noqa: E731
-                                  jnp.asarray(ntok), jnp.float32(delta), cfg)[0].value
+
+    def f(pc_, pr_):
+        return mpo_loss(pc_, pr_, jnp.asarray(rc, jnp.float32), jnp.asarray(rr, jnp.float32), jnp.asarray(ntok),
+                        jnp.float32(delta), cfg)[0].value
+
     val = float(f(jnp.asarray(pc, jnp.float32), jnp.asarray(pr, jnp.float32)))
     ref = _np_mpo(pc, pr, rc, rr, ntok, delta, 0.1, 0.8, 0.2, 1.0)
     assert abs(val - ref) <= 1e-6 * max(1.0, abs(ref))
@@ -171,23 +212,68 @@ def test_mpo_matches_numpy_and_finite_differences(seed):
             e = np.zeros(5)
             e[i] = h
             args = [pc, pr]
-            plus = _np_mpo(*(a + e if j == which else a for j, a in enumerate(args)), rc, rr, ntok, delta, 0.1, 0.8, 0.2, 1.0)
-            minus = _np_mpo(*(a - e if j == which else a for j, a in enumerate(args)), rc, rr, ntok, delta, 0.1, 0.8, 0.2, 1.0)
+            rest = (rc, rr, ntok, delta, 0.1, 0.8, 0.2, 1.0)
+            plus = _np_mpo(*(a + e if j == which else a for j, a in enumerate(args)), *rest)
+            minus = _np_mpo(*(a - e if j == which else a for j, a in enumerate(args)), *rest)
             np.testing.assert_allclose(float(g[i]), (plus - minus) / (2 * h), rtol=1e-4, atol=1e-7)
 
 
-def test_plain_dpo_and_delta_update():
+def test_plain_dpo_and_delta_carries_no_gradient():
     pc, pr = jnp.array([-10.0]), jnp.array([-12.0])
     rc, rr = jnp.array([-11.0]), jnp.array([-11.0])
     loss, m = mpo_loss(pc, pr, rc, rr, jnp.array([4.0]), jnp.float32(0.0), dpo_config(beta=0.5))
     np.testing.assert_allclose(float(loss.value), -_np_logsig(0.5 * 1 - 0.5 * (-1)), rtol=1e-6)
     assert float(m["reward_accuracy"]) == 1.0
-    cfg = MPOConfig(delta_decay=0.9)
-    d = bco_delta_update(jnp.float32(1.0), implicit_rewards(pc, rc, cfg), implicit_rewards(pr, rr, cfg), cfg)
-    np.testing.assert_allclose(float(d), 0.9 * 1.0 + 0.1 * np.mean([0.1, -0.1]), rtol=1e-6)
-    # delta carries no gradient into the loss
     g = jax.grad(lambda d_: mpo_loss(pc, pr, rc, rr, jnp.array([4.0]), d_, MPOConfig())[0].value)(jnp.float32(0.2))
     assert float(g) == 0.0
+
+
+def test_bco_delta_is_exact_from_the_first_batch():
+    """TRL's RunningMoments (count starts at 1e-24): δ_t = mean of the batch means so far, the
+    current batch included; the bias-corrected EMA gives the first batch's mean exactly too."""
+    pc, pr = jnp.array([-10.0, -6.0]), jnp.array([-12.0, -8.0])
+    rc, rr = jnp.array([-11.0, -10.0]), jnp.array([-11.0, -9.0])
+    cfg = MPOConfig()
+    x1 = float(batch_reward_mean(implicit_rewards(pc, rc, cfg), implicit_rewards(pr, rr, cfg)))
+    np.testing.assert_allclose(x1, 0.1 * (1 + 4 - 1 + 1) / 4, rtol=1e-6)  # Δ: 0.1, 0.4, -0.1, 0.1 -> 0.125
+    d, n = jnp.float32(0.0), jnp.int32(0)
+    want = [0.125, (0.125 - 0.5) / 2, (0.125 - 0.5 + 0.3) / 3]
+    for x, w in zip([x1, -0.5, 0.3], want):
+        d, n = bco_delta_update(d, n, jnp.float32(x), cfg)
+        np.testing.assert_allclose(float(d), w, rtol=1e-6)
+    assert int(n) == 3
+    ema = MPOConfig(delta_mode="ema", delta_decay=0.9)
+    d, n = jnp.float32(0.0), jnp.int32(0)
+    m, ds = 0.0, []
+    for t, x in enumerate([0.125, -0.5, 0.3], start=1):
+        m = 0.9 * m + 0.1 * x
+        d, n = bco_delta_update(d, n, jnp.float32(x), ema)
+        ds.append(float(d))
+        np.testing.assert_allclose(float(d), m / (1 - 0.9**t), rtol=1e-5)
+    np.testing.assert_allclose(ds[:2], [0.125, (0.9 * 0.0125 - 0.05) / 0.19], rtol=1e-5)  # 0.125, -0.2039474
+    # the loss uses the δ it is given: at δ = 0.125 vs the EMA-from-zero 0.00125 the BCO term differs
+    q = [float(mpo_loss(pc, pr, rc, rr, jnp.array([3.0, 3.0]), jnp.float32(v), cfg)[1]["quality_loss"])
+         for v in (0.125, 0.00125)]
+    assert abs(q[0] - q[1]) > 1e-3
+
+
+def test_mpo_nll_is_one_token_mean_over_the_batch():
+    """Unequal lengths: chosen log-probs -10 over 2 tokens and -8 over 8. InternVL/TRL: 18/10 =
+    1.8; the per-pair mean of token means (5 + 1)/2 = 3 is the option ``seq-mean``."""
+    pc, ntok = jnp.array([-10.0, -8.0]), jnp.array([2, 8])
+    z = jnp.zeros(2)
+    gen_only = MPOConfig(w_pref=0.0, w_quality=0.0, w_gen=1.0)
+    np.testing.assert_allclose(float(mpo_loss(pc, z, z, z, ntok, jnp.float32(0), gen_only)[0].value), 1.8, rtol=1e-6)
+    seq = MPOConfig(w_pref=0.0, w_quality=0.0, w_gen=1.0, gen_norm="seq-mean")
+    np.testing.assert_allclose(float(mpo_loss(pc, z, z, z, ntok, jnp.float32(0), seq)[0].value), 3.0, rtol=1e-6)
+    # micro-batches given the whole batch's tokens per pair (5) add up to the whole-batch value
+    parts = [mpo_loss(pc[i:i + 1], z[:1], z[:1], z[:1], ntok[i:i + 1], jnp.float32(0), gen_only, jnp.float32(5.0))[0]
+             for i in range(2)]
+    np.testing.assert_allclose(float((parts[0] + parts[1]).value), 1.8, rtol=1e-6)
+    with pytest.raises(ValueError, match="gen_norm"):
+        MPOConfig(gen_norm="mean")
+    with pytest.raises(ValueError, match="delta_mode"):
+        MPOConfig(delta_mode="ewma")
 
 
 def test_bad_configs_are_refused():

@@ -85,22 +85,70 @@ def test_adapter_only_training_freezes_the_towers(setup):
     assert float(m_all["loss"]) == float(m_ad["loss"]) and 0 < float(m_ad["grad_norm"]) < float(m_all["grad_norm"])
 
 
-def test_mpo_step_updates_delta(setup):
+def _mpo_batch(rng, b=4, t=10, split=4):
+    out = {}
+    for name in ("chosen", "rejected"):
+        out[f"{name}_ids"] = jnp.asarray(rng.integers(0, 200, (b, t)), jnp.int32)
+        out[f"{name}_mask"] = jnp.ones((b, t), bool)
+        out[f"{name}_loss_mask"] = jnp.ones((b, t), bool).at[:, :split].set(False)
+    return out
+
+
+def _batch_reward_mean(module, params, ref, b, beta):
+    """mean of β(log π − log π_ref) over the batch's chosen and rejected responses, by hand."""
+    rs = []
+    for name in ("chosen", "rejected"):
+        ids, m = b[f"{name}_ids"], b[f"{name}_loss_mask"][:, 1:]
+        lp = [jnp.take_along_axis(jax.nn.log_softmax(module.apply({"params": p}, ids, None, b[f"{name}_mask"])[:, :-1]),
+                                  ids[:, 1:, None], -1)[..., 0] for p in (params, ref)]
+        rs.append(beta * ((lp[0] - lp[1]) * m).sum(axis=1))
+    return float(jnp.concatenate(rs).mean())
+
+
+def test_mpo_step_delta_is_the_running_mean_including_this_batch(setup):
     cfg, module, params = setup
+    ref = init_params(cfg, jax.random.key(7))  # a reference unlike the policy: rewards != 0 at step 1
     opt = make_optimizer(OptimConfig(lr=1e-3, trainable="all"), params)
     rng = np.random.default_rng(3)
-    b = {}
-    for name in ("chosen", "rejected"):
-        b[f"{name}_ids"] = jnp.asarray(rng.integers(0, 200, (4, 10)), jnp.int32)
-        b[f"{name}_mask"] = jnp.ones((4, 10), bool)
-        b[f"{name}_loss_mask"] = jnp.ones((4, 10), bool).at[:, :4].set(False)
-    step = make_train_step("mpo", module, opt, mpo_cfg=MPOConfig(delta_decay=0.5), n_micro=2, donate=False)
+    b1, b2 = _mpo_batch(rng), _mpo_batch(rng)
+    step = make_train_step("mpo", module, opt, mpo_cfg=MPOConfig(), n_micro=2, donate=False)
     state = init_state(params, opt, 0)
-    new, m = step(state, b, params)
-    assert float(m["reward_margin"]) == 0.0  # policy == reference at the start
-    assert float(new.bco_delta) == 0.0 and bool(m["step_ok"])
-    new2, m2 = step(new, b, params)
-    assert float(new2.bco_delta) != 0.0  # rewards moved after one update, and delta follows
+    x1 = _batch_reward_mean(module, params, ref, b1, 0.1)
+    assert abs(x1) > 1e-3
+    new, m = step(state, b1, ref)
+    # atol: Δ = β (difference of two ~30-nat float32 sums) is good to ~β * 4 ulp(32) = 1e-6
+    tol = {"rtol": 1e-5, "atol": 1e-6}
+    # δ after one batch is its mean reward exactly (an EMA from 0 gave 1% of it), and the loss used it
+    np.testing.assert_allclose(float(new.bco_delta), x1, **tol)
+    np.testing.assert_allclose(float(m["bco_delta"]), x1, **tol)
+    assert int(new.bco_count) == 1 and bool(m["step_ok"])
+    x2 = _batch_reward_mean(module, new.params, ref, b2, 0.1)
+    new2, m2 = step(new, b2, ref)
+    np.testing.assert_allclose(float(new2.bco_delta), (x1 + x2) / 2, **tol)
+    assert int(new2.bco_count) == 2
+    # one micro-batch or two: the same δ and the same gradients (the NLL's token mean is the batch's)
+    one = make_train_step("mpo", module, opt, mpo_cfg=MPOConfig(), n_micro=1, donate=False)
+    new1, m1 = one(state, b1, ref)
+    np.testing.assert_allclose(float(new1.bco_delta), float(new.bco_delta), **tol)
+    np.testing.assert_allclose(float(m1["loss"]), float(m["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(m1["grad_norm"]), float(m["grad_norm"]), rtol=1e-5)
+
+
+def test_mpo_nll_is_the_batch_token_mean_in_the_step(setup):
+    """With only the generation term and unequal chosen lengths, the step's loss is the NLL
+    summed over all chosen tokens of the batch / their number (InternVL's)."""
+    cfg, module, params = setup
+    opt = make_optimizer(OptimConfig(lr=1e-3, trainable="all"), params)
+    b = _mpo_batch(np.random.default_rng(5), b=2, t=12)
+    b["chosen_loss_mask"] = b["chosen_loss_mask"].at[0, :10].set(False)  # 2 vs 8 chosen tokens
+    step = make_train_step("mpo", module, opt, mpo_cfg=MPOConfig(w_pref=0.0, w_quality=0.0), n_micro=2, donate=False)
+    _, m = step(init_state(params, opt, 0), b, params)
+    ids = b["chosen_ids"]
+    lp = jnp.take_along_axis(jax.nn.log_softmax(module.apply({"params": params}, ids, None, b["chosen_mask"])[:, :-1]),
+                             ids[:, 1:, None], -1)[..., 0]
+    mask = b["chosen_loss_mask"][:, 1:]
+    assert int(mask.sum(axis=1)[0]) == 2 and int(mask.sum(axis=1)[1]) == 8
+    np.testing.assert_allclose(float(m["loss"]), float(-(lp * mask).sum() / mask.sum()), rtol=1e-5)
 
 
 def test_reward_model_step_trains_the_value_head(setup):

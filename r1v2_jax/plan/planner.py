@@ -419,8 +419,9 @@ def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
     else:
         n = cfg.data.batch_size
         t = cfg.data.max_prompt_len + cfg.data.max_completion_len
-        # chosen + rejected through the policy (fwd + bwd) and the reference (fwd)
-        flops, tokens = train_step_flops(mc, 2 * n * t, t, forwards=2), 2 * n * t
+        # chosen + rejected through the policy (fwd + bwd), the reference (fwd) and the policy's
+        # forward-only pass for BCO's δ (r1v2_jax.train.steps.mpo_sequence_logps)
+        flops, tokens = train_step_flops(mc, 2 * n * t, t, forwards=3), 2 * n * t
     if (n // n_micro) % shards or n % n_micro:
         notes.append(f"{algo} micro-batch: {n} rows / {n_micro} micro-batches = {n / n_micro:g} rows over "
                      f"data x fsdp = {shards}: not a whole number of rows per device (XLA pads or replicates)")

@@ -15,7 +15,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
+AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
@@ -46,6 +46,10 @@ class PolicyLossConfig:
     kl_estimator: str = "k3"
     aggregation: str = "seq-mean-token-mean"
     norm_tokens: int | None = None  # seq-mean-token-sum-norm: the constant divisor (e.g. max new tokens)
+    # k3 KL, for numerical safety as verl clamps it: log π_ref − log π to ±kl_log_ratio_clamp
+    # before exp, and the estimate to <= kl_max (padding positions are masked before either)
+    kl_log_ratio_clamp: float = 20.0
+    kl_max: float = 10.0
 
     def __post_init__(self):
         if self.aggregation not in AGGREGATIONS:
@@ -57,22 +61,32 @@ class PolicyLossConfig:
         if self.clip_low < 0 or self.clip_high < 0 or self.clip_low >= 1:
             raise ValueError(f"clip_low/clip_high: need 0 <= clip_low < 1 and clip_high >= 0, "
                              f"got {self.clip_low}, {self.clip_high}")
+        if self.kl_log_ratio_clamp <= 0 or self.kl_max <= 0:
+            raise ValueError(f"kl_log_ratio_clamp/kl_max: must be > 0, got {self.kl_log_ratio_clamp}, {self.kl_max}")
         if self.aggregation == "seq-mean-token-sum-norm" and not self.norm_tokens:
             raise ValueError("aggregation seq-mean-token-sum-norm needs norm_tokens (e.g. max new tokens)")
 
 
-def kl_penalty(logp: jax.Array, ref_logp: jax.Array, estimator: str = "k3") -> jax.Array:
+def kl_penalty(logp: jax.Array, ref_logp: jax.Array, estimator: str = "k3", mask: jax.Array | None = None,
+               log_ratio_clamp: float = 20.0, k3_max: float = 10.0) -> jax.Array:
     """Per-token estimate of KL(π‖π_ref) from samples of π.
 
-    k1 = logπ − logπ_ref;  k2 = ½ (logπ − logπ_ref)²;  k3 = exp(logπ_ref − logπ) − (logπ_ref − logπ) − 1 (≥ 0).
+    k1 = logπ − logπ_ref;  k2 = ½ (logπ − logπ_ref)²;
+    k3 = exp(x) − x − 1 (≥ 0) with x = clamp(logπ_ref − logπ, ±log_ratio_clamp), then min(k3, k3_max)
+    (verl's ``low_var_kl`` bounds: 20 and 10). Positions where ``mask`` is 0 get exactly 0 and
+    are zeroed *before* the exp, so padding (whose log-probs may differ by anything) can never
+    give inf, and inf × 0 = NaN, in the loss or its gradient.
     """
     d = logp - ref_logp
+    if mask is not None:
+        d = jnp.where(mask > 0, d, 0.0)
     if estimator == "k1":
         return d
     if estimator == "k2":
         return 0.5 * d * d
     if estimator == "k3":
-        return jnp.exp(-d) - (-d) - 1.0
+        x = jnp.clip(-d, -log_ratio_clamp, log_ratio_clamp)
+        return jnp.minimum(jnp.exp(x) - x - 1.0, k3_max)
     raise ValueError(f"kl_estimator: expected one of {KL_ESTIMATORS}, got {estimator!r}")
 
 
@@ -81,9 +95,15 @@ def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, norm_tokens: int
 
     * ``seq-mean-token-mean`` (the paper's GRPO): mean over sequences of each sequence's token mean;
     * ``token-mean`` (DAPO): mean over all tokens of the batch;
+    * ``seq-mean-token-sum``: mean over sequences of each sequence's token sum (verl's mode of
+      that name);
     * ``seq-mean-token-sum-norm`` (Dr. GRPO): mean over sequences of token sums / ``norm_tokens``.
+      verl's mode of that name returns Σ token sums / ``loss_scale_factor`` without dividing by
+      the number of sequences N: verl's value (and gradient) is N times ours. Under Adam the two
+      differ only through ``eps`` and gradient-norm clipping; with a fixed N per step, ours is
+      verl's with the learning rate and clip threshold divided by N.
 
-    Sequences without any counted token are left out of the sequence count.
+    Sequences without any counted token are left out of the sequence count (as verl does).
     """
     m = mask.astype(jnp.float32)
     x = per_token * m
@@ -93,6 +113,8 @@ def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, norm_tokens: int
     has = (n_tok > 0).astype(jnp.float32)
     if mode == "seq-mean-token-mean":
         return LossSum((x.sum(axis=1) / jnp.maximum(n_tok, 1.0)).sum(), has.sum())
+    if mode == "seq-mean-token-sum":
+        return LossSum(x.sum(), has.sum())
     if mode == "seq-mean-token-sum-norm":
         return LossSum((x.sum(axis=1) / float(norm_tokens)).sum(), has.sum())
     raise ValueError(f"aggregation: expected one of {AGGREGATIONS}, got {mode!r}")
@@ -126,7 +148,8 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
     """
     m = mask.astype(jnp.float32)
     adv = advantages.astype(jnp.float32)[:, None]
-    log_ratio = jnp.clip(logp - old_logp, -cfg.log_ratio_clamp, cfg.log_ratio_clamp)
+    # padding masked before the exp: whatever log-probs it holds, it contributes exactly 0
+    log_ratio = jnp.clip(jnp.where(m > 0, logp - old_logp, 0.0), -cfg.log_ratio_clamp, cfg.log_ratio_clamp)
     ratio = jnp.exp(log_ratio)
     pg1 = -adv * ratio
     pg2 = -adv * jnp.clip(ratio, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
@@ -138,14 +161,13 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
         pg = jnp.where(adv < 0, jnp.minimum(pg, pg3), pg)
     per_token = pg
     metrics = {}
-    if cfg.kl_coef:
-        if ref_logp is None:
-            raise ValueError("policy_loss: kl_coef > 0 needs ref_logp")
-        kl = kl_penalty(logp, ref_logp, cfg.kl_estimator)
-        per_token = per_token + cfg.kl_coef * kl
+    if cfg.kl_coef and ref_logp is None:
+        raise ValueError("policy_loss: kl_coef > 0 needs ref_logp")
+    if ref_logp is not None:
+        kl = kl_penalty(logp, ref_logp, cfg.kl_estimator, m, cfg.kl_log_ratio_clamp, cfg.kl_max)
+        if cfg.kl_coef:
+            per_token = per_token + cfg.kl_coef * kl
         metrics["kl"] = _masked_mean(kl, m)
-    elif ref_logp is not None:
-        metrics["kl"] = _masked_mean(kl_penalty(logp, ref_logp, cfg.kl_estimator), m)
     loss = aggregate(per_token, m, cfg.aggregation, cfg.norm_tokens)
     clipped_high = (adv > 0) & (ratio > 1.0 + cfg.clip_high)
     clipped_low = (adv < 0) & (ratio < 1.0 - cfg.clip_low)

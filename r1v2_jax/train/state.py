@@ -100,7 +100,8 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: jax.Array  # u32[2] raw key data (checkpoint-friendly)
-    bco_delta: jax.Array  # f32[] MPO's BCO shift
+    bco_delta: jax.Array  # f32[] MPO's BCO shift δ (r1v2_jax.rl.mpo)
+    bco_count: jax.Array  # i32[] batches averaged into δ (its running mean needs the count to resume)
     skipped: jax.Array  # i32[] steps skipped for non-finite loss/gradients
     ssb: Any = None  # SSBState (GRPO) or None
 
@@ -108,7 +109,7 @@ class TrainState:
 def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int, ssb=None) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                       rng=jax.random.key_data(jax.random.key(seed)), bco_delta=jnp.zeros((), jnp.float32),
-                      skipped=jnp.zeros((), jnp.int32), ssb=ssb)
+                      bco_count=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32), ssb=ssb)
 
 
 def step_key(state: TrainState, purpose: int) -> jax.Array:

@@ -22,7 +22,7 @@ from r1v2_jax.parallel.multihost import batch_shards
 from r1v2_jax.parallel.sharding import use_mesh_rules
 from r1v2_jax.rewards.reward_model import RewardModel, bradley_terry_loss
 from r1v2_jax.rl.losses import LossSum, PolicyLossConfig, policy_loss, sequence_logprobs, token_entropy
-from r1v2_jax.rl.mpo import MPOConfig, bco_delta_update, implicit_rewards, mpo_loss
+from r1v2_jax.rl.mpo import MPOConfig, batch_reward_mean, bco_delta_update, implicit_rewards, mpo_loss
 from r1v2_jax.train.state import TrainState, apply_gradients, trainable_labels
 
 log = logging.getLogger("r1v2_jax.train")
@@ -63,14 +63,34 @@ def _seq_logps(module, params, batch, name):
     return sequence_logprobs(lp, m), m.sum(axis=1)
 
 
-def mpo_loss_fn(cfg: MPOConfig, module, params, batch, ref_params, state):
+def mpo_loss_fn(cfg: MPOConfig, delta, tokens_per_pair, module, params, batch, ref_params=None, state=None):
+    """MPO on a micro-batch whose reference log-probs (``_ref_chosen``/``_ref_rejected``, f32[B])
+    came from :func:`mpo_sequence_logps`; ``delta`` and ``tokens_per_pair`` are the whole batch's."""
     pc, nc = _seq_logps(module, params, batch, "chosen")
     pr, _ = _seq_logps(module, params, batch, "rejected")
-    rc, _ = _seq_logps(module, jax.lax.stop_gradient(ref_params), batch, "chosen")
-    rr, _ = _seq_logps(module, jax.lax.stop_gradient(ref_params), batch, "rejected")
-    loss, metrics = mpo_loss(pc, pr, rc, rr, nc, state.bco_delta, cfg)
-    metrics["_r_chosen"], metrics["_r_rejected"] = implicit_rewards(pc, rc, cfg), implicit_rewards(pr, rr, cfg)
-    return loss, metrics
+    return mpo_loss(pc, pr, batch["_ref_chosen"], batch["_ref_rejected"], nc, delta, cfg, tokens_per_pair)
+
+
+def mpo_sequence_logps(module, params, ref_params, batch: dict, n_micro: int) -> dict[str, jax.Array]:
+    """Sequence log-probs of the whole batch under the policy and the reference, no gradients,
+    one micro-batch at a time: {policy,ref}_{chosen,rejected} f32[B], chosen_tokens [B].
+
+    The pass BCO's δ needs before the loss (TRL's running mean includes the current batch);
+    it costs one extra forward of the policy per step, and the reference's forward moves here
+    from the gradient pass."""
+    params, ref_params = jax.lax.stop_gradient(params), jax.lax.stop_gradient(ref_params)
+    micro = jax.tree.map(lambda x: x.reshape((n_micro, x.shape[0] // n_micro) + x.shape[1:]), batch)
+
+    def one(mb):
+        pc, nc = _seq_logps(module, params, mb, "chosen")
+        pr, _ = _seq_logps(module, params, mb, "rejected")
+        rc, _ = _seq_logps(module, ref_params, mb, "chosen")
+        rr, _ = _seq_logps(module, ref_params, mb, "rejected")
+        return {"policy_chosen": pc, "policy_rejected": pr, "ref_chosen": rc, "ref_rejected": rr,
+                "chosen_tokens": nc}
+
+    out = jax.lax.map(one, micro)
+    return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), out)
 
 
 def grpo_loss_fn(cfg: PolicyLossConfig, module, params, batch, ref_params, state):
@@ -139,12 +159,13 @@ def make_train_step(kind: str, module, optimizer: optax.GradientTransformation, 
     losses = {
         "sft": sft_loss,
         "rm": rm_loss,
-        "mpo": functools.partial(mpo_loss_fn, mpo_cfg or MPOConfig()),
+        "mpo": mpo_loss_fn,  # bound to this batch's δ inside the step
         "grpo": functools.partial(grpo_loss_fn, policy_cfg or PolicyLossConfig()),
     }
     if kind not in losses:
         raise ValueError(f"train step kind: expected one of {sorted(losses)}, got {kind!r}")
     fn = losses[kind]
+    mcfg = mpo_cfg or MPOConfig()
 
     def step(state: TrainState, batch: dict, ref_params):
         from r1v2_jax.parallel.sharding import DEFAULT_RULES
@@ -164,13 +185,19 @@ def make_train_step(kind: str, module, optimizer: optax.GradientTransformation, 
         grad_sh = None
         if mesh is not None and isinstance(module, R1V2):
             grad_sh = param_shardings(module.config, mesh, rules or DEFAULT_RULES)
-        with use_mesh_rules(mesh, rules or DEFAULT_RULES):
-            grads, loss, metrics = accumulate(lambda p, mb: fn(module, p, mb, ref_params, state), state.params, batch,
-                                              n_micro, frozen=frozen, grad_shardings=grad_sh)
         extra = {}
-        if kind == "mpo":
-            extra["bco_delta"] = bco_delta_update(state.bco_delta, metrics.pop("_r_chosen").reshape(-1),
-                                                  metrics.pop("_r_rejected").reshape(-1), mpo_cfg or MPOConfig())
+        with use_mesh_rules(mesh, rules or DEFAULT_RULES):
+            loss_fn = fn
+            if kind == "mpo":  # BCO's δ first, from this batch's rewards (see r1v2_jax.rl.mpo)
+                seq = mpo_sequence_logps(module, state.params, ref_params, batch, n_micro)
+                x = batch_reward_mean(implicit_rewards(seq["policy_chosen"], seq["ref_chosen"], mcfg),
+                                      implicit_rewards(seq["policy_rejected"], seq["ref_rejected"], mcfg))
+                extra["bco_delta"], extra["bco_count"] = bco_delta_update(state.bco_delta, state.bco_count, x, mcfg)
+                per_pair = seq["chosen_tokens"].astype(jnp.float32).mean()
+                loss_fn = functools.partial(mpo_loss_fn, mcfg, extra["bco_delta"], per_pair)
+                batch = dict(batch, _ref_chosen=seq["ref_chosen"], _ref_rejected=seq["ref_rejected"])
+            grads, loss, metrics = accumulate(lambda p, mb: loss_fn(module, p, mb, ref_params, state), state.params,
+                                              batch, n_micro, frozen=frozen, grad_shardings=grad_sh)
         new_state, ok = apply_gradients(state, grads, loss.value, optimizer, **extra)
         metrics = dict(metrics, loss=loss.value, grad_norm=optax.tree.norm(grads), step_ok=ok,
                        skipped_steps=new_state.skipped)
