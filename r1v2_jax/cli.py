@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--max-new-tokens", type=int, default=1024)
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--max-tiles", type=int, default=12)
-    ev.set_defaults(fn=C.cmd_eval)
+    ev.set_defaults(fn=C.cmd_eval, takes_overrides=True)
     i = sub.add_parser("info", help="config and parameter counts")
     g = i.add_mutually_exclusive_group(required=True)
     g.add_argument("--model", help="a released-format checkpoint directory")

@@ -16,18 +16,23 @@ import r1v2_jax
 from r1v2_jax.convert.hf_config import read_config
 from r1v2_jax.data.formats import SkipCounter, load_records
 from r1v2_jax.data.image import load_image
-from r1v2_jax.data.pipeline import PipelineConfig
 from r1v2_jax.data.prompt import PromptBuilder
 from r1v2_jax.data.synthetic import make_synthetic
 from r1v2_jax.data.tokenizer import chat_template, load_tokenizer
-from r1v2_jax.model.vlm import abstract_params
+from r1v2_jax.model.vlm import abstract_params, param_shardings
 from r1v2_jax.parallel.multihost import initialize
 from r1v2_jax.plan.planner import format_plan, plan
 from r1v2_jax.train.config_files import CONFIG_ERRORS, experiment_from, load_experiment
 from r1v2_jax.train.evaluate import evaluate
-from r1v2_jax.train.experiment import demo_config, format_summary, run_experiment
+from r1v2_jax.train.experiment import (
+    demo_config,
+    experiment_meshes,
+    format_summary,
+    load_experiment_model,
+    make_run,
+    run_experiment,
+)
 from r1v2_jax.train.metrics_log import MetricsLog
-from r1v2_jax.train.run import Run
 from r1v2_jax.train.schema import ExperimentError
 
 
@@ -224,27 +229,33 @@ def cmd_make_data(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-
+def cmd_eval(args, overrides) -> int:
+    """pass@1 of a model on an ``rl`` dataset; the settings go through the experiment schema
+    (``--config.eval.*`` / ``--config.data.*`` overrides too), so they are checked like a run's."""
+    cfg = demo_config()
+    cfg.run_dir = tempfile.mkdtemp(prefix="r1v2-eval-")
+    cfg.model.init = args.model
+    cfg.eval.k, cfg.eval.temperature, cfg.eval.max_new_tokens = args.k, args.temperature, args.max_new_tokens
+    cfg.data.batch_size, cfg.data.max_tiles, cfg.data.dynamic_tiling = args.batch_size, args.max_tiles, True
+    cfg.data.max_prompt_len = 1 << 16  # prompts are never cut: any length up to 64k, in power-of-two buckets
+    cfg.data.length_buckets = tuple(1 << i for i in range(6, 17))
     try:
-        tok = load_tokenizer(args.model)
-        model = r1v2_jax.load_model(args.model)
+        exp = experiment_from(cfg, "eval", overrides)
+        mc, params, tok, template = load_experiment_model(exp)
         skips = SkipCounter()
         records = load_records(args.data, "rl", skips)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    cfg = model.config
-    builder = PromptBuilder(tok, cfg.tokens_per_tile(), template=chat_template(args.model), max_prompt_len=1 << 16)
-    pipe = PipelineConfig(batch_size=args.batch_size, max_tiles=args.max_tiles, process_index=0, process_count=1,
-                          length_buckets=tuple(1 << i for i in range(6, 17)))
-    run = Run(cfg, tok, builder, tempfile.mkdtemp(prefix="r1v2-eval-"), MetricsLog(tempfile.mkdtemp(), False),
-              pipeline=pipe, progress=False)
-    r = evaluate(run, model.params, records, k=args.k, temperature=args.temperature,
-                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    except (*CONFIG_ERRORS, KeyError) as e:
+        return _config_error(e)
+    mesh, sampler_mesh = experiment_meshes(exp)
+    if mesh is not None:
+        params = jax.device_put(params, param_shardings(mc, mesh))
+    run = make_run(exp, mc, tok, template, mesh, sampler_mesh, metrics=MetricsLog(exp.run_dir, False))
+    e = exp.eval
+    r = evaluate(run, params, records, k=e.k, temperature=e.temperature, top_p=e.top_p,
+                 max_new_tokens=e.max_new_tokens, batch_size=exp.data.batch_size)
     rows = [(cat, f"{acc:.3f}", str(n)) for cat, (acc, n) in r["per_category"].items()]
     rows.append(("all", f"{r['pass@1']:.3f}", str(r["n"])))
-    print(f"pass@1 (mean over k={args.k} samples, temperature {args.temperature}) on {args.data}")
+    print(f"pass@1 (mean over k={e.k} samples, temperature {e.temperature}) on {args.data}")
     print("\n".join(f"{a:<16} | {b:>7} | {c:>5}" for a, b, c in [("category", "pass@1", "n")] + rows))
     if skips.total:
         print(f"skipped records: {skips.as_dict()}")

@@ -142,3 +142,11 @@ def test_plan_builds_the_step_training_runs(tmp_path, monkeypatch):
         assert (a.shape, a.dtype) == (b.shape, b.dtype)
         assert a.sharding.is_equivalent_to(b.sharding, len(a.shape)), (a.shape, a.sharding, b.sharding)
     assert dataclasses.is_dataclass(exp)
+
+
+@pytest.mark.parametrize("argv,field", [(["--k", "0"], "k"), (["--config.eval.top_p=2"], "top_p"),
+                                        (["--config.data.max_tiless=3"], "data.max_tiless")])
+def test_eval_settings_are_checked_by_the_schema(argv, field, tmp_path, capsys):
+    rc = main(["eval", "--model", str(tmp_path / "none"), "--data", str(tmp_path / "none.jsonl"), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and field in err and "Traceback" not in err, err

@@ -114,7 +114,7 @@ def _ensure_data(exp) -> str:
     return path
 
 
-def _load_model(exp):
+def load_experiment_model(exp):
     """(model config, parameters, tokenizer, chat template) of ``exp.model``."""
     if exp.model.init == "random":
         mc = model_config_from(exp)
@@ -133,16 +133,16 @@ def _load_model(exp):
     return mc, loaded.params, load_tokenizer(exp.model.init), chat_template(exp.model.init)
 
 
-def make_run(exp, mc, tok, template, mesh, sampler_mesh) -> Run:
-    """The :class:`Run` every stage of ``exp`` shares."""
+def make_run(exp, mc, tok, template, mesh, sampler_mesh, metrics: MetricsLog | None = None) -> Run:
+    """The :class:`Run` every stage of ``exp`` shares (``metrics``: default ``run_dir``'s log)."""
     d = exp.data
     builder = PromptBuilder(tok, mc.tokens_per_tile(), template=template, max_prompt_len=d.max_prompt_len,
                             max_completion_len=d.max_completion_len)
     pipe = PipelineConfig(batch_size=d.batch_size, seed=exp.seed, worker_count=d.workers,
                           dynamic_tiling=d.dynamic_tiling, max_tiles=d.max_tiles,
-                          length_buckets=(d.max_prompt_len, d.max_prompt_len + d.max_completion_len),
+                          length_buckets=d.length_buckets or (d.max_prompt_len, d.max_prompt_len + d.max_completion_len),
                           process_index=jax.process_index(), process_count=jax.process_count())
-    metrics = MetricsLog(exp.run_dir, is_main=jax.process_index() == 0)
+    metrics = metrics or MetricsLog(exp.run_dir, is_main=jax.process_index() == 0)
     ck = exp.checkpoint
     return Run(mc, tok, builder, exp.run_dir, metrics, seed=exp.seed, checkpoint_every=ck.every,
                checkpoint_dir=ck.dir, keep=ck.keep, async_checkpoints=ck.async_save, progress=exp.progress,
@@ -156,7 +156,7 @@ def run_experiment(exp) -> dict:
     t_start = time.perf_counter()
     mesh, sampler_mesh = experiment_meshes(exp)
     os.makedirs(exp.run_dir, exist_ok=True)
-    mc, params, tok, template = _load_model(exp)
+    mc, params, tok, template = load_experiment_model(exp)
     if exp.model.remat_policy:
         mc = mc.replace(remat_policy=exp.model.remat_policy)
     if mesh is not None:

@@ -88,8 +88,13 @@ class DataSection:
     workers: int = 0
     dynamic_tiling: bool = False
     max_tiles: int = 1
+    # prompt(+completion) lengths batches are padded to; () = (max_prompt_len,
+    # max_prompt_len + max_completion_len)
+    length_buckets: tuple[int, ...] = ()
 
     def __post_init__(self):
+        if any(b < 1 for b in self.length_buckets) or list(self.length_buckets) != sorted(set(self.length_buckets)):
+            raise ValueError(f"length_buckets: increasing positive lengths, got {self.length_buckets}")
         for f in ("batch_size", "max_prompt_len", "max_completion_len", "max_tiles"):
             _positive(f, getattr(self, f))
         if self.workers < 0:
