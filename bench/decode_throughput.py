@@ -101,12 +101,12 @@ def bench_shape(name, model, batches, prompt_len, new_tokens):
         ids = np.random.default_rng(b).integers(0, vocab - 2, (b, prompt_len)).astype(np.int32)
         tps = {}
         for loop, s in samplers.items():
-            run = lambda s=s: jax.block_until_ready(s(ids, sp=sp).tokens)  # noqa: E731
+            run = lambda s=s, ids=ids: jax.block_until_ready(s(ids, sp=sp).tokens)
             run()
             tps[loop] = b * new_tokens / min(_timed(run) for _ in range(2))
         tids = torch.tensor(ids, dtype=torch.long)
         with torch.no_grad():
-            run_hf = lambda: hf.generate(input_ids=tids, do_sample=False, max_new_tokens=new_tokens,  # noqa: E731
+            run_hf = lambda tids=tids: hf.generate(input_ids=tids, do_sample=False, max_new_tokens=new_tokens,
                                          min_new_tokens=new_tokens, pad_token_id=0)
             run_hf()
             t_hf = _timed(run_hf)

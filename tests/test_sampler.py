@@ -229,7 +229,6 @@ def _stacked_weight_copies(sampler, m, layer_loop):
 
     from r1v2_jax.sampling.sampler import _left_pad
 
-    cfg = m.config
     sp = SamplingParams(max_new_tokens=4)
     ids, mask, _ = _left_pad(np.ones((2, 8), np.int32), None, sampler.bucket, 0)
     logits, cache, kv_valid, rep = sampler._prefill(m.params, jnp.asarray(ids), jnp.asarray(mask), None,
