@@ -1,21 +1,35 @@
 #!/usr/bin/env python3
 """Decode throughput of the jitted sampler against transformers ``generate``, side by side.
 
-    python bench/decode_throughput.py [--preset small] [--new-tokens 128] [--batches 1,8,32]
+    python bench/decode_throughput.py [--shapes small,qwq12] [--batches 1,8] [--new-tokens N] [--prompt-len N]
 
-Both run the same weights (float32, random init of the preset) on the same text prompts,
-greedy, with a KV cache, for exactly ``--new-tokens`` tokens; JAX is timed after one warm-up
-call (compilation excluded), transformers after one warm-up call too. The batch-1 figure is
-also given as a fraction of the memory-bandwidth bound: the bytes of the decoder parameters
-read per token (embedding table excluded: one row is read) over a measured copy bandwidth.
+Two model shapes (float32, random weights, the same weights in both engines):
+
+* ``small``: the ``small`` preset (8 layers, hidden 384, 152k vocabulary: the head is half
+  the decoder's bytes); default 32-token prompts + 128 new tokens;
+* ``qwq12``: a released-format checkpoint (written with ``save_released`` and read back with
+  ``load_pretrained``) shaped like a scaled-down QwQ where the layers, not the vocabulary,
+  dominate: 12 layers, hidden 768, 12 query / 4 KV heads, MLP 2048, vocabulary 32k; default
+  64 + 64 tokens (issue #16, point 6).
+
+Greedy, with a KV cache, exactly ``new-tokens`` tokens. r1v2-jax runs with the default
+unrolled decode layer loop and, for comparison, with ``layer_loop="scan"`` (the layer scan
+inside the token loop, which copies every layer's weights at each step on XLA:CPU). JAX is
+timed after one warm-up call (compilation excluded), best of two; transformers after one
+warm-up call. Batch 1 is also given as a fraction of the memory-bandwidth bound: the bytes of
+the decoder parameters read per token (embedding table excluded: one row is read) over a
+measured copy bandwidth (read + write counted). The machine is shared: figures vary.
 """
 
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
+
+SHAPES = {"small": (32, 128), "qwq12": (64, 64)}  # default (prompt, new tokens)
 
 
 def copy_bandwidth(nbytes=512 * 1024**2, reps=5) -> float:
@@ -31,6 +45,29 @@ def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
+
+
+def qwq12_config():
+    from r1v2_jax.model.config import ModelConfig, TextConfig, VisionConfig
+
+    return ModelConfig(
+        vision=VisionConfig(hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64, image_size=56,
+                            patch_size=14),
+        text=TextConfig(vocab_size=32000, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4,
+                        intermediate_size=2048, max_position_embeddings=4096),
+        image_token_id=31999)
+
+
+def load_shape(name: str, tmp: str):
+    import r1v2_jax
+
+    if name == "small":
+        return r1v2_jax.init_model("small", seed=0)
+    if name == "qwq12":
+        d = os.path.join(tmp, "qwq12")
+        r1v2_jax.save_released(r1v2_jax.init_model(qwq12_config(), seed=0), d)
+        return r1v2_jax.load_pretrained(d)
+    raise SystemExit(f"--shapes: unknown shape {name!r}; known: {sorted(SHAPES)}")
 
 
 def torch_model(model):
@@ -49,53 +86,78 @@ def torch_model(model):
     return hf.eval()
 
 
+def bench_shape(name, model, batches, prompt_len, new_tokens):
+    import jax
+    import torch
+
+    from r1v2_jax.sampling.sampler import Sampler, SamplingParams
+
+    hf = torch_model(model)
+    samplers = {loop: Sampler(model, layer_loop=loop) for loop in ("unrolled", "scan")}
+    sp = SamplingParams(max_new_tokens=new_tokens)
+    vocab = model.config.text.vocab_size
+    rows = []
+    for b in batches:
+        ids = np.random.default_rng(b).integers(0, vocab - 2, (b, prompt_len)).astype(np.int32)
+        tps = {}
+        for loop, s in samplers.items():
+            run = lambda s=s, ids=ids: jax.block_until_ready(s(ids, sp=sp).tokens)
+            run()
+            tps[loop] = b * new_tokens / min(_timed(run) for _ in range(2))
+        tids = torch.tensor(ids, dtype=torch.long)
+        with torch.no_grad():
+            run_hf = lambda tids=tids: hf.generate(input_ids=tids, do_sample=False, max_new_tokens=new_tokens,
+                                         min_new_tokens=new_tokens, pad_token_id=0)
+            run_hf()
+            t_hf = _timed(run_hf)
+            theirs = run_hf().numpy()
+        same = np.array_equal(np.asarray(samplers["unrolled"](ids, sp=sp).tokens), theirs)
+        rows.append((name, b, tps["unrolled"], tps["scan"], b * new_tokens / t_hf, same))
+    llm = model.params["language_model"]
+    import r1v2_jax
+
+    param_bytes = (r1v2_jax.count_params(llm) - llm["embed_tokens"]["embedding"].size) * 4
+    return rows, param_bytes
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="small")
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--shapes", default="small,qwq12")
+    p.add_argument("--new-tokens", type=int, default=None, help="default: per shape (small 128, qwq12 64)")
+    p.add_argument("--prompt-len", type=int, default=None, help="default: per shape (small 32, qwq12 64)")
+    p.add_argument("--batches", default="1,8")
     a = p.parse_args()
 
     import jax
     import torch
 
-    import r1v2_jax
-    from r1v2_jax.sampling.sampler import Sampler, SamplingParams
-
     torch.set_num_threads(os.cpu_count())
-    model = r1v2_jax.init_model(a.preset, seed=0)
-    hf = torch_model(model)
-    sampler = Sampler(model)
-    sp = SamplingParams(max_new_tokens=a.new_tokens)
-    n = a.new_tokens
-    rows = []
-    for b in [int(x) for x in a.batches.split(",")]:
-        ids = np.random.default_rng(b).integers(0, 150000, (b, a.prompt_len)).astype(np.int32)
-        run_jax = lambda: jax.block_until_ready(sampler(ids, sp=sp).tokens)  # noqa: E731
-        run_jax()
-        t_jax = min(_timed(run_jax) for _ in range(2))
-        tids = torch.tensor(ids, dtype=torch.long)
-        with torch.no_grad():
-            run_hf = lambda: hf.generate(input_ids=tids, do_sample=False, max_new_tokens=n,  # noqa: E731
-                                         min_new_tokens=n, pad_token_id=0)
-            run_hf()
-            t_hf = _timed(run_hf)
-        same = np.array_equal(np.asarray(sampler(ids, sp=sp).tokens), run_hf().numpy())
-        rows.append((b, b * n / t_jax, b * n / t_hf, same))
-    llm = model.params["language_model"]
-    param_bytes = (r1v2_jax.count_params(llm) - llm["embed_tokens"]["embedding"].size) * 4
+    batches = [int(x) for x in a.batches.split(",")]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in a.shapes.split(","):
+            plen, new = SHAPES.get(name, (None, None))
+            model = load_shape(name, tmp)
+            plen, new = a.prompt_len or plen, a.new_tokens or new
+            rows, param_bytes = bench_shape(name, model, batches, plen, new)
+            results.append((name, plen, new, rows, param_bytes))
+            del model
     bw = copy_bandwidth()
-    bound = bw / param_bytes
-    print(f"\ndecode throughput: preset {a.preset}, float32, greedy, prompt {a.prompt_len} + {n} new tokens, "
-          f"{os.cpu_count()} CPUs, jax {jax.__version__} / torch {torch.__version__}")
-    print(f"{'batch':>5} | {'r1v2-jax tok/s':>14} | {'transformers tok/s':>18} | {'ratio':>6} | same tokens")
-    print("-" * 68)
-    for b, tj, th, same in rows:
-        print(f"{b:>5} | {tj:14.1f} | {th:18.1f} | {tj / th:6.2f} | {same}")
-    print(f"\nbandwidth bound at batch 1: {param_bytes / 1e6:.0f} MB of decoder parameters per token, copy bandwidth "
-          f"{bw / 1e9:.1f} GB/s -> {bound:.1f} tok/s; r1v2-jax reaches {rows[0][1] / bound:.0%} of it"
-          if rows and rows[0][0] == 1 else "")
+    print(f"\ndecode throughput: float32, greedy, {os.cpu_count()} CPUs, jax {jax.__version__} / torch "
+          f"{torch.__version__}; copy bandwidth {bw / 1e9:.1f} GB/s")
+    print(f"{'shape':>6} | {'tokens':>8} | {'batch':>5} | {'r1v2-jax tok/s':>14} | {'(scan) tok/s':>12} | "
+          f"{'transformers':>12} | {'ratio':>5} | {'of bound':>8} | same tokens")
+    print("-" * 108)
+    for name, plen, new, rows, param_bytes in results:
+        bound = bw / param_bytes
+        for _, b, tj, ts, th, same in rows:
+            frac = f"{tj / bound:8.0%}" if b == 1 else " " * 8
+            print(f"{name:>6} | {plen:>3}+{new:<4} | {b:>5} | {tj:14.1f} | {ts:12.1f} | {th:12.1f} | {tj / th:5.2f} | "
+                  f"{frac} | {same}")
+    print()
+    for name, _, _, _, param_bytes in results:
+        print(f"bandwidth bound at batch 1, {name}: {param_bytes / 1e6:.0f} MB of decoder parameters per token -> "
+              f"{bw / param_bytes:.1f} tok/s")
 
 
 if __name__ == "__main__":

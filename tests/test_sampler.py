@@ -220,3 +220,47 @@ def test_bad_settings_are_refused():
         SamplingParams(max_new_tokens=4, top_p=0.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingParams(max_new_tokens=0)
+
+
+def _stacked_weight_copies(sampler, m, layer_loop):
+    """Instructions of the compiled decode program that produce a tensor shaped like one layer's
+    weight matrix other than the parameters themselves (copies / dynamic-slices of weights)."""
+    import re
+
+    from r1v2_jax.sampling.sampler import _left_pad
+
+    sp = SamplingParams(max_new_tokens=4)
+    ids, mask, _ = _left_pad(np.ones((2, 8), np.int32), None, sampler.bucket, 0)
+    logits, cache, kv_valid, rep = sampler._prefill(m.params, jnp.asarray(ids), jnp.asarray(mask), None,
+                                                    cache_len=64, num_samples=1)
+    hlo = sampler._decode.lower(sampler.decode_params(), logits, cache, kv_valid, rep, jnp.uint32(0),
+                                jnp.arange(2, dtype=jnp.int32), 1, sp=sp).compile().as_text()
+    block = m.params["language_model"]["layers"]["block"]
+    shapes = {",".join(map(str, a.shape[1:])) for a in jax.tree.leaves(block) if a.ndim == 3}
+    found = []
+    for line in hlo.splitlines():
+        hit = re.search(r"= f32\[([0-9,]+)\]\{[^}]*\} (\S+)\(", line)
+        if hit and hit.group(1) in shapes and hit.group(2) not in ("parameter", "get-tuple-element", "bitcast",
+                                                                  "dot", "tuple"):
+            found.append(line.strip()[:120])
+    return found
+
+
+def test_unrolled_decode_reads_weights_in_place(pair):
+    """The default decode program never copies a layer's weights out of the stacked arrays
+    (the scanned one does, at every step: issue #16 point 6)."""
+    _, _, m, _ = pair
+    assert _stacked_weight_copies(Sampler(m), m, "unrolled") == []
+    assert _stacked_weight_copies(Sampler(m, layer_loop="scan"), m, "scan")  # the check can fail
+
+
+def test_unrolled_decode_equals_scanned(pair):
+    cfg, _, m, seed = pair
+    ids, pix = _prompt(cfg, np.random.default_rng(seed + 15), batch=2, seq=12, image=True)
+    sp = SamplingParams(max_new_tokens=12, temperature=0.9, repetition_penalty=1.1)
+    a = Sampler(m)(ids, pixel_values=pix, sp=sp, num_samples=2, seed=4)
+    b = Sampler(m, layer_loop="scan")(ids, pixel_values=pix, sp=sp, num_samples=2, seed=4)
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    np.testing.assert_allclose(np.asarray(a.ref_logprobs), np.asarray(b.ref_logprobs), atol=1e-5)
+    with pytest.raises(ValueError, match="layer_loop"):
+        Sampler(m, layer_loop="fast")

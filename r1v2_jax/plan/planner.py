@@ -282,7 +282,7 @@ def _sampler_programs(job: _Job, mc, mesh, decode_loops: tuple[int, ...] = (1,))
                           param_shardings(mc, mesh))
     row = NamedSharding(mesh, P(("data", "fsdp")))
     b, p, m = cfg.data.batch_size, cfg.data.max_prompt_len, stage.max_new_tokens
-    sampler = Sampler(R1V2Model(mc, params, mesh), bucket=1)
+    sampler = Sampler(R1V2Model(mc, params, mesh), bucket=1, layer_loop="scan")
     kw = dict(cache_len=p + m, num_samples=stage.group_size)
     pre_args = (params, _sds((b, p), jnp.int32, row), _sds((b, p), bool, row),
                 _pixels(job, mc, b, row) if job.tiles else None)

@@ -35,6 +35,7 @@ import numpy as np
 from r1v2_jax.model.qwen2 import CACHE_AXES, init_cache
 from r1v2_jax.model.vlm import R1V2, R1V2Model
 from r1v2_jax.parallel.sharding import constrain, use_mesh_rules
+from r1v2_jax.sampling import unrolled
 
 NEG = -1e30
 
@@ -194,13 +195,29 @@ def _left_pad(input_ids, attention_mask, bucket: int, pad_id: int):
     return ids.astype(np.int32), mask, t
 
 
-class Sampler:
-    """Compiled prefill + decode for one model. Reuse it across calls to reuse compilations."""
+LAYER_LOOPS = ("unrolled", "scan")
 
-    def __init__(self, model: R1V2Model, bucket: int = 32):
+
+class Sampler:
+    """Compiled prefill + decode for one model. Reuse it across calls to reuse compilations.
+
+    ``layer_loop`` is how a decode step runs the layers: ``"unrolled"`` (default) over
+    per-layer weights split once per parameter object and per-layer KV buffers (see
+    :mod:`r1v2_jax.sampling.unrolled`: the scanned stack copies every layer's weights at every
+    step on XLA:CPU); ``"scan"``: the model's layer scan over the stacked weights and cache
+    (what ``r1v2 plan`` compiles for TPU, where the slice fuses into the dot). The unrolled
+    loop holds a second copy of the decoder weights while this sampler holds the parameters.
+    """
+
+    def __init__(self, model: R1V2Model, bucket: int = 32, layer_loop: str = "unrolled"):
+        if layer_loop not in LAYER_LOOPS:
+            raise ValueError(f"layer_loop: expected one of {LAYER_LOOPS}, got {layer_loop!r}")
         self.model = model
         self.module = R1V2(model.config)
         self.bucket = bucket
+        self.layer_loop = layer_loop
+        self._split = jax.jit(functools.partial(unrolled.split_layers, config=model.config))
+        self._split_for: tuple = (None, None)  # (parameter object, its decode layout)
         self.signatures: set = set()
         self.prefill_batches: list[int] = []  # batch size of every prefill run, in order
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("cache_len", "num_samples"))
@@ -210,6 +227,17 @@ class Sampler:
     def num_compiles(self) -> int:
         """Distinct (shape, settings) signatures compiled so far."""
         return len(self.signatures)
+
+    def decode_params(self):
+        """The parameters the decode program takes: the model's (``scan``), or their decode
+        layout (``unrolled``), split once per parameter object and kept until it changes."""
+        params = self.model.params
+        if self.layer_loop == "scan":
+            return params
+        if self._split_for[0] is not params:
+            self._split_for = (None, None)  # drop the old copy before making the new one
+            self._split_for = (params, self._split(params))
+        return self._split_for[1]
 
     def _prefill_impl(self, params, ids, kv_valid_prompt, pixel_values, cache_len: int, num_samples: int):
         """Prefill B prompts once, then share the prefix: each prompt's cache, logits and masks
@@ -223,6 +251,8 @@ class Sampler:
                                               method=R1V2.prefill)
             rep = functools.partial(jnp.repeat, repeats=num_samples, axis=0)
             cache = jax.tree.map(lambda c: constrain(jnp.repeat(c, num_samples, axis=1), CACHE_AXES), cache)
+            if self.layer_loop == "unrolled":
+                cache = unrolled.split_cache(cache)
             return rep(logits.astype(jnp.float32)), cache, rep(kv_valid), rep(ids)
 
     def _decode_impl(self, params, logits, cache, kv_valid, ids, seed, prompt_index, num_samples, sp: SamplingParams):
@@ -268,8 +298,11 @@ class Sampler:
             if s["presence"] is not None:
                 new["presence"] = s["presence"].at[jnp.arange(n), tok].max(live)
             positions = (prompt_len + step)[:, None]
-            logits, cache = self.module.apply({"params": params}, tok[:, None], positions, kv_valid, s["cache"], slot,
-                                              method=R1V2.decode_step)
+            if self.layer_loop == "unrolled":
+                logits, cache = unrolled.decode_step(cfg, params, tok[:, None], positions, kv_valid, s["cache"], slot)
+            else:
+                logits, cache = self.module.apply({"params": params}, tok[:, None], positions, kv_valid,
+                                                  s["cache"], slot, method=R1V2.decode_step)
             new["logits"], new["cache"] = logits.astype(jnp.float32), cache
             return new
 
@@ -325,7 +358,7 @@ class Sampler:
         logits, cache, kv_valid, rep_ids = self._prefill(self.model.params, ids_d, mask_d, pix_d,
                                                          cache_len=cache_len, num_samples=num_samples)
         out, lp, ref, lengths, finished, prompt_len, _ = self._decode(
-            self.model.params, logits, cache, kv_valid, rep_ids, jnp.uint32(seed), index_d, num_samples, sp=sp)
+            self.decode_params(), logits, cache, kv_valid, rep_ids, jnp.uint32(seed), index_d, num_samples, sp=sp)
         result = SampleOutput(tokens=jnp.concatenate([rep_ids[:, p - t:], out], axis=1), logprobs=lp,
                               ref_logprobs=ref, lengths=lengths, finished=finished, prompt_lengths=prompt_len,
                               host_rows=host_rows)
