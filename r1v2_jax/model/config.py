@@ -143,6 +143,9 @@ class ModelConfig:
     attention_impl: str = "auto"  # one of ATTENTION_IMPLS; the KV-cache decode path always uses the reference
     attention_chunk_size: int = 512  # KV chunk of the chunked implementation
     attention_interpret: bool = False  # run the splash kernel in Pallas interpret mode (CPU tests)
+    # Positions per LM-head chunk when the learner computes log-probs / entropies
+    # (r1v2_jax.train.logprobs: no [T, V] float32 logits of a whole sequence)
+    logprob_chunk_size: int = 512
 
     def __post_init__(self):
         self.validate()
@@ -203,6 +206,8 @@ class ModelConfig:
                f"expected one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         _check(int(self.attention_chunk_size) > 0, "attention_chunk_size",
                f"must be a positive integer, got {self.attention_chunk_size!r}")
+        _check(int(self.logprob_chunk_size) > 0, "logprob_chunk_size",
+               f"must be a positive integer, got {self.logprob_chunk_size!r}")
 
     def attention_options(self):
         """The :class:`r1v2_jax.model.attention.AttentionOptions` the towers run with."""
