@@ -2,8 +2,12 @@
 
 Tolerances (fixed, never loosened): single blocks <= 1e-5, whole models <= 1e-4 max abs
 difference in float32. bfloat16: see test_bfloat16_compute.
+
+``R1V2_TEST_ATTENTION_IMPL=chunked|splash|xla`` runs the loaded models with that attention
+implementation (splash in Pallas interpret mode); by default the config's own (``auto``).
 """
 
+import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -15,9 +19,21 @@ import r1v2_jax
 from r1v2_jax.model.config import VisionConfig, model_config
 from r1v2_jax.model.qwen2 import DecoderLayer, causal_mask, rope_tables
 from r1v2_jax.model.vision import Adapter, VisionBlock, VisionEmbeddings
+from r1v2_jax.model.vlm import R1V2Model
 
 BLOCK_TOL = 1e-5
 E2E_TOL = 1e-4
+
+
+ATTENTION_IMPL = os.environ.get("R1V2_TEST_ATTENTION_IMPL", "")
+
+
+def _load(path, **kw):
+    """load_pretrained, switched to ATTENTION_IMPL when set."""
+    m = r1v2_jax.load_pretrained(path, **kw)
+    if not ATTENTION_IMPL:
+        return m
+    return R1V2Model(m.config.replace(attention_impl=ATTENTION_IMPL, attention_interpret=True), m.params)
 
 
 def _tiny(**kw):
@@ -44,7 +60,7 @@ def released(request, tmp_path_factory):
     ref = internvl_reference(cfg, seed=seed)
     d = str(tmp_path_factory.mktemp(f"released{seed}"))
     write_released(ref, cfg, d, num_shards=1 + seed)  # seeds 1, 2 load a sharded checkpoint
-    return cfg, ref, r1v2_jax.load_pretrained(d, scan_layers=False), r1v2_jax.load_pretrained(d), seed
+    return cfg, ref, _load(d, scan_layers=False), _load(d), seed
 
 
 def _t(x):
@@ -150,7 +166,7 @@ def test_non_pretrained_tile_size(tmp_path):
     cfg = _tiny()
     ref = internvl_reference(cfg, seed=5)
     write_released(ref, cfg, str(tmp_path))
-    m = r1v2_jax.load_pretrained(str(tmp_path))
+    m = _load(str(tmp_path))
     ids, pix = _inputs(cfg, np.random.default_rng(5), batch=1, seq=20, tiles=(1,), tile_size=84)
     with torch.no_grad():
         theirs = ref(input_ids=_t(ids), pixel_values=_t(pix)).logits.numpy()
@@ -164,7 +180,7 @@ def test_layer_norm_vit_with_qkv_bias(tmp_path):
                                               qkv_bias=True, qk_norm=False))
     ref = internvl_reference(cfg, seed=7)
     write_released(ref, cfg, str(tmp_path))
-    m = r1v2_jax.load_pretrained(str(tmp_path))
+    m = _load(str(tmp_path))
     ids, pix = _inputs(cfg, np.random.default_rng(7), batch=1, seq=12, tiles=(1,))
     with torch.no_grad():
         theirs = ref(input_ids=_t(ids), pixel_values=_t(pix)).logits.numpy()
@@ -180,7 +196,7 @@ def test_bfloat16_weights_upcast_exact(tmp_path):
     with torch.no_grad():
         for p in ref.parameters():
             p.copy_(p.to(torch.bfloat16).to(torch.float32))
-    m = r1v2_jax.load_pretrained(str(tmp_path), dtype="float32")
+    m = _load(str(tmp_path), dtype="float32")
     ids, pix = _inputs(cfg, np.random.default_rng(3), batch=2, seq=16, tiles=(1, 1))
     with torch.no_grad():
         theirs = ref(input_ids=_t(ids), pixel_values=_t(pix)).logits.numpy()
@@ -209,7 +225,7 @@ def test_bfloat16_compute(tmp_path):
         exact = ref(input_ids=_t(ids), pixel_values=_t(pix)).logits.numpy()
         ref_bf = ref.to(torch.bfloat16)
         torch_bf = ref_bf(input_ids=_t(ids), pixel_values=_t(pix).to(torch.bfloat16)).logits.float().numpy()
-    m = r1v2_jax.load_pretrained(str(tmp_path), dtype="bfloat16")
+    m = _load(str(tmp_path), dtype="bfloat16")
     ours = np.asarray(m(ids, pix).astype(jnp.float32))
     err_ours, err_torch = np.abs(ours - exact), np.abs(torch_bf - exact)
     print("bf16 errors vs fp32: ours max %.4g mean %.4g, torch max %.4g mean %.4g, ours-torch %.4g, scale %.3g" % (

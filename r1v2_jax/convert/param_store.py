@@ -177,7 +177,9 @@ def load_params(ckpt_dir: str, config: ModelConfig | None = None, *, mesh=None, 
     if config is None:
         config = stored if dtype is None else stored.replace(dtype=dtype, param_dtype=dtype)
     elif config.replace(dtype=stored.dtype, param_dtype=stored.param_dtype, scan_layers=stored.scan_layers,
-                        remat_policy=stored.remat_policy) != stored:
+                        remat_policy=stored.remat_policy, attention_impl=stored.attention_impl,
+                        attention_chunk_size=stored.attention_chunk_size,
+                        attention_interpret=stored.attention_interpret) != stored:
         raise CheckpointError(f"{ckpt_dir}: the given config's architecture differs from the stored one")
     arrays = open_leaves(ckpt_dir, meta)
     expected = abstract_params(config.replace(scan_layers=True), boxed=False)

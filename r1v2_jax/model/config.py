@@ -20,12 +20,18 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from r1v2_jax.model.attention import IMPLS, AttentionOptions
+
 VISION_NORM_TYPES = ("rms_norm", "layer_norm")
 PS_VERSIONS = ("v1", "v2")
 # Named remat policies for the scanned layer body; r1v2_jax.model.layers.remat_policy maps them to
 # jax.checkpoint_policies. "none" runs without remat.
 REMAT_POLICIES = ("none", "full", "dots", "save_qkv_attn")
 DTYPES = ("float32", "bfloat16", "float16")
+# Attention over full sequences (training, scoring, ViT), see r1v2_jax.model.attention: auto (splash on
+# TPU; elsewhere the reference below 4096 tokens, chunked from there) | xla (the materialised reference)
+# | chunked (online softmax over KV chunks in XLA) | splash (the Pallas TPU kernel).
+ATTENTION_IMPLS = IMPLS
 
 
 class ConfigError(ValueError):
@@ -134,6 +140,12 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of the parameters
     scan_layers: bool = True
     remat_policy: str = "none"
+    attention_impl: str = "auto"  # one of ATTENTION_IMPLS; the KV-cache decode path always uses the reference
+    attention_chunk_size: int = 512  # KV chunk of the chunked implementation
+    attention_interpret: bool = False  # run the splash kernel in Pallas interpret mode (CPU tests)
+    # Positions per LM-head chunk when the learner computes log-probs / entropies
+    # (r1v2_jax.train.logprobs: no [T, V] float32 logits of a whole sequence)
+    logprob_chunk_size: int = 512
 
     def __post_init__(self):
         self.validate()
@@ -190,6 +202,16 @@ class ModelConfig:
         _check(self.param_dtype in DTYPES, "param_dtype", f"expected one of {DTYPES}, got {self.param_dtype!r}")
         _check(self.remat_policy in REMAT_POLICIES, "remat_policy",
                f"expected one of {tuple(REMAT_POLICIES)}, got {self.remat_policy!r}")
+        _check(self.attention_impl in ATTENTION_IMPLS, "attention_impl",
+               f"expected one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        _check(int(self.attention_chunk_size) > 0, "attention_chunk_size",
+               f"must be a positive integer, got {self.attention_chunk_size!r}")
+        _check(int(self.logprob_chunk_size) > 0, "logprob_chunk_size",
+               f"must be a positive integer, got {self.logprob_chunk_size!r}")
+
+    def attention_options(self):
+        """The :class:`r1v2_jax.model.attention.AttentionOptions` the towers run with."""
+        return AttentionOptions(self.attention_impl, int(self.attention_chunk_size), bool(self.attention_interpret))
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)

@@ -7,12 +7,12 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from r1v2_jax.model.attention import AttentionOptions, SegmentMask, attention
 from r1v2_jax.model.config import ModelConfig, TextConfig
 from r1v2_jax.model.layers import CKPT_ATTN_OUT, CKPT_QKV, Embed, LayerStack, Linear, RMSNorm
 from r1v2_jax.parallel.sharding import constrain
 
 ACT = ("act_batch", "act_len", "act_embed")
-NEG_INF = float(jnp.finfo(jnp.float32).min)
 # KV cache [L, B, S, Hkv, hd]
 CACHE_AXES = ("layers", "act_batch", "act_len", "act_kv_heads", None)
 
@@ -61,10 +61,13 @@ class TextAttention(nn.Module):
     cfg: TextConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    attn: AttentionOptions = AttentionOptions()
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache=None, layer=None, cache_index=None):
-        """x: f[B, T, H]; cos/sin: f32[B, T, hd]; mask: bool[B, 1, 1, T, S].
+        """x: f[B, T, H]; cos/sin: f32[B, T, hd]; mask: bool[B, 1, 1, T, S], or for full
+        sequences without a cache a :class:`SegmentMask` (causal within segments), which runs
+        the configured implementation (``attn``, see :mod:`r1v2_jax.model.attention`).
 
         Without a cache S = T. With ``cache`` = (k, v), the whole stack's cache, each
         f[L, B, S, Hkv, hd], this call's keys and values are written into layer ``layer`` at
@@ -87,26 +90,12 @@ class TextAttention(nn.Module):
             cache = tuple(constrain(jax.lax.dynamic_update_slice(c_, new[None].astype(c_.dtype), start), CACHE_AXES)
                           for c_, new in zip(cache, (k, v)))
             k, v = (jax.lax.dynamic_index_in_dim(c_, layer, axis=0, keepdims=False) for c_ in cache)
-        out = attention(q, k, v, mask)
+        if isinstance(mask, SegmentMask):
+            out = attention(q, k, v, causal=True, segment_ids=mask.segment_ids, opts=self.attn)
+        else:
+            out = attention(q, k, v, causal=False, mask=mask)
         out = checkpoint_name(out.reshape(b, t, nh * hd), CKPT_ATTN_OUT)
         return Linear(c.hidden_size, ("heads", "embed"), use_bias=False, name="o_proj", **kw)(out), cache
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention, softmax in float32.
-
-    q: f[B, T, Hq, d]; k, v: f[B, S, Hkv, d]; mask: bool[B, 1, 1, T, S] (broadcastable) ->
-    f[B, T, Hq, d]. Query head h uses KV head h // (Hq / Hkv), as in HF's ``repeat_kv``.
-    """
-    b, t, hq, d = q.shape
-    hkv = k.shape[2]
-    g = hq // hkv
-    q = q.reshape(b, t, hkv, g, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * (d**-0.5)
-    logits = jnp.where(mask, logits, NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, hq, d)
 
 
 class TextMLP(nn.Module):
@@ -128,6 +117,7 @@ class DecoderLayer(nn.Module):
     cfg: TextConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    attn: AttentionOptions = AttentionOptions()
 
     @nn.compact
     def __call__(self, carry, layer, cos, sin, mask, cache_index):
@@ -137,7 +127,8 @@ class DecoderLayer(nn.Module):
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
-        h, cache = TextAttention(c, name="self_attn", **kw)(h, cos, sin, mask, cache, layer, cache_index)
+        h, cache = TextAttention(c, attn=self.attn, name="self_attn", **kw)(h, cos, sin, mask, cache, layer,
+                                                                            cache_index)
         x = x + h
         h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
         x = x + TextMLP(c, name="mlp", **kw)(h)
@@ -154,8 +145,8 @@ class Qwen2(nn.Module):
         mc, c = self.config, self.config.text
         kw = dict(dtype=jnp.dtype(mc.dtype), param_dtype=jnp.dtype(mc.param_dtype))
         self.embed_tokens = Embed(c.vocab_size, c.hidden_size, ("vocab", "embed"), **kw)
-        self.layers = LayerStack(DecoderLayer, dict(cfg=c, **kw), num_layers=c.num_layers, scan=mc.scan_layers,
-                                 remat=mc.remat_policy, broadcast_args=4)
+        self.layers = LayerStack(DecoderLayer, dict(cfg=c, attn=mc.attention_options(), **kw),
+                                 num_layers=c.num_layers, scan=mc.scan_layers, remat=mc.remat_policy, broadcast_args=4)
         self.norm = RMSNorm(c.rms_norm_eps, **kw)
         self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
 
@@ -164,14 +155,18 @@ class Qwen2(nn.Module):
         return constrain(self.embed_tokens(input_ids), ACT)
 
     def decode(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
-        """embeds: f[B, T, H]; positions: i32[B, T]; attention_mask: [B, T] or None -> final-normed f[B, T, H]."""
-        hidden, _ = self.decode_cached(embeds, positions, causal_mask(positions, attention_mask), None, None)
+        """embeds: f[B, T, H]; positions: i32[B, T]; attention_mask: [B, T] segment ids (0 =
+        padding; a 0/1 mask is one segment per row; packed rows number their sequences 1, 2,
+        ...) or None -> final-normed f[B, T, H]. Causal attention within each segment."""
+        seg = None if attention_mask is None else attention_mask.astype(jnp.int32)
+        hidden, _ = self.decode_cached(embeds, positions, SegmentMask(seg), None, None)
         return hidden
 
     def decode_cached(self, embeds, positions, mask, cache, cache_index):
         """The layer stack with an explicit mask and an optional KV cache.
 
-        embeds: f[B, T, H]; positions: i32[B, T]; mask: bool[B, 1, 1, T, S]; cache: (k, v)
+        embeds: f[B, T, H]; positions: i32[B, T]; mask: bool[B, 1, 1, T, S] or (no cache) a
+        :class:`SegmentMask`; cache: (k, v)
         each f[L, B, S, Hkv, hd] or None; cache_index: i32[] (first slot written) ->
         (final-normed f[B, T, H], updated cache or None).
         """

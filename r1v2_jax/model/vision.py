@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from r1v2_jax.model.attention import AttentionOptions, attention
 from r1v2_jax.model.config import ModelConfig, VisionConfig
 from r1v2_jax.model.interpolate import resize_grid
 from r1v2_jax.model.layers import CKPT_ATTN_OUT, CKPT_QKV, LayerNorm, LayerStack, Linear, RMSNorm, gelu_exact, param
@@ -22,11 +23,13 @@ def _norm(cfg: VisionConfig, dtype, param_dtype, name: str) -> nn.Module:
 
 
 class VisionAttention(nn.Module):
-    """Bidirectional attention with a fused qkv projection and whole-vector qk-norm."""
+    """Bidirectional attention with a fused qkv projection and whole-vector qk-norm; the
+    attention itself is :func:`r1v2_jax.model.attention.attention` with ``attn``'s implementation."""
 
     cfg: VisionConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    attn: AttentionOptions = AttentionOptions()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -42,10 +45,7 @@ class VisionAttention(nn.Module):
             k = _norm(c, self.dtype, self.param_dtype, "k_norm")(k)
         heads = lambda t: t.reshape(n, seq, c.num_heads, c.head_dim)  # noqa: E731
         q, k, v = heads(q), heads(k), heads(v)
-        scale = c.head_dim**-0.5
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k)
-        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(n, seq, d)
+        out = attention(q, k, v, causal=False, opts=self.attn, prescale=True).reshape(n, seq, d)
         out = checkpoint_name(out, CKPT_ATTN_OUT)
         return Linear(d, ("heads", "vit_embed"), name="proj", **kw)(out)
 
@@ -69,6 +69,7 @@ class VisionBlock(nn.Module):
     cfg: VisionConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    attn: AttentionOptions = AttentionOptions()
 
     @nn.compact
     def __call__(self, x: jax.Array, active: jax.Array | None):
@@ -78,7 +79,7 @@ class VisionBlock(nn.Module):
         ls_init = nn.initializers.constant(c.layer_scale_init)
         ls1 = param(self, "ls1", ls_init, (c.hidden_size,), ("norm",), self.param_dtype)
         ls2 = param(self, "ls2", ls_init, (c.hidden_size,), ("norm",), self.param_dtype)
-        h = VisionAttention(c, name="attn", **kw)(_norm(c, self.dtype, self.param_dtype, "norm1")(x))
+        h = VisionAttention(c, attn=self.attn, name="attn", **kw)(_norm(c, self.dtype, self.param_dtype, "norm1")(x))
         y = x + h * ls1.astype(self.dtype)
         h = VisionMLP(c, name="mlp", **kw)(_norm(c, self.dtype, self.param_dtype, "norm2")(y))
         y = y + h * ls2.astype(self.dtype)
@@ -138,8 +139,8 @@ class InternViT(nn.Module):
         x = constrain(x, ACT)
         used = mc.vision_layers_used
         active = None if used == c.num_layers else jnp.asarray(np.arange(c.num_layers) < used)
-        x, _ = LayerStack(VisionBlock, dict(cfg=c, **kw), num_layers=c.num_layers, scan=mc.scan_layers,
-                          remat=mc.remat_policy, broadcast_args=0, name="layers")(x, active)
+        x, _ = LayerStack(VisionBlock, dict(cfg=c, attn=mc.attention_options(), **kw), num_layers=c.num_layers,
+                          scan=mc.scan_layers, remat=mc.remat_policy, broadcast_args=0, name="layers")(x, active)
         return x
 
 

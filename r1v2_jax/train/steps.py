@@ -21,22 +21,27 @@ from r1v2_jax.model.vlm import R1V2, param_shardings
 from r1v2_jax.parallel.multihost import batch_shards
 from r1v2_jax.parallel.sharding import use_mesh_rules
 from r1v2_jax.rewards.reward_model import RewardModel, bradley_terry_loss
-from r1v2_jax.rl.losses import LossSum, PolicyLossConfig, policy_loss, sequence_logprobs, token_entropy
+from r1v2_jax.rl.losses import LossSum, PolicyLossConfig, policy_loss, sequence_logprobs
 from r1v2_jax.rl.mpo import MPOConfig, batch_reward_mean, bco_delta_update, implicit_rewards, mpo_loss
+from r1v2_jax.train.logprobs import chunked_logprobs
 from r1v2_jax.train.state import TrainState, apply_gradients, trainable_labels
 
 log = logging.getLogger("r1v2_jax.train")
 
 
-def next_token_logprobs(module: R1V2, params, ids, mask, pixel_values=None, with_entropy: bool = False):
+def next_token_logprobs(module: R1V2, params, ids, mask, pixel_values=None, with_entropy: bool = False,
+                        positions=None):
     """log p(ids[:, t] | ids[:, :t]) for t >= 1: f32[B, T-1] (and the entropy of each
-    predictive distribution when asked)."""
-    logits = module.apply({"params": params}, ids, pixel_values, mask).astype(jnp.float32)
-    logp_all = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    lp = jnp.take_along_axis(logp_all, ids[:, 1:, None], axis=-1)[..., 0]
-    if with_entropy:
-        return lp, token_entropy(logits[:, :-1])
-    return lp
+    predictive distribution when asked). ``mask``: [B, T] segment ids (0/1, or packed rows'
+    1, 2, ...; see :meth:`r1v2_jax.model.qwen2.Qwen2.decode`); ``positions``: i32[B, T] or None.
+
+    The LM head runs ``config.logprob_chunk_size`` positions at a time (r1v2_jax.train.logprobs):
+    no [B, T, V] float32 logits exist, forward or backward."""
+    hidden = module.apply({"params": params}, ids, pixel_values, mask, positions, method=R1V2.hidden)
+    lp, ent = chunked_logprobs(hidden[:, :-1], params["language_model"]["lm_head"]["kernel"], ids[:, 1:],
+                               chunk=module.config.logprob_chunk_size, with_entropy=with_entropy,
+                               dtype=jnp.dtype(module.config.dtype))
+    return (lp, ent) if with_entropy else lp
 
 
 def sft_loss(module, params, batch, ref_params=None, state=None):
