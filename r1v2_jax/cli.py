@@ -52,7 +52,9 @@ def cmd_train(args, overrides) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     _distributed(args)
-    summary = run_experiment(cfg)
+    summary = _run_or_explain(run_experiment, cfg)
+    if summary is None:
+        return 3
     import jax
 
     if jax.process_index() == 0:
@@ -72,9 +74,23 @@ def cmd_demo(args, overrides) -> int:
         cfg.run_dir = args.out
     for ov in overrides:
         apply_override(cfg, ov, "demo")
-    summary = run_experiment(cfg)
+    summary = _run_or_explain(run_experiment, cfg)
+    if summary is None:
+        return 3
     print(format_summary(summary))
     return 0
+
+
+def _run_or_explain(run_experiment, cfg):
+    """Run; a diverged run or unresumable checkpoints print their message (exit 3), no traceback."""
+    from r1v2_jax.train.checkpoints import ResumeError
+    from r1v2_jax.train.loop import TrainingDiverged
+
+    try:
+        return run_experiment(cfg)
+    except (TrainingDiverged, ResumeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
 
 
 def cmd_smoke(args) -> int:

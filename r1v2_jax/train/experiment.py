@@ -45,6 +45,8 @@ def demo_config() -> ml_collections.ConfigDict:
         aggregation="seq-mean-token-mean", ssb_capacity=256, ssb_target_share=0.6, ssb_alpha=1.0,
         ssb_reuse_limit=2, ssb_max_age=8))
     c.eval = ml_collections.ConfigDict(dict(k=1, temperature=0.0, max_new_tokens=32, prompts=0))
+    # every stage stops (TrainingDiverged) after this many consecutive non-finite (skipped) steps; 0 = never
+    c.max_consecutive_skips = 10
     # dir: "" = run_dir/checkpoints; a bucket (gs://...) for pods: the logs are mirrored there
     c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=2, async_save=True, dir=""))
     # (data, fsdp, tensor) for training on several devices/hosts; () = one device. Several
@@ -240,7 +242,7 @@ def run_experiment(c: ml_collections.ConfigDict) -> dict:
         if stage == "sft":
             sft_records = [dict(r, prompt=r["question"], response=cold_start_response(r)) for r in train]
             params = run_sft(run, params, sft_records, c.sft.steps,
-                               OptimConfig(lr=c.sft.lr, trainable=c.sft.trainable), c.sft.micro_batches)
+                               OptimConfig(lr=c.sft.lr, trainable=c.sft.trainable, max_consecutive_skips=c.max_consecutive_skips), c.sft.micro_batches)
             ref = jax.tree.map(jnp.copy, params)  # its own buffers: train steps donate the state
         elif stage == "mpo":
             ref = ref if ref is not None else jax.tree.map(jnp.copy, params)
@@ -253,13 +255,15 @@ def run_experiment(c: ml_collections.ConfigDict) -> dict:
                 metrics.write({"stage": "mpo_pairs", "step": 0, **info})
             if pref:
                 params = run_mpo(run, params, ref, pref, c.mpo.steps,
-                                   OptimConfig(lr=c.mpo.lr, trainable=c.mpo.trainable),
+                                   OptimConfig(lr=c.mpo.lr, trainable=c.mpo.trainable,
+                                               max_consecutive_skips=c.max_consecutive_skips),
                                    MPOConfig(beta=c.mpo.beta, w_pref=c.mpo.w_pref, w_quality=c.mpo.w_quality,
                                              w_gen=c.mpo.w_gen), n_micro=c.mpo.micro_batches)
         elif stage == "grpo":
             g = c.grpo
             params = run_grpo(
-                run, params, train, g.steps, OptimConfig(lr=g.lr, trainable=g.trainable),
+                run, params, train, g.steps,
+                OptimConfig(lr=g.lr, trainable=g.trainable, max_consecutive_skips=c.max_consecutive_skips),
                 GRPOConfig(group_size=g.group_size, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
                              micro_batches=g.micro_batches, advantage=g.advantage, use_ssb=g.use_ssb,
                              dynamic_sampling=g.dynamic_sampling, kl_coef=g.kl_coef),

@@ -100,7 +100,7 @@ def run_grpo(run: Run, params, records, steps: int, optim: OptimConfig, cfg: GRP
                        skipped_samples=dist.total(it.skips.total))
         return state, metrics
 
-    return run_loop(run, "grpo", state, steps, it, one).params
+    return run_loop(run, "grpo", state, steps, it, one, max_consecutive_skips=optim.max_consecutive_skips).params
 
 
 def grpo_shapes(run: Run, records) -> tuple[int, int]:

@@ -71,4 +71,4 @@ def run_mpo(run: Run, params, ref_params, pref_records, steps: int, optim: Optim
         state, m = step_fn(state, device_batch(run, {k: batch[k] for k in keys}, row_tiles(run, batch)), ref_params)
         return state, {k: float(v) for k, v in m.items()}
 
-    return run_loop(run, "mpo", state, steps, it, one).params
+    return run_loop(run, "mpo", state, steps, it, one, max_consecutive_skips=optim.max_consecutive_skips).params

@@ -29,4 +29,4 @@ def run_sft(run: Run, params, records: list[dict], steps: int, optim: OptimConfi
         state, m = step_fn(state, b, None)
         return state, {k: float(v) for k, v in m.items()} | {"skipped_samples": dist.total(it.skips.total)}
 
-    return run_loop(run, "sft", state, steps, it, one).params
+    return run_loop(run, "sft", state, steps, it, one, max_consecutive_skips=optim.max_consecutive_skips).params
