@@ -10,8 +10,10 @@ restores it is an error listing each checkpoint's failure.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import shutil
 import time
 
 import jax
@@ -128,7 +130,46 @@ def sync_logs(run_dir: str, checkpoint_dir: str, pull: bool = False) -> None:
     for name in LOG_FILES:
         src, dst = (remote / name, local / name) if pull else (local / name, remote / name)
         if src.exists():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dst.parent / (name + ".partial")
-            tmp.write_bytes(src.read_bytes())
-            tmp.rename(dst)
+            data = src.read_bytes()
+            if "://" not in os.fspath(dst):  # a local file: through a temporary file and an atomic replace
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                tmp = f"{dst}.partial"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, dst)
+            else:  # one object upload, which a bucket makes visible whole or not at all
+                dst.write_bytes(data)
+
+
+def pull_dataset(src: str, cache_root: str) -> str:
+    """A local copy of the dataset folder ``src`` in a bucket (``gs://...``), made once under
+    ``cache_root/<hash of src>`` (downloaded into a temporary folder, renamed when complete) and
+    reused afterwards: the data loaders read local files (images by relative path). Every host
+    makes its own copy. A later change in the bucket is not picked up: delete the cache folder."""
+    import fsspec
+
+    dst = os.path.join(cache_root, hashlib.sha1(src.encode()).hexdigest()[:16])
+    if os.path.isdir(dst):
+        return dst
+    fs, root = fsspec.core.url_to_fs(src)
+    files = [f for f in fs.find(root) if not f.endswith("/")]
+    if not files:
+        raise FileNotFoundError(f"data.path: {src} holds no files")
+    tmp = f"{dst}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for f in files:
+        rel = os.path.relpath(f, root)
+        if rel.startswith(".."):
+            continue
+        local = os.path.join(tmp, rel)
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        with fs.open(f, "rb") as r, open(local, "wb") as w:
+            shutil.copyfileobj(r, w, 1 << 22)
+    try:
+        os.replace(tmp, dst)
+    except OSError:  # another process on this machine finished the same copy first
+        if not os.path.isdir(dst):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("data: copied %d files of %s to %s", len(files), src, dst)
+    return dst

@@ -119,7 +119,10 @@ def cold_start_response(record: dict) -> str:
 def _ensure_data(c) -> str:
     from r1v2_jax.data.synthetic import make_synthetic
     from r1v2_jax.parallel import multihost as dist
+    from r1v2_jax.train.checkpoints import pull_dataset
 
+    if "://" in c.data.path:  # a bucket: each host reads a local copy
+        return pull_dataset(c.data.path, os.path.join(c.run_dir, "data_cache"))
     path = c.data.path or os.path.join(c.run_dir, "data")
 
     def make():
