@@ -8,6 +8,7 @@ training run with ``checkpoint.dir=gs://...`` killed with SIGKILL and resumed fr
 in an empty run folder (logs pulled back) to bit-identical parameters and log; log mirroring.
 """
 
+import importlib.util
 import json
 import os
 import signal
@@ -16,8 +17,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-
-import importlib.util
 
 import numpy as np
 import pytest

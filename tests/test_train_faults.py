@@ -18,7 +18,7 @@ from r1v2_jax.train.checkpoints import ResumeError
 from r1v2_jax.train.loop import TrainingDiverged, run_loop
 from r1v2_jax.train.metrics_log import MetricsLog
 from r1v2_jax.train.run import Run
-from r1v2_jax.train.state import OptimConfig, TrainState, apply_gradients, init_state, make_optimizer
+from r1v2_jax.train.state import OptimConfig, TrainState, apply_gradients, init_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -21,8 +21,10 @@ checkpoint (:func:`open_leaves`, so :func:`load_params` and ``jax_to_hf``) lists
 files and refuses, naming the array and the file, a missing, extra, resized or (with
 ``verify="checksum"``, the default) changed file. Without this a chunk file lost in an
 interrupted copy reads as zeros. ``verify="size"`` skips the checksum pass (one extra read of
-every file); version-1 checkpoints (no manifest) load with a warning. The metadata also records
-how many non-finite values the converter met in each array (``nonfinite``).
+every file; on several processes each verifies its share of the arrays, so every process
+must open the checkpoint, as a multi-host restore does); version-1 checkpoints (no manifest)
+load with a warning. The metadata also records how many non-finite values the converter met
+in each array (``nonfinite``); opening warns when any did.
 """
 
 from __future__ import annotations
@@ -232,6 +234,28 @@ def verify_leaf(ckpt_dir: str, name: str, expected: dict[str, list[int]], verify
                                   f"{crc:#010x}): the data changed after it was written")
 
 
+def _verify_all(ckpt_dir: str, meta: dict, verify: str) -> None:
+    """Verify every array; on several processes each checks its share of the arrays and the
+    first error found anywhere is raised on all (so every process must call this, as a
+    multi-host restore does), instead of every host reading the whole checkpoint twice."""
+    names = sorted(meta["leaves"])
+    p, n = jax.process_index(), jax.process_count()
+    error = None
+    try:
+        for name in names[p::n]:
+            verify_leaf(ckpt_dir, name, meta["manifest"][name], verify)
+    except CheckpointError as e:
+        if n == 1:
+            raise
+        error = str(e)
+    if n > 1:
+        from r1v2_jax.parallel.multihost import allgather_json
+
+        errors = [x for x in allgather_json(error) if x]
+        if errors:
+            raise CheckpointError(errors[0])
+
+
 def read_metadata(ckpt_dir: str) -> dict:
     path = _join(os.fspath(ckpt_dir), META_FILE)
     try:
@@ -270,10 +294,10 @@ def open_leaves(ckpt_dir: str, meta: dict | None = None, verify: str = "checksum
     if bad:
         log.warning("%s: the converter found non-finite values in %d array(s): %s", ckpt_dir, len(bad),
                     ", ".join(f"{n} ({c})" for n, c in sorted(bad.items())[:10]))
+    if "manifest" in meta:
+        _verify_all(os.fspath(ckpt_dir), meta, verify)
     out = {}
     for name in meta["leaves"]:
-        if "manifest" in meta:
-            verify_leaf(os.fspath(ckpt_dir), name, meta["manifest"][name], verify)
         spec = {"driver": "zarr3", "kvstore": _kvstore(_join(os.fspath(ckpt_dir), "params", name)), "open": True}
         try:
             out[name] = ts.open(spec).result()
