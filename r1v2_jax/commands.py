@@ -22,6 +22,7 @@ from r1v2_jax.data.tokenizer import chat_template, load_tokenizer
 from r1v2_jax.model.vlm import abstract_params, param_shardings
 from r1v2_jax.parallel.multihost import initialize
 from r1v2_jax.plan.planner import format_plan, plan
+from r1v2_jax.train.checkpoints import ResumeError
 from r1v2_jax.train.config_files import CONFIG_ERRORS, experiment_from, load_experiment
 from r1v2_jax.train.evaluate import evaluate
 from r1v2_jax.train.experiment import (
@@ -32,6 +33,7 @@ from r1v2_jax.train.experiment import (
     make_run,
     run_experiment,
 )
+from r1v2_jax.train.loop import TrainingDiverged
 from r1v2_jax.train.metrics_log import MetricsLog
 from r1v2_jax.train.schema import ExperimentError
 
@@ -68,6 +70,9 @@ def _run(exp) -> int:
         summary = run_experiment(exp)
     except ExperimentError as e:  # found once devices exist (a mesh that does not divide them, a missing model)
         return _config_error(e)
+    except (TrainingDiverged, ResumeError) as e:  # a diverged run, unresumable checkpoints: the message, exit 3
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     if jax.process_index() == 0:
         print(format_summary(summary))
     return 0

@@ -6,18 +6,28 @@
 
 Both read and write one tensor at a time (stacked layers one layer at a time), so peak memory
 is a few of the largest tensors, not the model. Both check every key and shape before
-writing anything, assemble the output in a temporary folder beside ``out_dir`` and rename it
-into place only when complete, and refuse a non-empty ``out_dir`` unless ``overwrite``.
-Pickle files are never loaded. The command-line wrappers are ``tools/convert_weights/``.
+writing anything, assemble the output in a temporary folder beside ``out_dir`` and move it
+into place only when complete (atomically, also over an old copy:
+:mod:`r1v2_jax.convert.safetensors_io`), and refuse a non-empty ``out_dir`` unless ``overwrite``.
+Pickle files are never loaded. Non-finite values (NaN, inf) in the weights are counted per
+tensor and reported (``strict_finite=True``: an error, nothing published). The command-line
+wrappers are ``tools/convert_weights/``.
+
+Our checkpoint may live in a bucket (``gs://``) on either side. A bucket has no rename: the
+checkpoint is written in place, its metadata file last (the commit marker), and with
+``overwrite`` the old objects are deleted first, so a killed overwrite of a ``gs://`` output
+leaves no loadable checkpoint there (never a mixed one).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 
 import jax.numpy as jnp
@@ -25,11 +35,24 @@ import numpy as np
 
 from r1v2_jax.convert.hf_config import read_config
 from r1v2_jax.convert.keymap import check_keys, key_entries
-from r1v2_jax.convert.param_store import META_FILE, ParamWriter, default_chunks, leaf_name, read_metadata
+from r1v2_jax.convert.param_store import (
+    META_FILE,
+    CheckpointError,
+    ParamWriter,
+    default_chunks,
+    leaf_name,
+    open_leaves,
+    read_metadata,
+    remote_output_dir,
+    remote_side_files,
+    write_remote_file,
+)
 from r1v2_jax.convert.safetensors_io import (
     INDEX_FILE,
     SINGLE_FILE,
+    OutputError,
     SafetensorsDir,
+    check_output_dir,
     fresh_output_dir,
     publish_dir,
     write_safetensors_dir,
@@ -39,6 +62,8 @@ from r1v2_jax.model.config import ModelConfig
 
 # Files of an HF directory that travel with the weights (never weights, never pickles).
 _SIDE_FILES = (".json", ".py", ".txt", ".model", ".tiktoken", ".md", ".jinja")
+log = logging.getLogger("r1v2_jax.convert")
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
                     "special_tokens_map.json", "chat_template.json", "chat_template.jinja", "generation_config.json")
 
@@ -59,15 +84,38 @@ def _progress(total_bytes: int, desc: str, quiet: bool):
     return tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, file=sys.stderr, leave=False)
 
 
+def count_nonfinite(x: np.ndarray) -> int:
+    """How many NaN / inf values a float array holds (0 for other dtypes)."""
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return 0
+    return int(x.size - np.count_nonzero(np.isfinite(x)))
+
+
+def _report_nonfinite(counts: dict[str, int], where: str, strict: bool) -> None:
+    bad = {k: v for k, v in counts.items() if v}
+    if not bad:
+        return
+    listing = ", ".join(f"{k} ({v})" for k, v in list(bad.items())[:10]) + (" ..." if len(bad) > 10 else "")
+    msg = f"{where}: {sum(bad.values())} non-finite value(s) in {len(bad)} tensor(s): {listing}"
+    if strict:
+        raise CheckpointError(msg + " (strict_finite: nothing was published)")
+    log.warning("%s", msg)
+
+
 def hf_to_jax(hf_dir: str, out_dir: str, *, dtype: str | None = None, mesh_shape: tuple[int, int, int] | None = None,
               overwrite: bool = False, strict: bool = True, image_token_id: int | None = None,
-              quiet: bool = True) -> ModelConfig:
+              quiet: bool = True, strict_finite: bool = False, report: dict | None = None) -> ModelConfig:
     """Convert a released-format directory to our parameter checkpoint at ``out_dir``.
 
     ``dtype``: target parameter dtype (None keeps the checkpoint's, which must be uniform).
     ``mesh_shape``: (data, fsdp, tensor); chunks are aligned with each device's shard on such
     a mesh so a sharded restore reads whole chunks (no devices are needed to convert).
+    ``strict_finite``: a non-finite weight is an error (default: counted, warned about and
+    recorded in the metadata). ``report``: a dict that receives ``nonfinite`` (tensor -> count).
     """
+    remote = out_dir.startswith("gs://")
+    if not remote:
+        check_output_dir(out_dir, overwrite)  # before any work
     store = SafetensorsDir(hf_dir)
     if dtype is None:
         stored = {store.dtype(k) for k in store.keys()}
@@ -80,26 +128,47 @@ def hf_to_jax(hf_dir: str, out_dir: str, *, dtype: str | None = None, mesh_shape
     check_keys(store.shapes, config, hf_dir)  # every key and shape, before anything is written
     entries = key_entries(config)
     leaves = _plan_leaves(config, dtype, mesh_shape)
-    out_dir, tmp = fresh_output_dir(out_dir, overwrite)
+    if remote:
+        tmp = remote_output_dir(out_dir, overwrite)
+    else:
+        out_dir, tmp = fresh_output_dir(out_dir, overwrite)
     try:
         writer = ParamWriter(tmp, leaves)
         total = sum(int(np.prod(e.shape)) * jnp.dtype(dtype).itemsize for e in entries)
         bar = _progress(total, "hf_to_jax", quiet)
+        nonfinite = dict.fromkeys(leaves, 0)
         for e in entries:
             x = e.transform.to_ours(store.get(e.key))
+            nonfinite[leaf_name(e.path)] += count_nonfinite(x)
             writer.write(leaf_name(e.path), x, e.layer)
             if bar is not None:
                 bar.update(x.size * jnp.dtype(dtype).itemsize)
             del x
         if bar is not None:
             bar.close()
-        os.makedirs(os.path.join(tmp, "hf"))
-        for f in _side_files(hf_dir):
-            shutil.copyfile(os.path.join(hf_dir, f), os.path.join(tmp, "hf", f))
-        writer.finish(config, {"source": os.path.abspath(hf_dir), "mesh_shape": list(mesh_shape or ())})
-        publish_dir(tmp, out_dir)
+        if report is not None:
+            report["nonfinite"] = {k: v for k, v in nonfinite.items() if v}
+        _report_nonfinite(nonfinite, hf_dir, strict_finite)
+        if remote:
+            for f in _side_files(hf_dir):
+                with open(os.path.join(hf_dir, f), "rb") as fh:
+                    write_remote_file(f"{out_dir.rstrip('/')}/hf/{f}", fh.read())
+        else:
+            os.makedirs(os.path.join(tmp, "hf"))
+            for f in _side_files(hf_dir):
+                shutil.copyfile(os.path.join(hf_dir, f), os.path.join(tmp, "hf", f))
+        writer.finish(config, {"source": os.path.abspath(hf_dir), "mesh_shape": list(mesh_shape or ()),
+                               "nonfinite": nonfinite})
+        if not remote:
+            publish_dir(tmp, out_dir)
+    except OSError as e:
+        if not remote:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"{out_dir}: writing the checkpoint failed ({e.strerror or e}); nothing was published "
+                          "and an existing copy is untouched") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not remote:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return config
 
@@ -139,16 +208,23 @@ class _FakeMesh:
 
 
 def jax_to_hf(ckpt_dir: str, out_dir: str, *, fmt: str = "released", dtype: str | None = None,
-              max_shard_bytes: int = 5 * 1000**3, overwrite: bool = False, quiet: bool = True) -> list[str]:
+              max_shard_bytes: int = 5 * 1000**3, overwrite: bool = False, quiet: bool = True,
+              strict_finite: bool = False, report: dict | None = None) -> list[str]:
     """Export our checkpoint as ``released`` (InternVL-Chat keys, the source's config and code
-    files) or ``transformers`` (native InternVLForConditionalGeneration). Returns shard names."""
+    files) or ``transformers`` (native InternVLForConditionalGeneration). Returns shard names.
+
+    The checkpoint's files are verified against its manifest first (a missing or changed chunk
+    file is an error naming the array). Non-finite values are counted per exported tensor
+    (``strict_finite``: an error, nothing published; ``report`` receives ``nonfinite``)."""
     if fmt not in ("released", "transformers"):
         raise ValueError(f"jax_to_hf: format must be 'released' or 'transformers', got {fmt!r}")
+    if "://" in out_dir:
+        raise ValueError(f"jax_to_hf: {out_dir}: the HF formats are written to a local folder (copy it to a bucket "
+                         "afterwards)")
+    check_output_dir(out_dir, overwrite)  # before any work
     meta = read_metadata(ckpt_dir)
     config = ModelConfig.from_config_dict(meta["model_config"]).replace(scan_layers=True)
     out_dtype = jnp.dtype(dtype or config.param_dtype)
-    from r1v2_jax.convert.param_store import open_leaves
-
     arrays = open_leaves(ckpt_dir, meta)
     entries = key_entries(config)
     for e in entries:  # the stored arrays must give exactly the released tensors
@@ -163,6 +239,7 @@ def jax_to_hf(ckpt_dir: str, out_dir: str, *, fmt: str = "released", dtype: str 
         plan += [(k, s, e, rows) for k, s, rows in parts]
     specs = [(k, s, out_dtype) for k, s, _, _ in plan]
     bar = _progress(sum(int(np.prod(s)) * out_dtype.itemsize for _, s, _ in specs), "jax_to_hf", quiet)
+    nonfinite = {k: 0 for k, _, _, _ in plan}
 
     def arrays_iter():
         cache = (None, None)
@@ -172,11 +249,19 @@ def jax_to_hf(ckpt_dir: str, out_dir: str, *, fmt: str = "released", dtype: str 
                 x = np.asarray((arr if e.layer is None else arr[e.layer]).read().result())
                 cache = (e, e.transform.to_released(x).astype(out_dtype, copy=False))
             x = cache[1] if rows is None else cache[1][rows]
+            nonfinite[k] += count_nonfinite(x)
+            if strict_finite and nonfinite[k]:
+                _report_nonfinite(nonfinite, ckpt_dir, True)
             if bar is not None:
                 bar.update(x.nbytes)
             yield x
 
-    src_hf = os.path.join(ckpt_dir, "hf")
+    side_tmp = None
+    if ckpt_dir.startswith("gs://"):  # the source's side files, fetched to a local folder
+        side_tmp = tempfile.mkdtemp(prefix="r1v2-side-")
+        src_hf = remote_side_files(ckpt_dir, side_tmp)
+    else:
+        src_hf = os.path.join(ckpt_dir, "hf")
     side = _side_files(src_hf) if os.path.isdir(src_hf) else []
     if fmt == "released":
         if "config.json" in side:
@@ -202,6 +287,11 @@ def jax_to_hf(ckpt_dir: str, out_dir: str, *, fmt: str = "released", dtype: str 
     finally:
         if bar is not None:
             bar.close()
+        if side_tmp is not None:
+            shutil.rmtree(side_tmp, ignore_errors=True)
+    if report is not None:
+        report["nonfinite"] = {k: v for k, v in nonfinite.items() if v}
+    _report_nonfinite(nonfinite, ckpt_dir, False)
     return names
 
 
@@ -241,18 +331,26 @@ def main_hf_to_jax(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     p.add_argument("--image-token-id", type=int, default=None, help="<IMG_CONTEXT> id if no tokenizer file has it")
     p.add_argument("--no-strict", action="store_true", help="ignore unknown config.json keys")
+    p.add_argument("--strict-finite", action="store_true", help="refuse weights with NaN/inf values")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
+    report: dict = {}
     try:
         cfg = hf_to_jax(a.hf_dir, a.out_dir, dtype=a.dtype, mesh_shape=a.mesh, overwrite=a.overwrite,
-                        strict=not a.no_strict, image_token_id=a.image_token_id, quiet=a.quiet)
-    except (ValueError, KeyError, FileExistsError, FileNotFoundError) as e:
+                        strict=not a.no_strict, image_token_id=a.image_token_id, quiet=a.quiet,
+                        strict_finite=a.strict_finite, report=report)
+    except (ValueError, KeyError, OSError) as e:
         print(f"hf_to_jax: error: {e}", file=sys.stderr)
         return 2
-    print(f"hf_to_jax: wrote {a.out_dir} ({cfg.param_dtype}, {len(key_entries(cfg))} tensors) "
+    print(f"hf_to_jax: wrote {a.out_dir} ({cfg.param_dtype}, {len(key_entries(cfg))} tensors{_nonfinite_note(report)}) "
           f"in {time.perf_counter() - t0:.1f}s; restore with r1v2_jax.load_checkpoint({a.out_dir!r})")
     return 0
+
+
+def _nonfinite_note(report: dict) -> str:
+    bad = report.get("nonfinite") or {}
+    return f"; WARNING: {sum(bad.values())} non-finite values in {len(bad)} tensors" if bad else ""
 
 
 def main_jax_to_hf(argv=None) -> int:
@@ -263,16 +361,19 @@ def main_jax_to_hf(argv=None) -> int:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--shard-size", type=_parse_size, default=5 * 1000**3, help="max bytes per shard (default 5GB)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--strict-finite", action="store_true", help="refuse weights with NaN/inf values")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
+    report: dict = {}
     try:
         names = jax_to_hf(a.ckpt_dir, a.out_dir, fmt=a.fmt, dtype=a.dtype, max_shard_bytes=a.shard_size,
-                          overwrite=a.overwrite, quiet=a.quiet)
-    except (ValueError, KeyError, FileExistsError, FileNotFoundError) as e:
+                          overwrite=a.overwrite, quiet=a.quiet, strict_finite=a.strict_finite, report=report)
+    except (ValueError, KeyError, OSError) as e:
         print(f"jax_to_hf: error: {e}", file=sys.stderr)
         return 2
-    print(f"jax_to_hf: wrote {a.out_dir} ({a.fmt}, {len(names)} shard(s)) in {time.perf_counter() - t0:.1f}s")
+    print(f"jax_to_hf: wrote {a.out_dir} ({a.fmt}, {len(names)} shard(s){_nonfinite_note(report)}) "
+          f"in {time.perf_counter() - t0:.1f}s")
     return 0
 
 

@@ -6,11 +6,17 @@ with an error naming the file and the field. Keys that only matter to PyTorch/tr
 (generation defaults, dropout rates, flash-attention switches, ...) are known and ignored. A
 key that is neither is refused unless ``strict=False``, so that a format change cannot slip by
 silently.
+
+Numbers are validated before the model sees them (a hostile or corrupt ``config.json`` must
+not build a model that computes garbage or allocates without bound): sizes are integers
+within :data:`SIZE_BOUNDS`, norm epsilons are finite and in (0, 1), ``rope_theta`` and
+``downsample_ratio`` are finite and positive (JSON's ``NaN`` / ``Infinity`` are refused).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Mapping
 
@@ -62,6 +68,15 @@ _TOP_IGNORED = {
 _TOP_READ = {"vision_config", "llm_config", "downsample_ratio", "ps_version", "select_layer", "force_image_size"}
 
 
+# Upper bounds on sizes read from config.json: far above any released model (R1V2-38B: widths
+# <= 27648, 64 layers, 40 heads, vocab 152064, 32k positions), far below what would overflow.
+SIZE_BOUNDS = {
+    "hidden_size": 1 << 17, "intermediate_size": 1 << 19, "num_hidden_layers": 1024, "num_attention_heads": 1024,
+    "num_key_value_heads": 1024, "vocab_size": 1 << 22, "max_position_embeddings": 1 << 24, "head_dim": 4096,
+    "image_size": 8192, "patch_size": 8192, "num_channels": 16, "force_image_size": 8192,
+}
+
+
 def _err(file: str, field: str, msg: str) -> ConfigError:
     return ConfigError(f"{file}: {field}: {msg}")
 
@@ -75,6 +90,28 @@ def _require(d: Mapping[str, Any], key: str, file: str, where: str, kind=int):
         ok = isinstance(v, (int, float)) and not isinstance(v, bool)
     if not ok:
         raise _err(file, f"{where}.{key}", f"expected {kind.__name__}, got {v!r}")
+    return v
+
+
+def _size(d: Mapping[str, Any], key: str, file: str, where: str, default: Any = None) -> int:
+    """A size field: an integer in [1, SIZE_BOUNDS[key]] (``default`` when absent, if given)."""
+    if key not in d and default is not None:
+        return default
+    v = _require(d, key, file, where)
+    if not 1 <= v <= SIZE_BOUNDS[key]:
+        raise _err(file, f"{where}.{key}", f"must be an integer in [1, {SIZE_BOUNDS[key]}], got {v!r}")
+    return v
+
+
+def _number(d: Mapping[str, Any], key: str, file: str, where: str, default: float, below_one: bool = False) -> float:
+    """A positive finite number (``below_one``: also < 1, as a norm epsilon)."""
+    v = d.get(key, default)
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise _err(file, f"{where}.{key}", f"expected a number, got {v!r}")
+    v = float(v)
+    if not math.isfinite(v) or v <= 0 or (below_one and v >= 1):
+        rng = "in (0, 1)" if below_one else "positive"
+        raise _err(file, f"{where}.{key}", f"must be finite and {rng}, got {v!r}")
     return v
 
 
@@ -99,26 +136,29 @@ def _vision(d: Mapping[str, Any], file: str, strict: bool) -> VisionConfig:
     image_size = d.get("image_size", 448)
     patch_size = d.get("patch_size", 14)
     for name, v in (("image_size", image_size), ("patch_size", patch_size)):
-        if isinstance(v, (list, tuple)):
-            if len(v) != 2 or v[0] != v[1]:
-                raise _err(file, f"{w}.{name}", f"only square sizes are supported, got {v!r}")
+        if isinstance(v, (list, tuple)) and (len(v) != 2 or v[0] != v[1]):
+            raise _err(file, f"{w}.{name}", f"only square sizes are supported, got {v!r}")
     image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
     patch_size = patch_size[0] if isinstance(patch_size, (list, tuple)) else patch_size
+    image_size = _size({"image_size": image_size}, "image_size", file, w)
+    patch_size = _size({"patch_size": patch_size}, "patch_size", file, w)
     try:
         return VisionConfig(
-            hidden_size=_require(d, "hidden_size", file, w),
-            num_layers=_require(d, "num_hidden_layers", file, w),
-            num_heads=_require(d, "num_attention_heads", file, w),
-            intermediate_size=_require(d, "intermediate_size", file, w),
-            image_size=int(image_size),
-            patch_size=int(patch_size),
-            num_channels=int(d.get("num_channels", 3)),
+            hidden_size=_size(d, "hidden_size", file, w),
+            num_layers=_size(d, "num_hidden_layers", file, w),
+            num_heads=_size(d, "num_attention_heads", file, w),
+            intermediate_size=_size(d, "intermediate_size", file, w),
+            image_size=image_size,
+            patch_size=patch_size,
+            num_channels=_size(d, "num_channels", file, w, default=3),
             norm_type=norm,
-            norm_eps=float(d.get("layer_norm_eps", 1e-6)),
+            norm_eps=_number(d, "layer_norm_eps", file, w, 1e-6, below_one=True),
             qkv_bias=bool(d.get("qkv_bias", False)),
             qk_norm=bool(d.get("qk_normalization", True)),
         )
     except ConfigError as e:
+        if str(e).startswith(f"{file}: "):  # already names the file (a field checked here)
+            raise
         raise ConfigError(f"{file}: {e}") from None
 
 
@@ -144,21 +184,24 @@ def _text(d: Mapping[str, Any], file: str, strict: bool) -> TextConfig:
         theta = rp.get("rope_theta", theta)
     if theta is None:
         raise _err(file, f"{w}.rope_theta", "missing")
+    heads = _size(d, "num_attention_heads", file, w)
     try:
         return TextConfig(
-            vocab_size=_require(d, "vocab_size", file, w),
-            hidden_size=_require(d, "hidden_size", file, w),
-            num_layers=_require(d, "num_hidden_layers", file, w),
-            num_heads=_require(d, "num_attention_heads", file, w),
-            num_kv_heads=int(d.get("num_key_value_heads", d["num_attention_heads"])),
-            intermediate_size=_require(d, "intermediate_size", file, w),
-            head_dim=d.get("head_dim"),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
-            max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
+            vocab_size=_size(d, "vocab_size", file, w),
+            hidden_size=_size(d, "hidden_size", file, w),
+            num_layers=_size(d, "num_hidden_layers", file, w),
+            num_heads=heads,
+            num_kv_heads=_size(d, "num_key_value_heads", file, w, default=heads),
+            intermediate_size=_size(d, "intermediate_size", file, w),
+            head_dim=None if d.get("head_dim") is None else _size(d, "head_dim", file, w),
+            rms_norm_eps=_number(d, "rms_norm_eps", file, w, 1e-6, below_one=True),
+            rope_theta=_number({"rope_theta": theta}, "rope_theta", file, w, 0.0),
+            max_position_embeddings=_size(d, "max_position_embeddings", file, w, default=32768),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         )
     except ConfigError as e:
+        if str(e).startswith(f"{file}: "):  # already names the file (a field checked here)
+            raise
         raise ConfigError(f"{file}: {e}") from None
 
 
@@ -181,14 +224,16 @@ def config_from_dict(d: Mapping[str, Any], *, image_token_id: int, file: str = "
     if ps not in ("v1", "v2"):
         raise _err(file, "ps_version", f"expected 'v1' or 'v2', got {ps!r}")
     force = d.get("force_image_size")
-    if force is not None and (not isinstance(force, int) or force <= 0):
-        raise _err(file, "force_image_size", f"expected a positive integer or null, got {force!r}")
+    if force is not None and (not isinstance(force, int) or isinstance(force, bool)
+                              or not 1 <= force <= SIZE_BOUNDS["force_image_size"]):
+        raise _err(file, "force_image_size", f"expected an integer in [1, {SIZE_BOUNDS['force_image_size']}] "
+                   f"or null, got {force!r}")
     select = d.get("select_layer", -1)
     if not isinstance(select, int) or isinstance(select, bool):
         raise _err(file, "select_layer", f"expected an integer, got {select!r}")
     ratio = d.get("downsample_ratio", 0.5)
-    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool):
-        raise _err(file, "downsample_ratio", f"expected a number, got {ratio!r}")
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not math.isfinite(ratio) or ratio <= 0:
+        raise _err(file, "downsample_ratio", f"expected a finite positive number, got {ratio!r}")
     vision = _vision(d["vision_config"], file, strict)
     text = _text(d["llm_config"], file, strict)
     if force == vision.image_size:
@@ -198,6 +243,8 @@ def config_from_dict(d: Mapping[str, Any], *, image_token_id: int, file: str = "
                            downsample_ratio=float(ratio), ps_version=ps, select_layer=select,
                            force_image_size=force, **run_options)
     except ConfigError as e:
+        if str(e).startswith(f"{file}: "):  # already names the file (a field checked here)
+            raise
         raise ConfigError(f"{file}: {e}") from None
 
 

@@ -90,8 +90,8 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, dtype: str | None = None, *, me
 def load_model(path: str | os.PathLike, dtype: str | None = None, **kw) -> R1V2Model:
     """Either format: our checkpoint (it has ``r1v2_params.json``) via :func:`load_checkpoint`,
     otherwise a released HF directory via :func:`load_pretrained` (float32 unless ``dtype``)."""
-    from r1v2_jax.convert.param_store import META_FILE
+    from r1v2_jax.convert.param_store import is_checkpoint
 
-    if os.path.exists(os.path.join(os.fspath(path), META_FILE)):
+    if is_checkpoint(os.fspath(path)):
         return load_checkpoint(path, dtype, **kw)
     return load_pretrained(path, dtype or "float32", **kw)

@@ -1,10 +1,20 @@
 """Per-stage orbax checkpoints of the whole train state plus each host's data-iterator state,
-and the log mirroring beside remote checkpoints."""
+and the log mirroring beside remote checkpoints.
+
+Resuming (:meth:`StageCheckpoints.restore_latest`) tries the newest checkpoint first and falls
+back to the newest one that restores, saying so: a checkpoint that cannot be read (a file lost
+or cut short, say by a copy or a full disk) is moved aside as ``corrupt-<step>`` (deleted in a
+bucket), so training continues from the older one and saves that step again later. When none
+restores it is an error listing each checkpoint's failure.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import shutil
+import time
 
 import jax
 
@@ -13,6 +23,10 @@ from r1v2_jax.train.run import Run
 from r1v2_jax.train.state import TrainState
 
 log = logging.getLogger("r1v2_jax.train")
+
+
+class ResumeError(ValueError):
+    """The checkpoints of a stage exist but none can be resumed from."""
 
 
 class StageCheckpoints:
@@ -42,10 +56,57 @@ class StageCheckpoints:
                                                                       data=self.ocp.args.JsonRestore()))
         hosts = out["data"].get("hosts", [out["data"]])
         if len(hosts) != jax.process_count():
-            raise ValueError(f"{self.dir}/{step}: checkpoint written by {len(hosts)} host(s), resumed on "
-                             f"{jax.process_count()}: the data iterators cannot be split differently (start a new "
-                             "run_dir from these parameters instead)")
+            raise ResumeError(f"{self.dir}/{step}: checkpoint written by {len(hosts)} host(s), resumed on "
+                              f"{jax.process_count()}: the data iterators cannot be split differently (start a new "
+                              "run_dir from these parameters instead)")
         return out["state"], hosts[jax.process_index()]
+
+    def restore_latest(self, target: TrainState) -> tuple[int, TrainState, dict] | None:
+        """(step, state, this host's data state) of the newest checkpoint that restores on every
+        host, or None when there is none. Newer ones that fail are reported and set aside."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        failed: list[tuple[int, str]] = []
+        for step in steps:
+            try:
+                state, data = self.restore(step, target)
+                error = None
+            except ResumeError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint means: try an older one
+                state, data, error = None, None, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            errors = [x for x in dist.allgather_json(error) if x]  # every host must have restored it
+            if errors:
+                failed.append((step, errors[0]))
+                log.warning("%s: checkpoint %d cannot be restored (%s)", self.dir, step, errors[0])
+                continue
+            if failed:
+                self._set_aside([s for s, _ in failed])
+                log.warning("%s: resuming from step %d, the newest intact checkpoint; newer checkpoint(s) %s could "
+                            "not be restored and were set aside", self.dir, step, [s for s, _ in failed])
+            return step, state, data
+        if failed:
+            raise ResumeError(f"{self.dir}: no checkpoint can be restored: "
+                              + "; ".join(f"step {s}: {e}" for s, e in failed)
+                              + " (move the stage's checkpoint folder away to start the stage over)")
+        return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Move unreadable checkpoints out of the manager's sight (local: renamed to
+        ``corrupt-<step>-<time>``, kept for inspection; in a bucket: deleted)."""
+        if dist.is_main():
+            for step in steps:
+                path = f"{self.dir}/{step}"
+                try:
+                    if "://" in self.dir:
+                        from etils import epath
+
+                        epath.Path(path).rmtree()
+                    else:
+                        os.rename(path, f"{self.dir}/corrupt-{step}-{int(time.time())}")
+                except OSError as e:
+                    log.warning("%s: could not set checkpoint %d aside (%s)", self.dir, step, e)
+        dist.barrier("checkpoint-set-aside")
+        self.manager.reload()
 
     def close(self):
         self.manager.wait_until_finished()
@@ -69,7 +130,46 @@ def sync_logs(run_dir: str, checkpoint_dir: str, pull: bool = False) -> None:
     for name in LOG_FILES:
         src, dst = (remote / name, local / name) if pull else (local / name, remote / name)
         if src.exists():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dst.parent / (name + ".partial")
-            tmp.write_bytes(src.read_bytes())
-            tmp.rename(dst)
+            data = src.read_bytes()
+            if "://" not in os.fspath(dst):  # a local file: through a temporary file and an atomic replace
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                tmp = f"{dst}.partial"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, dst)
+            else:  # one object upload, which a bucket makes visible whole or not at all
+                dst.write_bytes(data)
+
+
+def pull_dataset(src: str, cache_root: str) -> str:
+    """A local copy of the dataset folder ``src`` in a bucket (``gs://...``), made once under
+    ``cache_root/<hash of src>`` (downloaded into a temporary folder, renamed when complete) and
+    reused afterwards: the data loaders read local files (images by relative path). Every host
+    makes its own copy. A later change in the bucket is not picked up: delete the cache folder."""
+    import fsspec
+
+    dst = os.path.join(cache_root, hashlib.sha1(src.encode()).hexdigest()[:16])
+    if os.path.isdir(dst):
+        return dst
+    fs, root = fsspec.core.url_to_fs(src)
+    files = [f for f in fs.find(root) if not f.endswith("/")]
+    if not files:
+        raise FileNotFoundError(f"data.path: {src} holds no files")
+    tmp = f"{dst}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for f in files:
+        rel = os.path.relpath(f, root)
+        if rel.startswith(".."):
+            continue
+        local = os.path.join(tmp, rel)
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        with fs.open(f, "rb") as r, open(local, "wb") as w:
+            shutil.copyfileobj(r, w, 1 << 22)
+    try:
+        os.replace(tmp, dst)
+    except OSError:  # another process on this machine finished the same copy first
+        if not os.path.isdir(dst):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("data: copied %d files of %s to %s", len(files), src, dst)
+    return dst

@@ -29,7 +29,7 @@ from r1v2_jax.model.config import ModelConfig, TextConfig, VisionConfig, model_c
 from r1v2_jax.model.vlm import R1V2Model, init_params, param_shardings
 from r1v2_jax.parallel import multihost as dist
 from r1v2_jax.parallel.sharding import make_mesh
-from r1v2_jax.train.checkpoints import sync_logs
+from r1v2_jax.train.checkpoints import pull_dataset, sync_logs
 from r1v2_jax.train.evaluate import evaluate
 from r1v2_jax.train.metrics_log import MetricsLog, plot_curves
 from r1v2_jax.train.run import Run
@@ -99,6 +99,8 @@ def experiment_meshes(exp, devices=None):
 
 
 def _ensure_data(exp) -> str:
+    if "://" in exp.data.path:  # a bucket: each host reads a local copy
+        return pull_dataset(exp.data.path, os.path.join(exp.run_dir, "data_cache"))
     path = exp.data.path or os.path.join(exp.run_dir, "data")
 
     def make():

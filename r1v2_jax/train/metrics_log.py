@@ -3,10 +3,64 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger("r1v2_jax.train")
+
+
+def read_jsonl(path: str) -> tuple[list[str], list[dict], bool]:
+    """The lines and parsed rows of a JSONL log, and whether its last line was a partial one
+    (no newline and not valid JSON: a write cut short by a kill), which is left out. Any other
+    line that is not a JSON object is an error naming the file and line."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    rows, partial = [], False
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if i == len(lines) - 1 and not line.endswith("\n"):
+                partial = True
+                lines = lines[:-1]
+                break
+            raise ValueError(f"{path}:{i + 1}: not a JSON row ({e}); fix or remove that line to resume") from None
+        rows.append(row)
+    return lines, rows, partial
+
+
+def rewrite_atomically(path: str, lines: list[str]) -> None:
+    """Replace ``path`` by ``lines`` through a temporary file and a rename: a kill at any moment
+    leaves the old or the new file, never a cut one."""
+    tmp = f"{path}.rewrite-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def repair_jsonl(path: str) -> bool:
+    """Drop a partial last line (see :func:`read_jsonl`) and end the file with a newline, so
+    appending continues cleanly. Returns whether anything was changed."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return False
+    lines, _, partial = read_jsonl(path)
+    if partial:
+        log.warning("%s: dropped a partial last line (a write cut short by a kill)", path)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    rewrite_atomically(path, lines)
+    return True
 
 
 def _plain(v: Any):
@@ -20,12 +74,15 @@ def _plain(v: Any):
 class MetricsLog:
     """Appends one JSON row per step to ``metrics.jsonl`` (flushed each row) and mirrors scalars
     to TensorBoard from process 0. ``truncate(step)`` drops rows after a checkpoint's step so
-    a resumed run's log equals an uninterrupted one."""
+    a resumed run's log equals an uninterrupted one; it rewrites the file atomically. A partial
+    last line left by a kill is dropped when the log is opened."""
 
     def __init__(self, run_dir: str, tensorboard: bool = True, is_main: bool = True):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.is_main = is_main
         os.makedirs(run_dir, exist_ok=True)
+        if is_main:
+            repair_jsonl(self.path)
         self._tb = None
         if tensorboard and is_main:
             try:
@@ -39,10 +96,11 @@ class MetricsLog:
         """Drop rows of ``stage`` with a step after ``step`` (other stages' rows stay)."""
         if not self.is_main or not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            keep = [ln for ln in f if json.loads(ln).get("stage") != stage or json.loads(ln)["step"] <= step]
-        with open(self.path, "w") as f:
-            f.writelines(keep)
+        lines, rows, partial = read_jsonl(self.path)
+        keep = [ln if ln.endswith("\n") else ln + "\n" for ln, r in zip(lines, rows)
+                if r.get("stage") != stage or r["step"] <= step]
+        if len(keep) != len(lines) or partial:
+            rewrite_atomically(self.path, keep)
 
     def write(self, row: dict) -> None:
         if not self.is_main:
@@ -65,8 +123,7 @@ class MetricsLog:
     def rows(self) -> list[dict]:
         if not os.path.exists(self.path):
             return []
-        with open(self.path) as f:
-            return [json.loads(line) for line in f]
+        return read_jsonl(self.path)[1]
 
     def close(self):
         if self._tb is not None:

@@ -35,11 +35,15 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # global-norm clip (0 = off)
     trainable: str = "adapter"
+    # Stop the stage (r1v2_jax.train.loop.TrainingDiverged) after this many consecutive steps
+    # skipped for a non-finite loss, gradient or update; 0 = never stop.
+    max_consecutive_skips: int = 10
 
     def __post_init__(self):
-        # AdamW's step is ~lr per parameter: above 1 it is a mistake (e.g. a missing minus sign)
-        if not (math.isfinite(self.lr) and 0 < self.lr <= 1):
-            raise ValueError(f"lr: must be finite and in (0, 1], got {self.lr}")
+        # (a finite but runaway lr, e.g. 1e30, is stopped by the train loop: rolled-back updates,
+        # then TrainingDiverged after max_consecutive_skips)
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr: must be finite and > 0, got {self.lr}")
         for name in ("b1", "b2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
@@ -52,6 +56,9 @@ class OptimConfig:
                              f"{self.total_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if not isinstance(self.max_consecutive_skips, int) or self.max_consecutive_skips < 0:
+            raise ValueError(f"max_consecutive_skips: expected an integer >= 0, got "
+                             f"{self.max_consecutive_skips!r}")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule: expected 'constant' or 'cosine', got {self.schedule!r}")
         if self.trainable not in TRAINABLE:
@@ -125,11 +132,14 @@ def all_finite(tree) -> jax.Array:
 def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, optimizer: optax.GradientTransformation,
                     **updates) -> tuple[TrainState, jax.Array]:
     """One optimizer update, or none (parameters and optimizer state untouched, ``skipped``
-    counted) when the loss or any gradient is not finite. Returns (state, finite flag)."""
+    counted) when the loss or any gradient is not finite, or when the update itself would make
+    a parameter or the optimizer state non-finite (a runaway step, e.g. a huge learning rate:
+    it is rolled back). Returns (state, flag: the update was applied)."""
     ok = jnp.isfinite(loss) & all_finite(grads)
     safe = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)
     upd, new_opt = optimizer.update(safe, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, upd)
+    ok = ok & all_finite(new_params) & all_finite(new_opt)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
     extra = {k: jnp.where(ok, v, getattr(state, k)) for k, v in updates.items()}
     return state.replace(step=state.step + 1, params=keep(new_params, state.params),

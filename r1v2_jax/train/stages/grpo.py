@@ -145,7 +145,7 @@ def run_grpo(ctx: StageContext, params, cfg: GRPOSection):
                        skipped_samples=dist.total(it.skips.total))
         return state, metrics
 
-    return run_loop(run, "grpo", state, cfg.steps, it, one).params
+    return run_loop(run, "grpo", state, cfg.steps, it, one, max_consecutive_skips=cfg.optim.max_consecutive_skips).params
 
 
 def grpo_shapes(run: Run, records) -> tuple[int, int]:

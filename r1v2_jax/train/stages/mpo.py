@@ -89,4 +89,4 @@ def run_mpo(ctx: StageContext, params, sec: MPOSection):
         state, m = prog.step(state, device_batch(run, {k: batch[k] for k in keys}, row_tiles(run, batch)), ref)
         return state, {k: float(v) for k, v in m.items()}
 
-    return run_loop(run, "mpo", state, sec.steps, it, one).params
+    return run_loop(run, "mpo", state, sec.steps, it, one, max_consecutive_skips=sec.optim.max_consecutive_skips).params

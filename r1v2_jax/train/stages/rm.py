@@ -55,5 +55,5 @@ def run_rm(ctx: StageContext, params, sec: RMSection):
         state, m = prog.step(state, device_batch(run, {k: batch[k] for k in keys}, row_tiles(run, batch)), None)
         return state, {k: float(v) for k, v in m.items()}
 
-    ctx.reward_params = run_loop(run, "rm", state, sec.steps, it, one).params
+    ctx.reward_params = run_loop(run, "rm", state, sec.steps, it, one, max_consecutive_skips=sec.optim.max_consecutive_skips).params
     return params

@@ -54,6 +54,6 @@ def run_sft(ctx: StageContext, params, sec: SFTSection):
         state, m = prog.step(state, b, None)
         return state, {k: float(v) for k, v in m.items()} | {"skipped_samples": dist.total(it.skips.total)}
 
-    params = run_loop(run, "sft", state, sec.steps, it, one).params
+    params = run_loop(run, "sft", state, sec.steps, it, one, max_consecutive_skips=sec.optim.max_consecutive_skips).params
     ctx.ref = jax.tree.map(jnp.copy, params)  # the reference of the stages that follow (its own buffers)
     return params
