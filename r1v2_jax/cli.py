@@ -257,14 +257,18 @@ def cmd_eval(args) -> int:
                           length_buckets=tuple(1 << i for i in range(6, 17)))
     run = Run(cfg, tok, builder, tempfile.mkdtemp(prefix="r1v2-eval-"), MetricsLog(tempfile.mkdtemp(), False),
               pipeline=pipe, progress=False)
-    r = evaluate(run, model.params, records, k=args.k, temperature=args.temperature,
-                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    try:
+        r = evaluate(run, model.params, records, k=args.k, temperature=args.temperature,
+                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, skips=skips)
+    except (ValueError, RuntimeError) as e:  # an empty dataset, nothing usable in it
+        print(f"error: {args.data}: {e}", file=sys.stderr)
+        return 2
     rows = [(cat, f"{acc:.3f}", str(n)) for cat, (acc, n) in r["per_category"].items()]
     rows.append(("all", f"{r['pass@1']:.3f}", str(r["n"])))
     print(f"pass@1 (mean over k={args.k} samples, temperature {args.temperature}) on {args.data}")
     print("\n".join(f"{a:<16} | {b:>7} | {c:>5}" for a, b, c in [("category", "pass@1", "n")] + rows))
-    if skips.total:
-        print(f"skipped records: {skips.as_dict()}")
+    n_skipped = sum(r["skipped"].values())
+    print(f"skipped items: {n_skipped}" + (f" {r['skipped']}" if n_skipped else ""))
     return 0
 
 
