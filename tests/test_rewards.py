@@ -21,6 +21,7 @@ from r1v2_jax.rewards.hybrid import HybridConfig, combine
 from r1v2_jax.rewards.remote import RemoteScorer
 from r1v2_jax.rewards.reward_model import RewardModel, bradley_terry_loss, init_reward_params, make_scorer
 from r1v2_jax.rewards.verifier import VerifierPool, check, extract_answer, last_boxed
+import pool_workers
 from verifier_cases import CASES, CHOICES
 
 
@@ -40,10 +41,6 @@ def test_extraction_details():
     assert extract_answer("<think>x</think>The answer is 3/4.") == "3/4"
 
 
-def hang_forever(args):  # a worker function that never returns (module level: picklable)
-    time.sleep(3600)
-
-
 def test_pool_scores_and_bounds_pathological_answers():
     with VerifierPool(num_workers=2, timeout=3.0) as pool:
         items = [(c, g, _choices(g)) for c, g, _ in CASES[:12]]
@@ -53,12 +50,72 @@ def test_pool_scores_and_bounds_pathological_answers():
         evil = [("\\boxed{9^{9^{9^{9^{9^{9}}}}}}", "1", []), ("\\boxed{(10^{10^{10}})!}", "2", [])]
         scores = pool.score(evil)
         assert scores == [0.0, 0.0]
-        assert time.monotonic() - t < 2 * 3.0 + 2.0  # bounded: at most one timeout per answer
-    with VerifierPool(num_workers=1, timeout=1.0, fn=hang_forever) as hung:
+        assert time.monotonic() - t < 3.0 + 2.0  # bounded: the two run side by side, one bound each
+    with VerifierPool(num_workers=1, timeout=1.0, fn=pool_workers.hang_forever, warm_up=None) as hung:
+        hung.score([])  # nothing to score
         t = time.monotonic()
         assert hung.score([("x", "1", [])]) == [0.0]
         assert time.monotonic() - t < 1.0 + 5.0 and hung.errors["timeout"] == 1
-        assert hung._pool is None  # the stuck pool was replaced
+        assert len(hung._workers) == 1 and not hung._workers[0].ready  # the stuck worker was replaced
+
+
+def test_cold_pool_scores_correct_answers():
+    """A pool's first answers wait (uncharged) for warm workers instead of timing out to 0."""
+    with VerifierPool(num_workers=2, timeout=0.5) as pool:
+        items = [("\\boxed{\\frac{1}{2}}", "0.5", []), ("so</think>the answer is 0.25", "1/4", [])] * 3
+        assert pool.score(items) == [1.0] * 6 and not pool.errors
+
+
+def test_a_batch_after_a_bad_answer_does_not_pay_a_timeout_per_answer():
+    with VerifierPool(num_workers=2, timeout=1.0, fn=pool_workers.hang_on_marker, warm_up=None) as pool:
+        t = time.monotonic()
+        assert pool.score([("hang", "1", [])] + [("ok", "1", [])] * 6) == [0.0] + [1.0] * 6
+        assert time.monotonic() - t < 1.0 + 10.0 and pool.errors["timeout"] == 1
+        t = time.monotonic()
+        assert pool.score([("ok", "1", [])] * 8) == [1.0] * 8  # no timeouts while the worker is replaced
+        assert pool.errors["timeout"] == 1 and time.monotonic() - t < 10.0
+        assert pool.score([("hang", "1", [])] * 2 + [("ok", "1", [])] * 3) == [0.0, 0.0, 1.0, 1.0, 1.0]
+        assert pool.errors["timeout"] == 3
+
+
+def test_boxed_scan_is_linear():
+    t = time.monotonic()
+    assert last_boxed("\\boxed{" * 20_000) is None  # was one scan to the end per opening
+    assert last_boxed("\\boxed{" * 20_000 + "\\boxed{7}") == "7"
+    assert time.monotonic() - t < 2.0
+    assert last_boxed("\\boxed{a} \\boxed{b") == "a" and last_boxed("} \\boxed {x{y}} }") == "x{y}"
+    assert last_boxed("\\boxed{ \\fbox{x} ") == "x"
+
+
+def test_training_scores_through_the_bounded_pool(tmp_path):
+    """GRPO / MPO / evaluation rewards (score_completions): a pathological completion costs at
+    most the configured bound and scores 0; the others are scored as usual."""
+    from types import SimpleNamespace
+
+    from r1v2_jax.data.tokenizer import tiny_tokenizer
+    from r1v2_jax.rewards.verifier import VerifierConfig
+    from r1v2_jax.train.rollout import score_completions
+    from r1v2_jax.train.run import Run
+
+    tok = tiny_tokenizer(255)
+    texts = ["ok</think>\\boxed{\\frac{1}{2}}<|im_end|>", "ok</think>\\boxed{9^{9^{9^{9^{9^{9}}}}}}<|im_end|>",
+             "ok</think>\\boxed{1.0}<|im_end|>", "ok</think>\\boxed{2}<|im_end|>"]
+    ids = [tok.encode(t, add_special_tokens=False).ids for t in texts]
+    m = max(map(len, ids))
+    tokens = np.zeros((4, 3 + m), np.int32)
+    for i, x in enumerate(ids):
+        tokens[i, 3:3 + len(x)] = x
+    out = SimpleNamespace(tokens=tokens, lengths=np.asarray([len(x) for x in ids]), logprobs=np.zeros((4, m)))
+    run = Run(None, tok, None, str(tmp_path), None, verifier=VerifierConfig(timeout=1.5, num_workers=2))
+    run.verifier_pool().score([("\\boxed{1}", "1", [])])  # warm (a cold pool is tested above)
+    t = time.monotonic()
+    total, rule, got, metrics, _ = score_completions(run, out, ["0.5", "1"], [[], []], 2, HybridConfig(),
+                                                     FormatConfig())
+    assert time.monotonic() - t < 1.5 + 3.0
+    assert got == texts and rule.tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert metrics["verifier_failures"] == 1.0
+    with pytest.raises(ValueError, match="verifier.timeout"):
+        VerifierConfig(timeout=float("inf"))
 
 
 @pytest.mark.parametrize("text,prefilled,want", [

@@ -26,6 +26,7 @@ def evaluate(run: Run, params, records, *, k: int = 1, temperature: float = 0.0,
     ``skipped``: the items left out, by reason, summed over hosts (with those already in
     ``skips``, e.g. from reading the file). ``n`` counts the questions scored."""
     skips = skips if skips is not None else SkipCounter()
+    run.verifier_pool()  # its workers warm up while the sampler compiles
     sampler = run.sampler(params)
     sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, eos_ids=run.eos_ids(),
                         pad_id=run.eos_ids()[0] if run.eos_ids() else 0)

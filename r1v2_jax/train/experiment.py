@@ -45,6 +45,9 @@ def demo_config() -> ml_collections.ConfigDict:
         aggregation="seq-mean-token-mean", ssb_capacity=256, ssb_target_share=0.6, ssb_alpha=1.0,
         ssb_reuse_limit=2, ssb_max_age=8))
     c.eval = ml_collections.ConfigDict(dict(k=1, temperature=0.0, max_new_tokens=32, prompts=0))
+    # rule-reward answer checking (r1v2_jax.rewards.verifier.VerifierConfig): seconds one answer
+    # may take (it scores 0 past that), and worker processes
+    c.verifier = ml_collections.ConfigDict(dict(timeout=5.0, workers=2))
     # dir: "" = run_dir/checkpoints; a bucket (gs://...) for pods: the logs are mirrored there
     c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=2, async_save=True, dir=""))
     # (data, fsdp, tensor) for training on several devices/hosts; () = one device. Several
@@ -154,6 +157,7 @@ def run_experiment(c: ml_collections.ConfigDict) -> dict:
     from r1v2_jax.model.vlm import init_params
     from r1v2_jax.parallel import multihost as dist
     from r1v2_jax.rewards.format import FormatConfig
+    from r1v2_jax.rewards.verifier import VerifierConfig
     from r1v2_jax.rl.losses import PolicyLossConfig
     from r1v2_jax.rl.mpo import MPOConfig
     from r1v2_jax.rl.ssb import SSBConfig
@@ -217,7 +221,8 @@ def run_experiment(c: ml_collections.ConfigDict) -> dict:
     run = Run(mc, tok, builder, c.run_dir, metrics, seed=c.seed, checkpoint_every=c.checkpoint.every,
                 checkpoint_dir=c.checkpoint.dir,
                 keep=c.checkpoint.keep, async_checkpoints=c.checkpoint.async_save, progress=c.progress, pipeline=pipe,
-                mesh=mesh, sampler_mesh=sampler_mesh)
+                mesh=mesh, sampler_mesh=sampler_mesh,
+                verifier=VerifierConfig(timeout=c.verifier.timeout, num_workers=c.verifier.workers))
     evals = {}
 
     def find(stage):  # process 0's log decides, so every host skips the same work

@@ -51,6 +51,7 @@ def run_grpo(run: Run, params, records, steps: int, optim: OptimConfig, cfg: GRP
     prompt_len, tiles = grpo_shapes(run, records)
     pipe = dataclasses.replace(run.pipeline, seed=run.seed, length_buckets=(prompt_len,))
     it = rl_prompt_iterator(records, run.builder, pipe, tile_size=run.model_config.tile_size, skips=SkipCounter())
+    run.verifier_pool()  # its workers warm up while the sampler compiles
     sampler = run.sampler(params)
     sp = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                         eos_ids=run.eos_ids(), pad_id=run.eos_ids()[0] if run.eos_ids() else 0)
