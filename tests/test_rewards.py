@@ -197,6 +197,7 @@ def test_reward_model_bradley_terry_training():
 class _Handler(http.server.BaseHTTPRequestHandler):
     mode = "ok"
     calls = 0
+    raw_scores = ""
 
     def do_POST(self):  # noqa: N802
         type(self).calls += 1
@@ -209,6 +210,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         scores = [float(len(x["response"])) for x in body["inputs"]]
         out = json.dumps({"scores": scores}).encode()
+        if self.mode == "raw":  # a body with one score spelled as given (NaN, Infinity, true...)
+            out = ("{\"scores\": [" + ", ".join([self.raw_scores] + ["1.0"] * (len(scores) - 1)) + "]}").encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(out)))
@@ -267,6 +270,100 @@ def test_remote_server_down():
     t = time.monotonic()
     assert sc.score_groups(_groups()) == [None, None]
     assert time.monotonic() - t < 5 and sc.stats["connection_errors"] == 3 and sc.stats["skipped_groups"] == 2
+
+
+class _RawServer:
+    """A one-behaviour TCP server on 127.0.0.1 for transport faults http.server cannot make:
+    ``trickle`` sends a valid response one byte every ``interval`` seconds, ``short`` promises
+    a longer body than it sends and closes. Started and stopped by the test."""
+
+    def __init__(self, mode: str, interval: float = 0.25):
+        self.mode, self.interval = mode, interval
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/score"
+
+    def _serve(self):
+        self.sock.settimeout(0.1)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn):
+        with conn:
+            conn.settimeout(5)
+            try:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                body = json.dumps({"scores": [1.0] * 5}).encode()
+                head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                if self.mode == "short":
+                    conn.sendall((head + f"{len(body) + 100}\r\n\r\n").encode() + body)
+                    return
+                for b in (head + f"{len(body)}\r\n\r\n").encode() + body:
+                    if self.stop.wait(self.interval):
+                        return
+                    conn.sendall(bytes([b]))
+            except OSError:
+                return
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+def test_remote_total_deadline_against_a_trickling_server():
+    srv = _RawServer("trickle", interval=0.25)  # ~100 bytes at 4 bytes/s: 25 s to answer, each byte in time
+    try:
+        sc = RemoteScorer(srv.url, batch_size=8, timeout=1.0, deadline=1.5, retries=1, backoff=0.01)
+        t = time.monotonic()
+        assert sc.score_groups(_groups()) == [None, None]
+        assert time.monotonic() - t < 2 * 1.5 + 2.0  # two attempts, each cut at its deadline
+        assert sc.stats["deadline_exceeded"] == 2 and sc.stats["timeouts"] == 2 and sc.stats["failed_batches"] == 1
+    finally:
+        srv.close()
+
+
+def test_remote_incomplete_read_is_a_retried_failure():
+    srv = _RawServer("short")
+    try:
+        sc = RemoteScorer(srv.url, batch_size=8, timeout=2.0, retries=2, backoff=0.01)
+        assert sc.score_groups(_groups()) == [None, None]  # nothing raised
+        assert sc.stats["connection_errors"] == 3 and sc.stats["retries"] == 2 and sc.stats["skipped_groups"] == 2
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("bad", ["NaN", "Infinity", "-Infinity", "true", '"1.0"'])
+def test_remote_non_finite_or_non_numeric_scores_are_refused(server, bad):
+    _Handler.mode, _Handler.raw_scores = "raw", bad
+    sc = RemoteScorer(server, batch_size=8, timeout=2.0, retries=2, backoff=0.01)
+    assert sc.score_groups(_groups()) == [None, None]
+    assert _Handler.calls == 1  # a bad body is not retried
+    assert sc.stats["non_finite" if bad in ("NaN", "Infinity", "-Infinity") else "malformed"] == 1
+
+
+def test_remote_circuit_breaker(server):
+    _Handler.mode = "error"
+    sc = RemoteScorer(server, batch_size=1, timeout=2.0, retries=1, backoff=0.01, breaker_after=2,
+                      breaker_cooldown=0.5)
+    assert sc.score([{"prompt": "p", "response": "r", "images": []}] * 5) == [None] * 5
+    # two batches of one item failed (2 attempts each), then the breaker opened: no more calls
+    assert _Handler.calls == 4 and sc.stats["short_circuited"] == 3 and sc.breaker_open
+    _Handler.mode = "ok"
+    assert sc.score([{"prompt": "p", "response": "rr", "images": []}]) == [None]  # still open
+    time.sleep(0.6)
+    assert sc.score([{"prompt": "p", "response": "rr", "images": []}]) == [2.0]  # a trial batch, then closed
+    assert not sc.breaker_open and sc.score([{"prompt": "p", "response": "r", "images": []}] * 2) == [1.0, 1.0]
 
 
 # --- calibration ----------------------------------------------------------------------------
