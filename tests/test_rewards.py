@@ -304,7 +304,7 @@ class _RawServer:
                 while b"\r\n\r\n" not in data:
                     data += conn.recv(65536)
                 body = json.dumps({"scores": [1.0] * 5}).encode()
-                head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
                 if self.mode == "short":
                     conn.sendall((head + f"{len(body) + 100}\r\n\r\n").encode() + body)
                     return
