@@ -113,7 +113,9 @@ def test_training_scores_through_the_bounded_pool(tmp_path):
                                                      FormatConfig())
     assert time.monotonic() - t < 1.5 + 3.0
     assert got == texts and rule.tolist() == [1.0, 0.0, 1.0, 0.0]
-    assert metrics["verifier_failures"] == 1.0
+    assert metrics["verifier_failures"] == 1.0  # this batch's
+    _, rule, *_ = score_completions(run, out, ["0.5", "1"], [[], []], 2, HybridConfig(), FormatConfig())
+    assert rule.tolist() == [1.0, 0.0, 1.0, 0.0]
     with pytest.raises(ValueError, match="verifier.timeout"):
         VerifierConfig(timeout=float("inf"))
 

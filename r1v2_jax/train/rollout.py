@@ -34,7 +34,7 @@ def score_completions(run: Run, out, answers, choices, group: int, hybrid: Hybri
     over the global batch; this host's slice of the global rows). Answers are checked in the
     run's :class:`~r1v2_jax.rewards.verifier.VerifierPool`, so none costs more than
     ``run.verifier.timeout`` seconds (such an answer scores 0; ``verifier_failures`` counts
-    them over the run and all hosts)."""
+    this batch's over all hosts)."""
     tokens = np.asarray(out.tokens)
     lengths = np.asarray(out.lengths)
     m = out.logprobs.shape[1]
@@ -43,11 +43,12 @@ def score_completions(run: Run, out, answers, choices, group: int, hybrid: Hybri
     gold = [a for a in answers for _ in range(group)]
     ch = [c for c in choices for _ in range(group)]
     pool = run.verifier_pool()
+    failed_before = pool.errors.total()
     rule = np.asarray(pool.score(list(zip(texts, gold, ch))), np.float32)
     fr = np.asarray([format_reward(t, fmt) for t in texts], np.float32)
     both, mine = dist.gather_rows(np.stack([rule, fr], axis=1))
     total, metrics = combine(both[:, 0], both[:, 1], None, hybrid)
-    metrics["verifier_failures"] = dist.total(pool.errors.total())
+    metrics["verifier_failures"] = dist.total(pool.errors.total() - failed_before)  # this batch's, all hosts
     return total, both[:, 0], texts, metrics, mine
 
 
