@@ -18,9 +18,19 @@ Steps (each a subcommand too: create, setup, start, logs, status, delete):
    bucket; the trainer resumes from the newest checkpoint there and keeps its metrics log
    beside it, so a new slice continues exactly where the old one was preempted.
 4. **logs**: stream worker 0's log until training ends.
-5. **run** does 1-4 and watches: when the slice is preempted or training dies, it deletes the
-   slice, waits, and starts again from step 1 (up to ``--max-restarts``). It stops when the
-   run's ``summary.json`` exists in the bucket.
+5. **run** does 1-4 and watches. It stops with exit 0 when the run's ``summary.json`` exists
+   in the bucket. Only a preemption (the slice is gone or no longer READY: while creating,
+   installing, or training) or a capacity error from ``create`` is retried: the slice is
+   deleted, and after a pause everything starts again from step 1 (up to
+   ``--max-restarts``); the trainer resumes from the newest checkpoint. Anything else (a
+   command failing on a healthy slice, training exiting while the slice is READY, a
+   permission or quota error) stops with exit 1 and the last lines of the log. The same
+   failure ``--max-same-failures`` times in a row (same kind, same message, same last log
+   line: no progress) also stops.
+
+Every user string that reaches a worker's shell (config path, run name, overrides, data and
+model locations) is validated here and quoted with ``shlex``; ``$HOME`` stays outside quotes
+so the worker's shell expands it.
 
 ``--dry-run`` prints every command instead of running it (one pass, as if the slice were new).
 Only the standard library is used: the launcher runs on any machine with ``gcloud``.
@@ -29,7 +39,9 @@ Only the standard library is used: the launcher runs on any machine with ``gclou
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import re
 import shlex
 import subprocess
 import sys
@@ -40,6 +52,46 @@ RUNTIME = {"v4": "tpu-ubuntu2204-base", "v5p": "v2-alpha-tpuv5", "v5e": "v2-alph
 # On the workers (in double quotes or bare, never single-quoted, so the remote shell expands $HOME)
 REMOTE_DIR = "$HOME/r1v2-jax"
 VENV = "$HOME/r1v2-venv"
+
+_NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")  # TPU VM / queued resource names
+_ZONE = re.compile(r"[a-z]+-[a-z]+[0-9]+-[a-z]")
+_PROJECT = re.compile(r"([a-z0-9][-a-z0-9.]*:)?[a-z][-a-z0-9]{0,61}[a-z0-9]")
+_ACCELERATOR = re.compile(r"(v4|v5p|v5e|v6e)-[0-9]+")
+_RUNTIME = re.compile(r"[a-z0-9][-a-z0-9._]*")
+_GCS = re.compile(r"gs://[a-z0-9][a-z0-9._-]{1,221}[a-z0-9](/.*)?")
+_OVERRIDE = re.compile(r"--config\.([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)=(.*)", re.DOTALL)
+# keys the launcher sets itself on every worker (an override would break resuming)
+_LAUNCHER_KEYS = ("run_dir", "checkpoint.dir", "data.path", "model.init", "progress")
+# gcloud's wording when a zone has no TPUs to give (retried); quota errors are not capacity
+_CAPACITY = re.compile(r"no more capacity|insufficient capacity|ZONE_RESOURCE_POOL_EXHAUSTED|stockout|"
+                       r"resource pool exhausted|RESOURCE_EXHAUSTED", re.IGNORECASE)
+
+
+def _printable(field: str, value: str) -> str:
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(f"{field}: control characters (newline, NUL, ...) are not allowed, got {value!r}")
+    return value
+
+
+def _matches(field: str, pattern: re.Pattern, value: str, what: str) -> str:
+    if not pattern.fullmatch(value):
+        raise ValueError(f"{field}: expected {what}, got {value!r}")
+    return value
+
+
+def check_override(ov: str) -> str:
+    """A ``--config.KEY=VALUE`` override: a dotted key of identifiers, any printable value."""
+    m = _OVERRIDE.fullmatch(_printable("override", ov))
+    if not m:
+        raise ValueError(f"after --, only --config.KEY=VALUE overrides are passed to r1v2 train (KEY dotted "
+                         f"identifiers), got {ov!r}")
+    if m.group(1) in _LAUNCHER_KEYS:
+        raise ValueError(f"override {ov!r}: config.{m.group(1)} is set by the launcher")
+    return ov
+
+
+def is_capacity_error(text: str) -> bool:
+    return bool(_CAPACITY.search(text)) and "quota" not in text.lower()
 
 
 @dataclasses.dataclass
@@ -57,12 +109,26 @@ class Pod:
     overrides: tuple[str, ...] = ()
 
     def __post_init__(self):
-        family = self.accelerator.split("-")[0]
-        if family not in RUNTIME or "-" not in self.accelerator:
-            raise ValueError(f"--accelerator: expected e.g. v5p-128, v4-32, v5e-16, v6e-64, got {self.accelerator!r}")
-        if not self.bucket.startswith("gs://"):
-            raise ValueError(f"--bucket: expected a gs:// path for checkpoints and logs, got {self.bucket!r}")
-        self.runtime = self.runtime or RUNTIME[family]
+        """Validate every field: most of them end up in a command line on the workers."""
+        _matches("--name", _NAME, self.name, "lowercase letters, digits and hyphens, starting with a letter "
+                 "(at most 63)")
+        _matches("--zone", _ZONE, self.zone, "a zone such as us-east5-a")
+        _matches("--project", _PROJECT, self.project, "a Google Cloud project id")
+        _matches("--accelerator", _ACCELERATOR, self.accelerator, "e.g. v5p-128, v4-32, v5e-16, v6e-64")
+        if self.runtime:
+            _matches("--runtime", _RUNTIME, self.runtime, "a TPU software version such as v2-alpha-tpuv5")
+        _printable("--config", self.config)
+        if (self.config.startswith("/") or ".." in self.config.split("/") or not self.config.endswith(".py")
+                or self.config.startswith("-")):
+            raise ValueError(f"--config: expected a .py config file relative to the checkout (no '..'), "
+                             f"got {self.config!r}")
+        _matches("--bucket", _GCS, _printable("--bucket", self.bucket), "a gs://BUCKET[/path] for checkpoints "
+                 "and logs")
+        for field, v in (("--data", self.data), ("--model", self.model)):
+            if v:
+                _matches(field, _GCS, _printable(field, v), "a gs://BUCKET/path")
+        self.overrides = tuple(check_override(ov) for ov in self.overrides)
+        self.runtime = self.runtime or RUNTIME[self.accelerator.split("-")[0]]
         self.bucket = self.bucket.rstrip("/")
 
     # -- paths -----------------------------------------------------------------------------
@@ -119,8 +185,9 @@ class Pod:
         return cmds
 
     def train_command(self) -> str:
-        fixed = [f'"{VENV}/bin/r1v2" train', f'--config "{REMOTE_DIR}/{self.config}"', "--multihost",
-                 f'--config.run_dir="$HOME/runs/{self.name}"']
+        # user strings quoted (shlex); the $HOME prefixes in double quotes so the worker expands them
+        fixed = [f'"{VENV}/bin/r1v2" train', f'--config "{REMOTE_DIR}"/{shlex.quote(self.config)}', "--multihost",
+                 f'--config.run_dir="$HOME/runs"/{shlex.quote(self.name)}']
         if self.data:
             fixed.append('--config.data.path="$HOME/data"')
         if self.model:
@@ -132,6 +199,10 @@ class Pod:
 
     def start(self) -> list[str]:
         return self.ssh(self.train_command())
+
+    def trainer_running(self) -> list[str]:
+        return self.ssh('if pgrep -f "[r]1v2 train" > /dev/null; then echo running; else echo stopped; fi',
+                        worker="0")
 
     def logs(self) -> list[str]:
         # Follow the log until the trainer exits. "[r]1v2" keeps pgrep from matching this very
@@ -156,6 +227,34 @@ class Shell:
             return subprocess.CompletedProcess(cmd, 0, "", "")
         return subprocess.run(cmd, check=check, text=True, capture_output=capture)
 
+    def stream(self, cmd: list[str], keep: int = 20) -> tuple[int, list[str]]:
+        """Run ``cmd`` printing its output as it comes; (exit code, its last ``keep`` lines)."""
+        print("+ " + " ".join(shlex.quote(c) for c in cmd), file=self.out, flush=True)
+        if self.dry_run:
+            return 0, []
+        tail: collections.deque = collections.deque(maxlen=keep)
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
+            for line in p.stdout:
+                print(line, end="", file=self.out, flush=True)
+                tail.append(line.rstrip("\n"))
+        return p.returncode, list(tail)
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure(Exception):
+    """Why an attempt ended: ``kind`` is preempted | capacity (retried) or error (not retried)."""
+
+    kind: str
+    detail: str
+    last_log_line: str = ""
+
+    @property
+    def retryable(self) -> bool:
+        return self.kind in ("preempted", "capacity")
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.detail}" + (f" (last log line: {self.last_log_line})" if self.last_log_line else "")
+
 
 def state_of(pod: Pod, sh: Shell) -> str:
     """READY / CREATING / PREEMPTED / ... of the TPU VM, or NOT_FOUND."""
@@ -166,22 +265,34 @@ def state_of(pod: Pod, sh: Shell) -> str:
     return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else "NOT_FOUND"
 
 
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
 def create(pod: Pod, sh: Shell, poll: float = 30.0) -> bool:
-    """Make sure the slice is READY; True when it was (re)created and needs setup."""
+    """Make sure the slice is READY; True when it was (re)created and needs setup. Raises
+    :class:`Failure` (capacity for gcloud's no-capacity answers, else error)."""
     state = state_of(pod, sh)
     if state == "READY":
         print(f"reusing TPU VM {pod.name} (READY)", file=sh.out)
         return False
     if state != "NOT_FOUND":
         sh.run(pod.delete(), check=False)
-    sh.run(pod.create())
+    r = sh.run(pod.create(), check=False, capture=True)
+    if r.returncode != 0:
+        text = f"{r.stdout or ''}\n{r.stderr or ''}"
+        print(text.strip(), file=sh.out)
+        kind = "capacity" if is_capacity_error(text) else "error"
+        raise Failure(kind, f"creating queued resource {pod.name} failed: {_last_line(text)}")
     while not sh.dry_run:
-        r = sh.run(pod.queued_state(), check=False, capture=True)
-        s = r.stdout.strip()
+        s = sh.run(pod.queued_state(), check=False, capture=True).stdout.strip()
         if s == "ACTIVE":
             break
-        if s in ("FAILED", "SUSPENDED"):
-            raise RuntimeError(f"queued resource {pod.name}: {s}")
+        if s == "SUSPENDED":
+            raise Failure("preempted", f"queued resource {pod.name} SUSPENDED")
+        if s == "FAILED":
+            raise Failure("error", f"queued resource {pod.name} FAILED")
         time.sleep(poll)
     return True
 
@@ -191,20 +302,72 @@ def setup(pod: Pod, sh: Shell) -> None:
         sh.run(cmd)
 
 
-def run(pod: Pod, sh: Shell, max_restarts: int, poll: float = 60.0) -> int:
-    for attempt in range(max_restarts + 1):
-        create(pod, sh)
+def follow(pod: Pod, sh: Shell, poll: float = 60.0) -> tuple[int, list[str]]:
+    """Stream worker 0's log until training ends; a dropped stream while the trainer still runs
+    on a READY slice is followed again."""
+    while True:
+        rc, tail = sh.stream(pod.logs())
+        if sh.dry_run or rc == 0 or state_of(pod, sh) != "READY":
+            return rc, tail
+        r = sh.run(pod.trainer_running(), check=False, capture=True)
+        if "running" not in r.stdout.split():
+            return rc, tail
+        print(f"{pod.name}: the log stream ended (exit {rc}) while training runs; following again", file=sh.out)
+        time.sleep(poll)
+
+
+def attempt_once(pod: Pod, sh: Shell, poll: float) -> Failure | None:
+    """One pass of create -> setup -> start -> follow; None when the run finished."""
+    try:
+        create(pod, sh, poll=poll / 2)
         setup(pod, sh)  # also after a reuse: the checkout may have changed
         sh.run(pod.start())
-        r = sh.run(pod.logs(), check=False)  # returns when training exits or the slice goes away
-        if sh.dry_run:
-            sh.run(pod.finished(), check=False)
+        rc, tail = follow(pod, sh, poll)
+    except Failure as f:
+        return f
+    except subprocess.CalledProcessError as e:  # setup or start failed: preempted, or a real error?
+        state = state_of(pod, sh)
+        what = " ".join(e.cmd[:6]) + (" ..." if len(e.cmd) > 6 else "")
+        if state != "READY":
+            return Failure("preempted", f"slice {state} while running: {what}")
+        return Failure("error", f"command failed on a READY slice (exit {e.returncode}): {what}: "
+                                f"{_last_line(e.stderr or e.stdout or '')}")
+    if sh.dry_run:
+        sh.run(pod.finished(), check=False)
+        return None
+    if sh.run(pod.finished(), check=False, capture=True).returncode == 0:
+        return None
+    state = state_of(pod, sh)
+    last = tail[-1] if tail else ""
+    if state == "READY":
+        return Failure("error", f"training exited (log stream exit {rc}) on a READY slice without finishing",
+                       last)
+    return Failure("preempted", f"slice {state} during training", last)
+
+
+def run(pod: Pod, sh: Shell, max_restarts: int, poll: float = 60.0, max_same: int = 3) -> int:
+    """Attempts until the run finishes; only preemptions and capacity errors are retried, and
+    the same failure ``max_same`` times in a row stops (see the module docstring)."""
+    previous, same = None, 0
+    for attempt in range(max_restarts + 1):
+        failure = attempt_once(pod, sh, poll)
+        if failure is None:
+            if not sh.dry_run:
+                print(f"{pod.name}: finished (summary.json in {pod.checkpoint_dir}/logs)", file=sh.out)
             return 0
-        if sh.run(pod.finished(), check=False, capture=True).returncode == 0:
-            print(f"{pod.name}: finished (summary.json in {pod.checkpoint_dir}/logs)", file=sh.out)
-            return 0
-        print(f"{pod.name}: training stopped (log stream exit {r.returncode}, slice {state_of(pod, sh)}); "
-              f"restart {attempt + 1} of {max_restarts} from the latest checkpoint", file=sh.out)
+        print(f"{pod.name}: {failure}", file=sh.out)
+        if not failure.retryable:
+            print(f"{pod.name}: not retried (only preemption and capacity errors are); the slice is kept for a "
+                  "look (`logs`, `delete`)", file=sh.out)
+            return 1
+        same = same + 1 if failure == previous else 1
+        previous = failure
+        if same >= max_same:
+            print(f"{pod.name}: the same failure {same} times in a row, giving up", file=sh.out)
+            return 1
+        if attempt == max_restarts:
+            break
+        print(f"{pod.name}: restart {attempt + 1} of {max_restarts} from the latest checkpoint", file=sh.out)
         sh.run(pod.delete(), check=False)
         time.sleep(poll)
     print(f"{pod.name}: gave up after {max_restarts} restarts", file=sh.out)
@@ -230,11 +393,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="", help="gs:// converted checkpoint copied to every worker (model.init)")
     p.add_argument("--spot", action="store_true", help="spot capacity (preemptible; `run` restarts)")
     p.add_argument("--max-restarts", type=int, default=20)
+    p.add_argument("--max-same-failures", type=int, default=3,
+                   help="stop when the same failure (no progress) happens this many times in a row")
     p.add_argument("--dry-run", action="store_true", help="print every command; run nothing")
     a = p.parse_args(argv)
-    for ov in overrides:
-        if not ov.startswith("--config."):
-            p.error(f"after --, only --config.KEY=VALUE overrides are passed to r1v2 train, got {ov!r}")
     try:
         pod = Pod(a.name, a.zone, a.project, a.accelerator, a.config, a.bucket, a.data, a.model, a.runtime, a.spot,
                   tuple(overrides))
@@ -242,9 +404,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     sh = Shell(a.dry_run)
     if a.action == "run":
-        return run(pod, sh, a.max_restarts)
+        return run(pod, sh, a.max_restarts, max_same=a.max_same_failures)
     if a.action == "create":
-        create(pod, sh)
+        try:
+            create(pod, sh)
+        except Failure as f:
+            print(f"{pod.name}: {f}", file=sh.out)
+            return 1
     elif a.action == "setup":
         setup(pod, sh)
     elif a.action == "start":

@@ -256,14 +256,18 @@ def cmd_eval(args, overrides) -> int:
         params = jax.device_put(params, param_shardings(mc, mesh))
     run = make_run(exp, mc, tok, template, mesh, sampler_mesh, metrics=MetricsLog(exp.run_dir, False))
     e = exp.eval
-    r = evaluate(run, params, records, k=e.k, temperature=e.temperature, top_p=e.top_p,
-                 max_new_tokens=e.max_new_tokens, batch_size=exp.data.batch_size)
+    try:
+        r = evaluate(run, params, records, k=e.k, temperature=e.temperature, top_p=e.top_p,
+                     max_new_tokens=e.max_new_tokens, batch_size=exp.data.batch_size, skips=skips)
+    except (ValueError, RuntimeError) as err:  # an empty dataset, nothing usable in it
+        print(f"error: {args.data}: {err}", file=sys.stderr)
+        return 2
     rows = [(cat, f"{acc:.3f}", str(n)) for cat, (acc, n) in r["per_category"].items()]
     rows.append(("all", f"{r['pass@1']:.3f}", str(r["n"])))
     print(f"pass@1 (mean over k={e.k} samples, temperature {e.temperature}) on {args.data}")
     print("\n".join(f"{a:<16} | {b:>7} | {c:>5}" for a, b, c in [("category", "pass@1", "n")] + rows))
-    if skips.total:
-        print(f"skipped records: {skips.as_dict()}")
+    n_skipped = sum(r["skipped"].values())
+    print(f"skipped items: {n_skipped}" + (f" {r['skipped']}" if n_skipped else ""))
     return 0
 
 

@@ -320,3 +320,130 @@ def test_image_settings_from_a_released_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(c))
     with pytest.raises(ValueError, match="min_dynamic_patch <= max_dynamic_patch"):
         image_settings(str(tmp_path))
+
+
+# --- one bad record never stops training ---------------------------------------------------------
+
+def _png_header_only(width, height):
+    """A PNG that claims width x height pixels in a few dozen bytes (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_every_kind_of_bad_record_is_a_counted_skip(tmp_path):
+    recs = _write_dataset(tmp_path, 4)
+    (tmp_path / "img" / "bomb.png").write_bytes(_png_header_only(50_000, 50_000))  # 2.5 GP: PIL's own limit
+    (tmp_path / "img" / "big.png").write_bytes(_png_header_only(8_000, 8_000))  # 64 MP: over our 40 MP budget
+    q = recs[0]
+    bad = [dict(q, images=[123]), dict(q, images=[{"foo": 1}]), dict(q, images=[None]),
+           dict(q, images=["img/bomb.png"]), dict(q, images=["img/big.png"]),
+           dict(q, question="<image>\nfirst <image> second"),  # two placeholders, one image
+           dict(q, question="what is <IMG_CONTEXT> here?"), dict(q, question="hi<|im_end|>\n<|im_start|>system"),
+           dict(q, question="<img>x</img>")]
+    lines = [json.dumps(r).encode() for r in recs[:2] + bad + recs[2:]]
+    lines.insert(3, b'{"question": "caf\xe9", "answer": "1"}')  # latin-1, not UTF-8: line 4
+    (tmp_path / "rl.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    skips = SkipCounter()
+    records = load_records(str(tmp_path / "rl.jsonl"), "rl", skips)
+    assert skips.as_dict() == {"bad_utf8": 1, "bad_image_entry": 3}
+    b = PromptBuilder(tiny_tokenizer(255), tokens_per_tile=4, max_prompt_len=200)
+    cfg = PipelineConfig(batch_size=2, num_epochs=1, length_buckets=(64, 256), process_index=0, process_count=1)
+    answers = sorted(a for bt in rl_prompt_iterator(records, b, cfg, tile_size=28, skips=skips) for a in bt["answer"])
+    assert answers == ["0", "1", "2", "3"]  # every good sample, the run went on
+    assert skips.as_dict() == {"bad_utf8": 1, "bad_image_entry": 3, "image_too_large": 2, "image_count_mismatch": 1,
+                               "special_token_in_text": 3}
+
+
+def test_bad_lines_are_named_by_file_and_line(tmp_path, caplog):
+    (tmp_path / "rl.jsonl").write_bytes(b'{"question": "a", "answer": "1"}\n{"question": "\xff", "answer": "2"}\n')
+    with caplog.at_level("WARNING", logger="r1v2_jax.data"):
+        got = load_records(str(tmp_path / "rl.jsonl"), "rl")
+    assert [r["answer"] for r in got] == ["1"]
+    assert f"{tmp_path / 'rl.jsonl'}:2: not UTF-8" in caplog.text
+
+
+def test_pixel_budget_is_a_setting(tmp_path):
+    recs = _write_dataset(tmp_path, 2)  # 30x40 and 31x40 pixels
+    b = PromptBuilder(tiny_tokenizer(255), tokens_per_tile=4)
+    for mp, want_kept in ((0.0012, 1), (1.0, 2)):
+        records = [dict(r, _root=str(tmp_path), _where=f"r{i}", images=list(r["images"])) for i, r in enumerate(recs)]
+        skips = SkipCounter()
+        cfg = PipelineConfig(batch_size=1, num_epochs=1, length_buckets=(64,), process_index=0, process_count=1,
+                             max_image_megapixels=mp)
+        kept = sum(len(bt["answer"]) for bt in rl_prompt_iterator(records, b, cfg, tile_size=28, skips=skips))
+        assert kept == want_kept and skips.counts["image_too_large"] == 2 - want_kept
+    with pytest.raises(ValueError, match="max_image_megapixels"):
+        PipelineConfig(batch_size=1, max_image_megapixels=0)
+    from r1v2_jax.data.image import load_image
+
+    (tmp_path / "big.png").write_bytes(_png_header_only(8_000, 8_000))
+    with pytest.raises(ValueError, match="big.png.*over the pixel budget of 40 MP"):
+        load_image(str(tmp_path / "big.png"))
+
+
+def test_empty_dataset_is_a_clear_error(tmp_path):
+    from r1v2_jax.data.formats import EmptyDataset
+
+    (tmp_path / "rl.jsonl").write_text("\n")
+    b = PromptBuilder(tiny_tokenizer(255), tokens_per_tile=4)
+    cfg = PipelineConfig(batch_size=2, length_buckets=(64,), process_index=0, process_count=1)
+    with pytest.raises(EmptyDataset, match="no usable records"):
+        rl_prompt_iterator(load_records(str(tmp_path / "rl.jsonl"), "rl"), b, cfg, tile_size=28)
+    with pytest.raises(EmptyDataset, match="no usable records"):
+        sequence_iterator([], b, cfg, kind="sft", tile_size=28)
+
+
+def test_a_dataset_with_nothing_usable_stops_with_the_counts(tmp_path):
+    """Repeating forever over records that are all unusable must stop, not spin."""
+    import threading
+
+    from r1v2_jax.data.formats import TooManySkips
+
+    recs = _write_dataset(tmp_path, 3)
+    records = [dict(r, _root=str(tmp_path), _where=f"r{i}", images=["img/gone.png"]) for i, r in enumerate(recs)]
+    records[0].update(question="<|im_end|>", images=[])
+    b = PromptBuilder(tiny_tokenizer(255), tokens_per_tile=4)
+    cfg = PipelineConfig(batch_size=2, length_buckets=(64,), process_index=0, process_count=1,
+                         max_consecutive_skips=30)
+    it = rl_prompt_iterator(records, b, cfg, tile_size=28)
+    result = {}
+
+    def pull():
+        try:
+            next(it)
+        except Exception as e:  # noqa: BLE001 - what it raises is the point
+            result["error"] = e
+
+    t = threading.Thread(target=pull, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "the iterator spun on a dataset with nothing usable"
+    err = result["error"]
+    assert isinstance(err, TooManySkips) and "30 samples in a row" in str(err)
+    assert "'missing_image': 20" in str(err) and "'special_token_in_text': 10" in str(err)
+
+
+def test_special_tokens_in_text_never_become_tokens():
+    from r1v2_jax.data.prompt import SpecialTokenInText
+
+    tok = tiny_tokenizer(255)
+    b = PromptBuilder(tok, tokens_per_tile=4)
+    for text in ("<IMG_CONTEXT>", "a <img> b", "x<|im_end|>y", "<|endoftext|>", "<|im_start|>system", "</img>",
+                 "<think>"):
+        with pytest.raises(SpecialTokenInText, match="special token"):
+            b.encode_prompt(f"question {text}?", [])
+    for text in ("a<|im_end|>b", "<IMG_CONTEXT>x", "<|im_start|>user"):
+        with pytest.raises(SpecialTokenInText):
+            b.encode_completion(text)
+    # a completion's own reasoning tags and its trailing eos are fine: the eos is the closing token, once
+    ids, _ = b.encode_completion("r</think>\\boxed{2}<|im_end|>")
+    assert ids == tok.encode("r</think>\\boxed{2}<|im_end|>", add_special_tokens=False).ids
+    assert ids.count(tok.token_to_id("<|im_end|>")) == 1
+    ok = b.encode_prompt("<image>\nHow many?", [1])
+    assert ok.count(255) == 4  # the image's own context tokens only

@@ -96,3 +96,22 @@ def test_eval_command_prints_pass_at_1_per_category(tiny_dir, tmp_path, capsys):
     assert lines[0].split("|")[0].strip() == "category" and lines[-1].split("|")[0].strip() == "all"
     assert float(lines[-1].split("|")[1]) == 0.0  # an untrained model answers nothing right
     assert int(lines[-1].split("|")[2]) == 3
+
+
+def test_eval_command_reports_skipped_items(tiny_dir, tmp_path, capsys):
+    """Items left out while preparing prompts are in the printed results, not only in the log."""
+    from r1v2_jax.data.synthetic import make_synthetic
+
+    d, _ = tiny_dir
+    make_synthetic(str(tmp_path / "data"), 6, seed=0, image_size=56, test_fraction=0.5)
+    path = tmp_path / "data" / "test.jsonl"
+    good = path.read_text().splitlines()
+    first = __import__("json").loads(good[0])
+    extra = [dict(first, images=["gone.png"]), dict(first, question="<IMG_CONTEXT> tell me")]
+    path.write_text("\n".join(good + [__import__("json").dumps(r) for r in extra]) + "\n")
+    rc = main(["eval", "--model", str(d / "model"), "--data", str(path), "--k", "1", "--temperature", "0",
+               "--max-new-tokens", "4", "--max-tiles", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert int(next(ln for ln in out.splitlines() if ln.startswith("all")).split("|")[2]) == 3
+    assert "skipped items: 2 {'missing_image': 1, 'special_token_in_text': 1}" in out

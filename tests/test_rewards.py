@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pool_workers
 import pytest
 from verifier_cases import CASES, CHOICES
 
@@ -47,10 +48,6 @@ def test_extraction_details():
     assert extract_answer("<think>x</think>The answer is 3/4.") == "3/4"
 
 
-def hang_forever(args):  # a worker function that never returns (module level: picklable)
-    time.sleep(3600)
-
-
 def test_pool_scores_and_bounds_pathological_answers():
     with VerifierPool(num_workers=2, timeout=3.0) as pool:
         items = [(c, g, _choices(g)) for c, g, _ in CASES[:12]]
@@ -60,12 +57,74 @@ def test_pool_scores_and_bounds_pathological_answers():
         evil = [("\\boxed{9^{9^{9^{9^{9^{9}}}}}}", "1", []), ("\\boxed{(10^{10^{10}})!}", "2", [])]
         scores = pool.score(evil)
         assert scores == [0.0, 0.0]
-        assert time.monotonic() - t < 2 * 3.0 + 2.0  # bounded: at most one timeout per answer
-    with VerifierPool(num_workers=1, timeout=1.0, fn=hang_forever) as hung:
+        assert time.monotonic() - t < 3.0 + 2.0  # bounded: the two run side by side, one bound each
+    with VerifierPool(num_workers=1, timeout=1.0, fn=pool_workers.hang_forever, warm_up=None) as hung:
+        hung.score([])  # nothing to score
         t = time.monotonic()
         assert hung.score([("x", "1", [])]) == [0.0]
         assert time.monotonic() - t < 1.0 + 5.0 and hung.errors["timeout"] == 1
-        assert hung._pool is None  # the stuck pool was replaced
+        assert len(hung._workers) == 1 and not hung._workers[0].ready  # the stuck worker was replaced
+
+
+def test_cold_pool_scores_correct_answers():
+    """A pool's first answers wait (uncharged) for warm workers instead of timing out to 0."""
+    with VerifierPool(num_workers=2, timeout=0.5) as pool:
+        items = [("\\boxed{\\frac{1}{2}}", "0.5", []), ("so</think>the answer is 0.25", "1/4", [])] * 3
+        assert pool.score(items) == [1.0] * 6 and not pool.errors
+
+
+def test_a_batch_after_a_bad_answer_does_not_pay_a_timeout_per_answer():
+    with VerifierPool(num_workers=2, timeout=1.0, fn=pool_workers.hang_on_marker, warm_up=None) as pool:
+        t = time.monotonic()
+        assert pool.score([("hang", "1", [])] + [("ok", "1", [])] * 6) == [0.0] + [1.0] * 6
+        assert time.monotonic() - t < 1.0 + 10.0 and pool.errors["timeout"] == 1
+        t = time.monotonic()
+        assert pool.score([("ok", "1", [])] * 8) == [1.0] * 8  # no timeouts while the worker is replaced
+        assert pool.errors["timeout"] == 1 and time.monotonic() - t < 10.0
+        assert pool.score([("hang", "1", [])] * 2 + [("ok", "1", [])] * 3) == [0.0, 0.0, 1.0, 1.0, 1.0]
+        assert pool.errors["timeout"] == 3
+
+
+def test_boxed_scan_is_linear():
+    t = time.monotonic()
+    assert last_boxed("\\boxed{" * 20_000) is None  # was one scan to the end per opening
+    assert last_boxed("\\boxed{" * 20_000 + "\\boxed{7}") == "7"
+    assert time.monotonic() - t < 2.0
+    assert last_boxed("\\boxed{a} \\boxed{b") == "a" and last_boxed("} \\boxed {x{y}} }") == "x{y}"
+    assert last_boxed("\\boxed{ \\fbox{x} ") == "x"
+
+
+def test_training_scores_through_the_bounded_pool(tmp_path):
+    """GRPO / MPO / evaluation rewards (score_completions): a pathological completion costs at
+    most the configured bound and scores 0; the others are scored as usual."""
+    from types import SimpleNamespace
+
+    from r1v2_jax.data.tokenizer import tiny_tokenizer
+    from r1v2_jax.rewards.verifier import VerifierConfig
+    from r1v2_jax.train.rollout import score_completions
+    from r1v2_jax.train.run import Run
+
+    tok = tiny_tokenizer(255)
+    texts = ["ok</think>\\boxed{\\frac{1}{2}}<|im_end|>", "ok</think>\\boxed{9^{9^{9^{9^{9^{9}}}}}}<|im_end|>",
+             "ok</think>\\boxed{1.0}<|im_end|>", "ok</think>\\boxed{2}<|im_end|>"]
+    ids = [tok.encode(t, add_special_tokens=False).ids for t in texts]
+    m = max(map(len, ids))
+    tokens = np.zeros((4, 3 + m), np.int32)
+    for i, x in enumerate(ids):
+        tokens[i, 3:3 + len(x)] = x
+    out = SimpleNamespace(tokens=tokens, lengths=np.asarray([len(x) for x in ids]), logprobs=np.zeros((4, m)))
+    run = Run(None, tok, None, str(tmp_path), None, verifier=VerifierConfig(timeout=1.5, num_workers=2))
+    run.verifier_pool().score([("\\boxed{1}", "1", [])])  # warm (a cold pool is tested above)
+    t = time.monotonic()
+    total, rule, got, metrics, _ = score_completions(run, out, ["0.5", "1"], [[], []], 2, HybridConfig(),
+                                                     FormatConfig())
+    assert time.monotonic() - t < 1.5 + 3.0
+    assert got == texts and rule.tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert metrics["verifier_failures"] == 1.0  # this batch's
+    _, rule, *_ = score_completions(run, out, ["0.5", "1"], [[], []], 2, HybridConfig(), FormatConfig())
+    assert rule.tolist() == [1.0, 0.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="verifier.timeout"):
+        VerifierConfig(timeout=float("inf"))
 
 
 @pytest.mark.parametrize("text,prefilled,want", [
@@ -147,6 +206,7 @@ def test_reward_model_bradley_terry_training():
 class _Handler(http.server.BaseHTTPRequestHandler):
     mode = "ok"
     calls = 0
+    raw_scores = ""
 
     def do_POST(self):  # noqa: N802
         type(self).calls += 1
@@ -159,6 +219,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         scores = [float(len(x["response"])) for x in body["inputs"]]
         out = json.dumps({"scores": scores}).encode()
+        if self.mode == "raw":  # a body with one score spelled as given (NaN, Infinity, true...)
+            out = ("{\"scores\": [" + ", ".join([self.raw_scores] + ["1.0"] * (len(scores) - 1)) + "]}").encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(out)))
@@ -217,6 +279,100 @@ def test_remote_server_down():
     t = time.monotonic()
     assert sc.score_groups(_groups()) == [None, None]
     assert time.monotonic() - t < 5 and sc.stats["connection_errors"] == 3 and sc.stats["skipped_groups"] == 2
+
+
+class _RawServer:
+    """A one-behaviour TCP server on 127.0.0.1 for transport faults http.server cannot make:
+    ``trickle`` sends a valid response one byte every ``interval`` seconds, ``short`` promises
+    a longer body than it sends and closes. Started and stopped by the test."""
+
+    def __init__(self, mode: str, interval: float = 0.25):
+        self.mode, self.interval = mode, interval
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/score"
+
+    def _serve(self):
+        self.sock.settimeout(0.1)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn):
+        with conn:
+            conn.settimeout(5)
+            try:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                body = json.dumps({"scores": [1.0] * 5}).encode()
+                head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                if self.mode == "short":
+                    conn.sendall((head + f"{len(body) + 100}\r\n\r\n").encode() + body)
+                    return
+                for b in (head + f"{len(body)}\r\n\r\n").encode() + body:
+                    if self.stop.wait(self.interval):
+                        return
+                    conn.sendall(bytes([b]))
+            except OSError:
+                return
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+def test_remote_total_deadline_against_a_trickling_server():
+    srv = _RawServer("trickle", interval=0.25)  # ~100 bytes at 4 bytes/s: 25 s to answer, each byte in time
+    try:
+        sc = RemoteScorer(srv.url, batch_size=8, timeout=1.0, deadline=1.5, retries=1, backoff=0.01)
+        t = time.monotonic()
+        assert sc.score_groups(_groups()) == [None, None]
+        assert time.monotonic() - t < 2 * 1.5 + 2.0  # two attempts, each cut at its deadline
+        assert sc.stats["deadline_exceeded"] == 2 and sc.stats["timeouts"] == 2 and sc.stats["failed_batches"] == 1
+    finally:
+        srv.close()
+
+
+def test_remote_incomplete_read_is_a_retried_failure():
+    srv = _RawServer("short")
+    try:
+        sc = RemoteScorer(srv.url, batch_size=8, timeout=2.0, retries=2, backoff=0.01)
+        assert sc.score_groups(_groups()) == [None, None]  # nothing raised
+        assert sc.stats["connection_errors"] == 3 and sc.stats["retries"] == 2 and sc.stats["skipped_groups"] == 2
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("bad", ["NaN", "Infinity", "-Infinity", "true", '"1.0"'])
+def test_remote_non_finite_or_non_numeric_scores_are_refused(server, bad):
+    _Handler.mode, _Handler.raw_scores = "raw", bad
+    sc = RemoteScorer(server, batch_size=8, timeout=2.0, retries=2, backoff=0.01)
+    assert sc.score_groups(_groups()) == [None, None]
+    assert _Handler.calls == 1  # a bad body is not retried
+    assert sc.stats["non_finite" if bad in ("NaN", "Infinity", "-Infinity") else "malformed"] == 1
+
+
+def test_remote_circuit_breaker(server):
+    _Handler.mode = "error"
+    sc = RemoteScorer(server, batch_size=1, timeout=2.0, retries=1, backoff=0.01, breaker_after=2,
+                      breaker_cooldown=0.5)
+    assert sc.score([{"prompt": "p", "response": "r", "images": []}] * 5) == [None] * 5
+    # two batches of one item failed (2 attempts each), then the breaker opened: no more calls
+    assert _Handler.calls == 4 and sc.stats["short_circuited"] == 3 and sc.breaker_open
+    _Handler.mode = "ok"
+    assert sc.score([{"prompt": "p", "response": "rr", "images": []}]) == [None]  # still open
+    time.sleep(0.6)
+    assert sc.score([{"prompt": "p", "response": "rr", "images": []}]) == [2.0]  # a trial batch, then closed
+    assert not sc.breaker_open and sc.score([{"prompt": "p", "response": "r", "images": []}] * 2) == [1.0, 1.0]
 
 
 # --- calibration ----------------------------------------------------------------------------

@@ -11,6 +11,17 @@ import numpy as np
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Images above this many million pixels are refused before decoding (decompression bombs);
+# 40 MP is an 8K photo with room to spare, half of PIL's own warning level.
+DEFAULT_MAX_MEGAPIXELS = 40.0
+
+
+def pixel_budget_problem(size: tuple[int, int], max_megapixels: float) -> str | None:
+    """Why an image of ``size`` (width, height) is over the budget, or None when it fits."""
+    w, h = size
+    if w * h > max_megapixels * 1e6:
+        return f"has {w}x{h} = {w * h / 1e6:.1f} MP, over the pixel budget of {max_megapixels:g} MP"
+    return None
 
 
 def target_ratios(min_num: int, max_num: int) -> list[tuple[int, int]]:
@@ -80,14 +91,19 @@ def preprocess(image, tile_size: int = 448, max_num: int = 12, use_thumbnail: bo
     return np.stack([normalize(t, tile_size) for t in tiles])
 
 
-def load_image(path: str, **kw) -> np.ndarray:
+def load_image(path: str, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS, **kw) -> np.ndarray:
+    """An image file -> pixel_values; an unreadable image or one over the pixel budget is a
+    ValueError naming the file."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
+            too_big = pixel_budget_problem(im.size, max_megapixels)
+            if too_big:
+                raise ValueError(too_big)
             im.load()
             return preprocess(im, **kw)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"{path}: cannot read the image ({e})") from None
 
 

@@ -11,7 +11,11 @@ host's share of every global batch (``batch_size`` is the global batch; host ``p
 takes its ``batch_size / P`` consecutive items of each, so the global batches are the same
 whatever the number of hosts, and each host only loads its own) -> per-example
 preprocessing (images tiled, prompt tokenised; in ``worker_count`` processes) -> drop and
-count bad samples (in the main process, so counts survive) -> batch. Batches have static
+count bad samples (in the main process, so counts survive) -> batch. No record stops the
+iteration: any failure to prepare one (a bad image, a prompt error, or an unexpected
+exception, counted as ``preprocess_error``) is a counted skip; an empty record list is
+:class:`EmptyDataset`, and ``max_consecutive_skips`` unusable samples in a row stop with
+:class:`TooManySkips` and the counts by reason. Batches have static
 shapes: prompts are left-padded to the smallest length bucket that fits the longest
 prompt of the batch, and tiles are padded to a multiple of ``tiles_bucket`` (the extra
 tiles are zeros that no ``<IMG_CONTEXT>`` token refers to).
@@ -25,9 +29,9 @@ from typing import Any
 import grain
 import numpy as np
 
-from r1v2_jax.data.formats import BadSample, SkipCounter, open_image
-from r1v2_jax.data.image import preprocess
-from r1v2_jax.data.prompt import PromptBuilder, PromptTooLong
+from r1v2_jax.data.formats import BadSample, EmptyDataset, SkipCounter, open_image
+from r1v2_jax.data.image import DEFAULT_MAX_MEGAPIXELS, preprocess
+from r1v2_jax.data.prompt import PromptBuilder, PromptError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +49,14 @@ class PipelineConfig:
     process_index: int | None = None  # None: jax.process_index()
     process_count: int | None = None  # None: jax.process_count()
     drop_remainder: bool = True
+    max_image_megapixels: float = DEFAULT_MAX_MEGAPIXELS  # larger images are a counted skip (image_too_large)
+    max_consecutive_skips: int = 1000  # this many unusable samples in a row stop with TooManySkips (0: never)
+
+    def __post_init__(self):
+        if not self.max_image_megapixels > 0:
+            raise ValueError(f"data.max_image_megapixels: must be > 0, got {self.max_image_megapixels!r}")
+        if self.max_consecutive_skips < 0:
+            raise ValueError(f"data.max_consecutive_skips: must be >= 0, got {self.max_consecutive_skips!r}")
 
 
 def host_shard(cfg: PipelineConfig) -> tuple[int, int]:
@@ -92,8 +104,16 @@ class HostSlice(grain.MapDataset):
 
 def load_tiles(record: dict, tile_size: int, cfg: PipelineConfig) -> list[np.ndarray]:
     """Each image of a record as f32[n_tiles, 3, S, S] (raises BadSample for unusable images)."""
-    return [preprocess(open_image(record, im), tile_size=tile_size, max_num=cfg.max_tiles,
+    return [preprocess(open_image(record, im, cfg.max_image_megapixels), tile_size=tile_size, max_num=cfg.max_tiles,
                        use_thumbnail=cfg.use_thumbnail, dynamic=cfg.dynamic_tiling) for im in record["images"]]
+
+
+def _skip(record: dict, e: Exception) -> dict:
+    """The skip marker for a record that could not be prepared (BadSample details name the record)."""
+    if isinstance(e, BadSample):
+        return {"_skip": e.reason, "_detail": str(e)}
+    reason = e.reason if isinstance(e, PromptError) else "preprocess_error"
+    return {"_skip": reason, "_detail": f"{record.get('_where', '?')}: {type(e).__name__}: {e}"}
 
 
 class PreparePrompt(grain.transforms.Map):
@@ -106,10 +126,8 @@ class PreparePrompt(grain.transforms.Map):
         try:
             tiles = load_tiles(record, self.tile_size, self.cfg)
             ids = self.builder.encode_prompt(record["question"], [len(t) for t in tiles])
-        except BadSample as e:
-            return {"_skip": e.reason, "_detail": str(e)}
-        except PromptTooLong as e:
-            return {"_skip": "prompt_too_long", "_detail": f"{record.get('_where')}: {e}"}
+        except Exception as e:  # noqa: BLE001 - one bad record never stops training
+            return _skip(record, e)
         pix = np.concatenate(tiles) if tiles else np.zeros((0, 3, self.tile_size, self.tile_size), np.float32)
         return {"input_ids": np.asarray(ids, np.int32), "pixel_values": pix.astype(np.float32),
                 "answer": record["answer"], "choices": list(record.get("choices") or []),
@@ -129,10 +147,8 @@ class PrepareSequences(grain.transforms.Map):
             n_tiles = [len(t) for t in tiles]
             names = ("response",) if self.kind == "sft" else ("chosen", "rejected")
             seqs = {n: self.builder.encode_pair(record["prompt"], record[n], n_tiles) for n in names}
-        except BadSample as e:
-            return {"_skip": e.reason, "_detail": str(e)}
-        except PromptTooLong as e:
-            return {"_skip": "prompt_too_long", "_detail": f"{record.get('_where')}: {e}"}
+        except Exception as e:  # noqa: BLE001 - one bad record never stops training
+            return _skip(record, e)
         pix = np.concatenate(tiles) if tiles else np.zeros((0, 3, self.tile_size, self.tile_size), np.float32)
         out = {"pixel_values": pix.astype(np.float32), "where": record["_where"], "pad": bool(record.get("_pad", False))}
         for n, (ids, mask, truncated) in seqs.items():
@@ -218,10 +234,15 @@ class DataIterator:
         self._it.set_state(state["grain"])
         self.skips.counts.clear()
         self.skips.counts.update(state.get("skips", {}))
+        self.skips.consecutive = 0
 
 
 def _iterator(records, prepare, collate, cfg: PipelineConfig, skips: SkipCounter | None) -> DataIterator:
     skips = skips if skips is not None else SkipCounter()
+    skips.max_consecutive, skips.consecutive = cfg.max_consecutive_skips, 0
+    if not records:
+        raise EmptyDataset(f"data: no usable records to iterate (the dataset is empty or every record was "
+                           f"skipped when reading it; skipped by reason: {skips.as_dict()})")
     index, count = host_shard(cfg)
     ds = grain.MapDataset.source(records).shuffle(seed=cfg.seed).repeat(cfg.num_epochs)
     if count > 1:
@@ -237,8 +258,9 @@ def _iterator(records, prepare, collate, cfg: PipelineConfig, skips: SkipCounter
 
     def keep(e):
         if "_skip" in e:
-            skips.skip(e["_skip"], e["_detail"])
+            skips.skip(e["_skip"], e["_detail"])  # raises TooManySkips past the bound
             return False
+        skips.kept()
         return True
 
     it = it.filter(keep).batch(cfg.batch_size // count, drop_remainder=cfg.drop_remainder,

@@ -7,6 +7,18 @@ assistant turn. The checkpoint tokenizer's chat template is used when there is o
 is pre-filled with ``<think>\\n`` (added after the template's output unless it already ends
 so). Truncation never cuts an image's tokens: a prompt longer than ``max_prompt_len`` is an
 error for that sample (:class:`PromptTooLong`), while a completion is cut on the right.
+
+Text from a dataset is never turned into special tokens. The tokenizer matches its added
+tokens (``<|im_end|>``, ``<img>``, ``<IMG_CONTEXT>``, ...) anywhere in a string, so a question
+that contains ``<IMG_CONTEXT>`` would make an image slot with no image, and one containing
+``<|im_end|>`` would end the user turn early. Such text is refused for that sample
+(:class:`SpecialTokenInText`, counted as ``special_token_in_text`` by the pipelines): we skip
+rather than escape, because any escape changes the text the answer checker and reward model
+compare against, and such records are rare. Completions may hold ``<think>``/``</think>``
+(the format asks for them) and may end with one end-of-turn token (a sampled completion's
+eos), which stands for the closing ``<|im_end|>``; any other special token in them is refused.
+A question whose ``<image>`` placeholders do not match its images is
+:class:`ImageCountMismatch`. All three are :class:`PromptError` with a ``reason`` for counting.
 """
 
 from __future__ import annotations
@@ -15,14 +27,42 @@ import dataclasses
 
 import numpy as np
 
-from r1v2_jax.data.tokenizer import IM_END, IMG_CONTEXT, IMG_END, IMG_START
+from r1v2_jax.data.tokenizer import END_THINK, ENDOFTEXT, IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START, THINK
 
 IMAGE_PLACEHOLDER = "<image>"
 THINK_PREFILL = "<think>\n"
 
 
-class PromptTooLong(ValueError):
+class PromptError(ValueError):
+    """A sample whose text cannot become a prompt; ``reason`` is its skip-count category."""
+
+    reason = "bad_prompt"
+
+
+class PromptTooLong(PromptError):
     """The prompt (with its image tokens) does not fit in max_prompt_len."""
+
+    reason = "prompt_too_long"
+
+
+class ImageCountMismatch(PromptError):
+    """The text's ``<image>`` placeholders do not match the record's images."""
+
+    reason = "image_count_mismatch"
+
+
+class SpecialTokenInText(PromptError):
+    """Dataset text contains a special token's string (see the module docstring)."""
+
+    reason = "special_token_in_text"
+
+
+def find_special(text: str, reserved) -> str | None:
+    """The first reserved token string found in ``text``, or None."""
+    for t in reserved:
+        if t in text:
+            return t
+    return None
 
 
 def expand_images(text: str, tiles_per_image: list[int], tokens_per_tile: int) -> str:
@@ -30,7 +70,8 @@ def expand_images(text: str, tiles_per_image: list[int], tokens_per_tile: int) -
     + ``</img>``. The number of placeholders must equal the number of images."""
     n = text.count(IMAGE_PLACEHOLDER)
     if n != len(tiles_per_image):
-        raise ValueError(f"prompt has {n} {IMAGE_PLACEHOLDER} placeholder(s) for {len(tiles_per_image)} image(s)")
+        raise ImageCountMismatch(f"prompt has {n} {IMAGE_PLACEHOLDER} placeholder(s) for {len(tiles_per_image)} "
+                                 "image(s)")
     for tiles in tiles_per_image:
         text = text.replace(IMAGE_PLACEHOLDER, IMG_START + IMG_CONTEXT * (tokens_per_tile * tiles) + IMG_END, 1)
     return text
@@ -68,8 +109,20 @@ class PromptBuilder:
     think: bool = True
     max_prompt_len: int = 4096
     max_completion_len: int = 2048
+    _reserved: tuple[str, ...] | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+    def reserved(self) -> tuple[str, ...]:
+        """Every added token's string of this tokenizer (and the chat and image tokens)."""
+        if self._reserved is None:
+            found = {t.content for t in self.tokenizer.get_added_tokens_decoder().values()}
+            found |= {ENDOFTEXT, IM_START, IM_END, THINK, END_THINK, IMG_START, IMG_END, IMG_CONTEXT}
+            self._reserved = tuple(sorted(found, key=lambda t: (-len(t), t)))
+        return self._reserved
 
     def prompt_text(self, question: str, tiles_per_image: list[int]) -> str:
+        token = find_special(question, self.reserved())
+        if token is not None:
+            raise SpecialTokenInText(f"the prompt text contains the special token {token!r}")
         if tiles_per_image and IMAGE_PLACEHOLDER not in question:
             question = IMAGE_PLACEHOLDER * len(tiles_per_image) + "\n" + question
         user = expand_images(question, tiles_per_image, self.tokens_per_tile)
@@ -96,9 +149,17 @@ class PromptBuilder:
         """Completion ids (with ``<|im_end|>`` when ``close``) and whether they were truncated.
 
         A completion that repeats the pre-filled ``<think>\\n`` has it removed (the prompt
-        already holds it)."""
+        already holds it); one trailing ``<|im_end|>`` / ``<|endoftext|>`` (a sampled
+        completion's eos) is the closing token itself. Other special tokens are refused."""
         if self.think and completion.startswith(THINK_PREFILL):
             completion = completion[len(THINK_PREFILL):]
+        for end in (IM_END, ENDOFTEXT):
+            if completion.endswith(end):
+                completion = completion[: -len(end)]
+                break
+        token = find_special(completion, [t for t in self.reserved() if t not in (THINK, END_THINK)])
+        if token is not None:
+            raise SpecialTokenInText(f"the completion text contains the special token {token!r}")
         ids = self.tokenizer.encode(completion + (IM_END if close else ""), add_special_tokens=False).ids
         if len(ids) > self.max_completion_len:
             return ids[: self.max_completion_len], True

@@ -5,17 +5,23 @@ last ``\\boxed{...}`` (nested braces), else "the answer is ...", else the last l
 multiple choice (gold is a letter and choices are given) :func:`extract_choice` finds the
 letter (``\\boxed{B}``, "(B)", "B.", "Answer: B", or the text of a choice) and compares
 exactly. Everything else goes through math-verify (numbers, fractions, LaTeX, units,
-intervals, sets). :class:`VerifierPool` runs checks in worker processes with a per-answer
-time bound: an answer that hangs the parser costs at most ``timeout`` seconds, scores 0,
-and is counted; the stuck worker is replaced.
+intervals, sets). :class:`VerifierPool` runs checks in warm worker processes with a
+per-answer time bound (:class:`VerifierConfig`): an answer that hangs the parser costs at
+most ``timeout`` seconds, scores 0, and is counted; the stuck worker is replaced while the
+others go on. Training, MPO pair mining and evaluation all score through it.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import math
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import re
-from typing import Callable, Sequence
+import time
+import weakref
+from typing import Any, Callable, Sequence
 
 _ANSWER_IS = re.compile(r"(?:final answer|the answer|answer)\s*(?:is|:)\s*[:\s]*(.+?)(?:\.\s*$|\n|$)",
                         re.IGNORECASE | re.MULTILINE)
@@ -39,17 +45,29 @@ def after_thinking(text: str) -> str:
     return text.strip()
 
 
+_BOXED_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_BRACE = re.compile(r"[{}]")
+
+
 def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), braces balanced."""
-    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
-    for start in reversed(starts):
-        depth, i = 1, start
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            return text[start:i - 1].strip()
-    return None
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) whose braces close.
+
+    One pass over the text with a stack of open braces (linear: a completion of thousands of
+    unclosed ``\\boxed{`` used to cost one scan to the end per opening)."""
+    opens = {m.end() - 1 for m in _BOXED_OPEN.finditer(text)}
+    if not opens:
+        return None
+    stack: list[int] = []
+    best: tuple[int, int] | None = None  # (start, end) of the closed box that opens last
+    for m in _BRACE.finditer(text):
+        i = m.start()
+        if m.group() == "{":
+            stack.append(i)
+        elif stack:
+            start = stack.pop()
+            if start in opens and (best is None or start > best[0]):
+                best = (start, i)
+    return None if best is None else text[best[0] + 1:best[1]].strip()
 
 
 def extract_answer(completion: str) -> str:
@@ -113,52 +131,188 @@ def _worker_check(args):
     return check(completion, gold, choices, timeout)
 
 
+def _warm_up():
+    """What a worker does before it takes answers: import math-verify (and sympy) and run it once."""
+    check("\\boxed{\\frac{1}{2}}", "0.5")
+
+
+def _worker_loop(conn, fn: Callable, warm_up: Callable | None) -> None:
+    """A verifier worker: warm up, say so, then answer ``(index, args)`` requests until ``None``."""
+    try:
+        if warm_up is not None:
+            warm_up()
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("failed", None, f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", None, None))
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        if msg is None:
+            return
+        i, args = msg
+        try:
+            conn.send(("done", i, float(fn(args))))
+        except Exception as e:  # noqa: BLE001 - one answer's failure scores 0 in the parent
+            conn.send(("error", i, f"{type(e).__name__}: {e}"))
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifierConfig:
+    """How rule rewards are checked in training and evaluation (:class:`VerifierPool`)."""
+
+    timeout: float = 5.0  # seconds one answer may take, counted from when a warm worker starts on it
+    num_workers: int = 2  # worker processes (each holds math-verify and sympy)
+    startup_timeout: float = 300.0  # seconds to wait for a worker to start; never charged to an answer
+
+    def __post_init__(self):
+        if not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise ValueError(f"verifier.timeout: must be a finite number of seconds > 0, got {self.timeout!r}")
+        if int(self.num_workers) != self.num_workers or self.num_workers < 1:
+            raise ValueError(f"verifier.num_workers: must be an integer >= 1, got {self.num_workers!r}")
+        if not (math.isfinite(self.startup_timeout) and self.startup_timeout > 0):
+            raise ValueError(f"verifier.startup_timeout: must be a finite number of seconds > 0, "
+                             f"got {self.startup_timeout!r}")
+
+
+@dataclasses.dataclass
+class _Worker:
+    process: Any
+    conn: Any
+    started: float
+    ready: bool = False
+    item: int | None = None  # the answer it is checking
+    deadline: float = 0.0
+
+
+def _kill_all(workers: list[_Worker]) -> None:
+    for w in workers:
+        w.process.kill()
+        w.process.join(5)
+        w.conn.close()
+    workers.clear()
+
+
 class VerifierPool:
-    """Checks answers in worker processes with a hard per-answer time bound.
+    """Checks answers in worker processes; no answer costs more than ``timeout`` seconds.
 
     ``score(items)`` takes ``(completion, gold, choices)`` triples and returns rewards (1/0)
-    in order; ``errors`` counts ``timeout`` and ``error`` outcomes (each scored 0). A worker
-    stuck past the bound is killed with its pool and a fresh pool is started.
+    in order. The bound is enforced from outside: an answer is handed to a worker that is
+    already warm (math-verify imported and run once) and idle, its clock starts then, and a
+    worker past its deadline is killed; that answer scores 0 and ``errors["timeout"]`` counts
+    it, an exception inside the checker counts as ``error`` and a worker that dies as
+    ``crashed``. A killed worker is replaced at once and the other workers go on with the
+    batch; answers wait (uncharged) for a warm worker, so a cold pool or one replacing a
+    worker does not score correct answers 0. Workers start when the pool is made (they warm
+    while the model compiles) and are spawned, never forked from a process holding JAX.
+    No worker becoming ready within ``startup_timeout`` (or one failing to warm up, e.g.
+    math-verify missing) is a RuntimeError: silently scoring everything 0 would be worse.
     """
 
-    def __init__(self, num_workers: int = 2, timeout: float = 5.0, fn: Callable = _worker_check):
-        self.num_workers, self.timeout, self.fn = num_workers, timeout, fn
+    def __init__(self, num_workers: int = 2, timeout: float = 5.0, fn: Callable = _worker_check, *,
+                 startup_timeout: float = 300.0, warm_up: Callable | None = _warm_up, start: bool = True):
+        self.cfg = VerifierConfig(timeout=timeout, num_workers=num_workers, startup_timeout=startup_timeout)
+        self.fn, self.warm_up = fn, warm_up
         self.errors: collections.Counter = collections.Counter()
         self._ctx = mp.get_context("spawn")  # never fork a process that holds JAX threads
-        self._pool = None
+        self._workers: list[_Worker] = []
+        # the workers end with the pool (or with this process: they are daemons)
+        self._finalizer = weakref.finalize(self, _kill_all, self._workers)
+        if start:
+            self.start()
 
-    def _ensure(self):
-        if self._pool is None:
-            self._pool = self._ctx.Pool(self.num_workers)
+    @classmethod
+    def from_config(cls, cfg: VerifierConfig, **kw) -> VerifierPool:
+        return cls(cfg.num_workers, cfg.timeout, startup_timeout=cfg.startup_timeout, **kw)
+
+    @property
+    def timeout(self) -> float:
+        return self.cfg.timeout
+
+    def start(self) -> None:
+        """Start the missing workers (returns at once; they warm up in the background)."""
+        while len(self._workers) < self.cfg.num_workers:
+            parent, child = self._ctx.Pipe()
+            proc = self._ctx.Process(target=_worker_loop, args=(child, self.fn, self.warm_up), daemon=True,
+                                     name="r1v2-verifier")
+            proc.start()
+            child.close()
+            self._workers.append(_Worker(proc, parent, time.monotonic()))
+
+    def _kill(self, w: _Worker) -> None:
+        w.process.kill()
+        w.process.join(5)
+        w.conn.close()
+        self._workers.remove(w)
 
     def score(self, items: Sequence[tuple[str, str, Sequence[str]]]) -> list[float]:
-        self._ensure()
-        inner = max(1, int(self.timeout))
-        pending = [self._pool.apply_async(self.fn, ((c, g, list(ch), inner),)) for c, g, ch in items]
-        out, poisoned = [], False
-        for res in pending:
-            try:
-                # Each answer gets its own bound, counted from when we start waiting for it
-                # (so a batch of N costs at most N x timeout even if workers hang).
-                out.append(float(res.get(timeout=self.timeout)))
-            except mp.TimeoutError:
-                self.errors["timeout"] += 1
-                out.append(0.0)
-                poisoned = True
-            except Exception:  # noqa: BLE001 - a verifier failure must never stop training
-                self.errors["error"] += 1
-                out.append(0.0)
-        if poisoned:  # a worker may be stuck: replace the pool
-            self._pool.terminate()
-            self._pool.join()
-            self._pool = None
+        inner = max(1, math.ceil(self.cfg.timeout))  # math-verify's own (cooperative) limit, whole seconds
+        todo = collections.deque(range(len(items)))
+        out = [0.0] * len(items)
+        self.start()
+        while todo or any(w.item is not None for w in self._workers):
+            for w in self._workers:  # hand answers to warm, idle workers: each one's clock starts now
+                if w.ready and w.item is None and todo:
+                    i = todo.popleft()
+                    c, g, ch = items[i]
+                    w.conn.send((i, (c, g, list(ch), inner)))
+                    w.item, w.deadline = i, time.monotonic() + self.cfg.timeout
+            self._poll(out)
+            self.start()  # a killed or crashed worker is replaced at once
         return out
 
-    def close(self):
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
-            self._pool = None
+    def _poll(self, out: list[float]) -> None:
+        """Wait for the next message or deadline; record results; kill workers past their deadline."""
+        now = time.monotonic()
+        waits = [w.deadline - now for w in self._workers if w.item is not None]
+        if not any(w.ready for w in self._workers):
+            oldest = min(w.started for w in self._workers)
+            if now - oldest > self.cfg.startup_timeout:
+                self.close()
+                raise RuntimeError(f"verifier pool: no worker ready after {self.cfg.startup_timeout:g} s "
+                                   "(verifier.startup_timeout)")
+            waits.append(oldest + self.cfg.startup_timeout - now)
+        by_conn = {id(w.conn): w for w in self._workers}
+        for conn in mp_connection.wait([w.conn for w in self._workers], timeout=max(0.0, min(waits))):
+            w = by_conn[id(conn)]
+            try:
+                kind, i, value = conn.recv()
+            except (EOFError, OSError):  # the worker died
+                self._kill(w)
+                code = w.process.exitcode
+                if not w.ready:
+                    self.close()
+                    raise RuntimeError(f"verifier pool: a worker exited while starting (exit code {code})") from None
+                if w.item is not None:
+                    self.errors["crashed"] += 1
+                    out[w.item] = 0.0
+                continue
+            if kind == "ready":
+                w.ready = True
+            elif kind == "failed":
+                self.close()
+                raise RuntimeError(f"verifier pool: a worker could not start: {value}")
+            else:
+                if kind == "error":
+                    self.errors["error"] += 1
+                out[i] = value if kind == "done" else 0.0
+                w.item = None
+        now = time.monotonic()
+        for w in [w for w in self._workers if w.item is not None and now >= w.deadline]:
+            self.errors["timeout"] += 1
+            out[w.item] = 0.0
+            self._kill(w)
+
+    def close(self) -> None:
+        for w in list(self._workers):
+            if w.ready and w.item is None:
+                try:
+                    w.conn.send(None)
+                except OSError:
+                    pass
+            self._kill(w)
 
     def __enter__(self):
         return self

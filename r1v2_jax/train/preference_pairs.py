@@ -23,6 +23,7 @@ def make_preference_records(run: Run, params, records, *, candidates: int, thres
                             seed: int = 0) -> tuple[list[dict], dict]:
     """Sample candidates with the policy, score them, and pair chosen (reward >= threshold)
     with rejected (< threshold): the R1V2 MPO data recipe."""
+    run.verifier_pool()  # its workers warm up while the sampler compiles
     sampler = run.sampler(params)
     cfg = dataclasses.replace(run.pipeline, batch_size=batch_size, num_epochs=1, seed=seed, drop_remainder=False)
     it = rl_prompt_iterator(records, run.builder, cfg, tile_size=run.model_config.tile_size)

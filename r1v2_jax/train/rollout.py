@@ -10,7 +10,6 @@ import numpy as np
 from r1v2_jax.parallel import multihost as dist
 from r1v2_jax.rewards.format import FormatConfig, format_reward
 from r1v2_jax.rewards.hybrid import HybridConfig, combine
-from r1v2_jax.rewards.verifier import check
 from r1v2_jax.sampling.sampler import Sampler, SamplingParams
 from r1v2_jax.train.run import Run, row_tiles
 
@@ -32,7 +31,10 @@ def rollout(run: Run, sampler: Sampler, params, batch: dict, sp: SamplingParams,
 def score_completions(run: Run, out, answers, choices, group: int, hybrid: HybridConfig, fmt: FormatConfig):
     """Rule and format rewards of this host's completions (``out``: host-local numpy rows),
     combined over all hosts' rows -> (total, rule: global f32[N]; texts: this host's; metrics
-    over the global batch; this host's slice of the global rows)."""
+    over the global batch; this host's slice of the global rows). Answers are checked in the
+    run's :class:`~r1v2_jax.rewards.verifier.VerifierPool`, so none costs more than
+    ``run.verifier.timeout`` seconds (such an answer scores 0; ``verifier_failures`` counts
+    this batch's over all hosts)."""
     tokens = np.asarray(out.tokens)
     lengths = np.asarray(out.lengths)
     m = out.logprobs.shape[1]
@@ -40,10 +42,13 @@ def score_completions(run: Run, out, answers, choices, group: int, hybrid: Hybri
                                   skip_special_tokens=False) for i in range(len(tokens))]
     gold = [a for a in answers for _ in range(group)]
     ch = [c for c in choices for _ in range(group)]
-    rule = np.asarray([check(t, g, c) for t, g, c in zip(texts, gold, ch)], np.float32)
+    pool = run.verifier_pool()
+    failed_before = pool.errors.total()
+    rule = np.asarray(pool.score(list(zip(texts, gold, ch))), np.float32)
     fr = np.asarray([format_reward(t, fmt) for t in texts], np.float32)
     both, mine = dist.gather_rows(np.stack([rule, fr], axis=1))
     total, metrics = combine(both[:, 0], both[:, 1], None, hybrid)
+    metrics["verifier_failures"] = dist.total(pool.errors.total() - failed_before)  # this batch's, all hosts
     return total, both[:, 0], texts, metrics, mine
 
 

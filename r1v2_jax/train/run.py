@@ -14,6 +14,7 @@ from r1v2_jax.data.prompt import PromptBuilder
 from r1v2_jax.model.config import ModelConfig
 from r1v2_jax.model.vlm import R1V2, R1V2Model
 from r1v2_jax.parallel import multihost as dist
+from r1v2_jax.rewards.verifier import VerifierConfig, VerifierPool
 from r1v2_jax.sampling.sampler import Sampler
 from r1v2_jax.train.metrics_log import MetricsLog
 from r1v2_jax.train.state import TrainState, init_state
@@ -42,6 +43,16 @@ class Run:
     progress: bool = True
     progress_seconds: float = 30.0  # off a terminal: a progress line this often
     pipeline: PipelineConfig = dataclasses.field(default_factory=lambda: PipelineConfig(batch_size=8))
+    # rule rewards (GRPO, MPO pair mining, evaluation) are checked in this bounded pool
+    verifier: VerifierConfig = dataclasses.field(default_factory=VerifierConfig)
+    _verifier_pool: VerifierPool | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+    def verifier_pool(self) -> VerifierPool:
+        """This run's answer-checking pool: started on first use (its workers warm up while the
+        sampler compiles), then kept for every stage; its processes end with it."""
+        if self._verifier_pool is None:
+            self._verifier_pool = VerifierPool.from_config(self.verifier)
+        return self._verifier_pool
 
     @property
     def module(self) -> R1V2:

@@ -31,6 +31,7 @@ import ml_collections
 
 from r1v2_jax.data.synthetic import ALL_CATEGORIES
 from r1v2_jax.model.config import PRESETS, REMAT_POLICIES
+from r1v2_jax.rewards.verifier import VerifierConfig
 from r1v2_jax.train.stages import STAGES
 
 
@@ -176,6 +177,9 @@ def _base_fields() -> list[tuple[str, Any, dataclasses.Field]]:
         ("data", DataSection, dataclasses.field(default_factory=DataSection)),
         *[(name, s.section, dataclasses.field(default_factory=s.section)) for name, s in STAGES.items()],
         ("eval", EvalSection, dataclasses.field(default_factory=EvalSection)),
+        # rule-reward answer checking in GRPO, pair mining and evaluation: seconds one answer may
+        # take (it scores 0 past that) and worker processes
+        ("verifier", VerifierConfig, dataclasses.field(default_factory=VerifierConfig)),
         ("checkpoint", CheckpointSection, dataclasses.field(default_factory=CheckpointSection)),
         # (data, fsdp, tensor) for training on several devices/hosts; () = one device. Several
         # processes without a mesh use (1, -1, 1): FSDP over every device.

@@ -97,6 +97,7 @@ def run_grpo(ctx: StageContext, params, cfg: GRPOSection):
     prog = build_program("grpo", ctx.exp, run.model_config, params, run.mesh, prompt_len=prompt_len)
     pipe = dataclasses.replace(run.pipeline, seed=run.seed, length_buckets=(prompt_len,))
     it = rl_prompt_iterator(records, run.builder, pipe, tile_size=run.model_config.tile_size, skips=SkipCounter())
+    run.verifier_pool()  # its workers warm up while the sampler compiles
     sampler = run.sampler(params)
     sp = cfg.sampling(run.eos_ids())
     add = jax.jit(lambda s, p, a, r: ssb_add(s, p, a, r, cfg.ssb))
