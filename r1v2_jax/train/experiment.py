@@ -143,7 +143,8 @@ def make_run(exp, mc, tok, template, mesh, sampler_mesh, metrics: MetricsLog | N
     pipe = PipelineConfig(batch_size=d.batch_size, seed=exp.seed, worker_count=d.workers,
                           dynamic_tiling=d.dynamic_tiling, max_tiles=d.max_tiles,
                           length_buckets=d.length_buckets or (d.max_prompt_len, d.max_prompt_len + d.max_completion_len),
-                          process_index=jax.process_index(), process_count=jax.process_count())
+                          process_index=jax.process_index(), process_count=jax.process_count(),
+                          max_image_megapixels=d.max_image_megapixels, max_consecutive_skips=d.max_consecutive_skips)
     metrics = metrics or MetricsLog(exp.run_dir, is_main=jax.process_index() == 0)
     ck = exp.checkpoint
     return Run(mc, tok, builder, exp.run_dir, metrics, seed=exp.seed, checkpoint_every=ck.every,

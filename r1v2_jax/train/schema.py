@@ -29,6 +29,7 @@ from typing import Any
 
 import ml_collections
 
+from r1v2_jax.data.image import DEFAULT_MAX_MEGAPIXELS
 from r1v2_jax.data.synthetic import ALL_CATEGORIES
 from r1v2_jax.model.config import PRESETS, REMAT_POLICIES
 from r1v2_jax.rewards.verifier import VerifierConfig
@@ -92,8 +93,16 @@ class DataSection:
     # prompt(+completion) lengths batches are padded to; () = (max_prompt_len,
     # max_prompt_len + max_completion_len)
     length_buckets: tuple[int, ...] = ()
+    # images above this many megapixels are a counted skip (decompression bombs); this many
+    # unusable samples in a row stop the run with the counts by reason (0 = never)
+    max_image_megapixels: float = DEFAULT_MAX_MEGAPIXELS
+    max_consecutive_skips: int = 1000
 
     def __post_init__(self):
+        if not (math.isfinite(self.max_image_megapixels) and self.max_image_megapixels > 0):
+            raise ValueError(f"max_image_megapixels: must be > 0, got {self.max_image_megapixels}")
+        if self.max_consecutive_skips < 0:
+            raise ValueError(f"max_consecutive_skips: must be >= 0 (0 = never stop), got {self.max_consecutive_skips}")
         if any(b < 1 for b in self.length_buckets) or list(self.length_buckets) != sorted(set(self.length_buckets)):
             raise ValueError(f"length_buckets: increasing positive lengths, got {self.length_buckets}")
         for f in ("batch_size", "max_prompt_len", "max_completion_len", "max_tiles"):
