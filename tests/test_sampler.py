@@ -173,7 +173,7 @@ def test_group_sampling_prefills_once_and_samples_differ(pair):
         np.testing.assert_array_equal(tokens[b * 8:(b + 1) * 8, :12], np.repeat(ids[b:b + 1], 8, 0))
     again = sampler(ids, pixel_values=pix, sp=sp, num_samples=8, seed=3)
     np.testing.assert_array_equal(np.asarray(again.tokens), tokens)  # reproducible per seed
-    assert sampler.num_compiles == 1
+    assert sampler.num_compiles == 2  # one prefill and one decode program, compiled once
 
 
 def test_eos_stops_and_pads(pair):
@@ -195,9 +195,29 @@ def test_bucketing_reuses_compilations(pair):
     sp = SamplingParams(max_new_tokens=4)
     for t in (5, 9, 16):
         sampler(np.ones((1, t), np.int32), sp=sp)
-    assert sampler.num_compiles == 1
+    assert sampler.num_compiles == 2  # prefill + decode for the 16-token bucket
     sampler(np.ones((1, 17), np.int32), sp=sp)
-    assert sampler.num_compiles == 2
+    assert sampler.num_compiles == 4  # and for the 32-token bucket
+    # new parameters of the same shapes: nothing recompiles
+    sampler.set_params(jax.tree.map(lambda x: x * 0.5, m.params))
+    sampler(np.ones((1, 17), np.int32), sp=sp)
+    assert sampler.num_compiles == 4
+
+
+def test_generate_does_not_keep_models_alive(pair):
+    import gc
+    import weakref
+
+    cfg, _, m, _ = pair
+    model = r1v2_jax.R1V2Model(cfg, jax.tree.map(jnp.copy, m.params))
+    generate(model, np.ones((1, 4), np.int32), max_new_tokens=2)
+    assert model._sampler.num_compiles == 2
+    generate(model, np.ones((1, 5), np.int32), max_new_tokens=2)
+    assert model._sampler.num_compiles == 2  # the model's sampler is reused
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
 
 
 def test_sharded_sampling_equals_single_device(pair):
@@ -233,8 +253,8 @@ def _stacked_weight_copies(sampler, m, layer_loop):
     ids, mask, _ = _left_pad(np.ones((2, 8), np.int32), None, sampler.bucket, 0)
     logits, cache, kv_valid, rep = sampler._prefill(m.params, jnp.asarray(ids), jnp.asarray(mask), None,
                                                     cache_len=64, num_samples=1)
-    hlo = sampler._decode.lower(sampler.decode_params(), logits, cache, kv_valid, rep, jnp.uint32(0),
-                                jnp.arange(2, dtype=jnp.int32), 1, sp=sp).compile().as_text()
+    hlo = sampler.lower_decode(sampler.decode_params(), logits, cache, kv_valid, rep, jnp.uint32(0),
+                               jnp.arange(2, dtype=jnp.int32), num_samples=1, sp=sp).compile().as_text()
     block = m.params["language_model"]["layers"]["block"]
     shapes = {",".join(map(str, a.shape[1:])) for a in jax.tree.leaves(block) if a.ndim == 3}
     found = []

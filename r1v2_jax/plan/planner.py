@@ -286,8 +286,8 @@ def _sampler_programs(job: _Job, mc, mesh, decode_loops: tuple[int, ...] = (1,))
     kw = dict(cache_len=p + m, num_samples=stage.group_size)
     pre_args = (params, _sds((b, p), jnp.int32, row), _sds((b, p), bool, row),
                 _pixels(job, mc, b, row) if job.tiles else None)
-    pre = _compile(sampler._prefill.lower(*pre_args, **kw))
-    logits, cache, kv_valid, ids = jax.eval_shape(lambda *a: sampler._prefill_impl(*a, **kw), *pre_args)
+    pre = _compile(sampler.lower_prefill(*pre_args, **kw))
+    logits, cache, kv_valid, ids = sampler.prefill_shapes(*pre_args, **kw)
     if isinstance(pre, _OutOfMemory):  # decode's inputs as the constraints lay them out
         from r1v2_jax.model.qwen2 import CACHE_AXES
         from r1v2_jax.parallel.sharding import logical_to_pspec
@@ -300,20 +300,9 @@ def _sampler_programs(job: _Job, mc, mesh, decode_loops: tuple[int, ...] = (1,))
                                                 (logits, cache, kv_valid, ids), outs)
     sp = stage.sampling(())
 
-    def repeated(loops):
-        def run(params, logits, cache, kv_valid, ids, seed, prompt_index, num_samples, sp):
-            outs = []
-            for _ in range(loops):
-                *out, cache = sampler._decode_impl(params, logits, cache, kv_valid, ids, seed, prompt_index,
-                                                   num_samples, sp)
-                outs.append(out)
-            return outs, cache
-
-        return jax.jit(run, static_argnames=("sp", "num_samples"), donate_argnames=("cache",))
-
-    decs = tuple(_compile((sampler._decode if loops == 1 else repeated(loops)).lower(
-        params, logits, cache, kv_valid, ids, _sds((), jnp.uint32, None), _sds((b,), jnp.int32, row),
-        stage.group_size, sp=sp)) for loops in decode_loops)
+    decs = tuple(_compile(sampler.lower_decode(params, logits, cache, kv_valid, ids, _sds((), jnp.uint32, None),
+                                               _sds((b,), jnp.int32, row), num_samples=stage.group_size, sp=sp,
+                                               loops=loops)) for loops in decode_loops)
     return pre, decs, params, cache
 
 

@@ -218,15 +218,50 @@ class Sampler:
         self.layer_loop = layer_loop
         self._split = jax.jit(functools.partial(unrolled.split_layers, config=model.config))
         self._split_for: tuple = (None, None)  # (parameter object, its decode layout)
-        self.signatures: set = set()
         self.prefill_batches: list[int] = []  # batch size of every prefill run, in order
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("cache_len", "num_samples"))
         self._decode = jax.jit(self._decode_impl, static_argnames=("sp", "num_samples"), donate_argnames=("cache",))
 
     @property
     def num_compiles(self) -> int:
-        """Distinct (shape, settings) signatures compiled so far."""
-        return len(self.signatures)
+        """Programs compiled so far: prefill and decode executables in jit's caches (one of
+        each per prompt bucket and settings; a second call of the same shapes compiles nothing)."""
+        return self._prefill._cache_size() + self._decode._cache_size()
+
+    def set_params(self, params) -> None:
+        """Sample with new parameters (same shapes and shardings: nothing recompiles)."""
+        self.model.params = params
+
+    # --- the compiled programs, for ahead-of-time use (r1v2 plan) ------------------------------
+
+    def lower_prefill(self, params, ids, kv_valid_prompt, pixel_values, *, cache_len: int, num_samples: int):
+        """The prefill program lowered for these (abstract or concrete) arguments."""
+        return self._prefill.lower(params, ids, kv_valid_prompt, pixel_values, cache_len=cache_len,
+                                   num_samples=num_samples)
+
+    def prefill_shapes(self, params, ids, kv_valid_prompt, pixel_values, *, cache_len: int, num_samples: int):
+        """(logits, cache, kv_valid, ids) that prefill returns, as ShapeDtypeStructs: decode's inputs."""
+        return jax.eval_shape(lambda *a: self._prefill_impl(*a, cache_len=cache_len, num_samples=num_samples),
+                              params, ids, kv_valid_prompt, pixel_values)
+
+    def lower_decode(self, params, logits, cache, kv_valid, ids, seed, prompt_index, *, num_samples: int,
+                     sp: SamplingParams, loops: int = 1):
+        """The decode program (the whole token loop) lowered for these arguments; ``loops`` > 1
+        runs the loop that many times over the same cache in one program (for costing one trip
+        of its body: the difference from ``loops=1``)."""
+        if loops == 1:
+            return self._decode.lower(params, logits, cache, kv_valid, ids, seed, prompt_index, num_samples, sp=sp)
+
+        def repeated(params, logits, cache, kv_valid, ids, seed, prompt_index, num_samples, sp):
+            outs = []
+            for _ in range(loops):
+                *out, cache = self._decode_impl(params, logits, cache, kv_valid, ids, seed, prompt_index,
+                                                num_samples, sp)
+                outs.append(out)
+            return outs, cache
+
+        fn = jax.jit(repeated, static_argnames=("sp", "num_samples"), donate_argnames=("cache",))
+        return fn.lower(params, logits, cache, kv_valid, ids, seed, prompt_index, num_samples, sp=sp)
 
     def decode_params(self):
         """The parameters the decode program takes: the model's (``scan``), or their decode
@@ -344,7 +379,6 @@ class Sampler:
             host_rows = b_local * num_samples
         b, p = ids.shape
         cache_len = -(-(p + sp.max_new_tokens) // self.bucket) * self.bucket
-        self.signatures.add((b, p, cache_len, None if pix is None else pix.shape, sp, num_samples))
         self.prefill_batches.append(b)
         index = np.arange(first, first + b, dtype=np.int32)
         if host_rows is None:
@@ -380,7 +414,6 @@ def _pad_rows(ids, mask, pix, rows: int, length: int, pad_id: int):
     return ids, mask, pix
 
 
-_SAMPLERS: dict[int, Sampler] = {}
 
 
 def generate(model: R1V2Model, input_ids, *, pixel_values=None, attention_mask=None, max_new_tokens: int,
@@ -395,8 +428,10 @@ def generate(model: R1V2Model, input_ids, *, pixel_values=None, attention_mask=N
     sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
                         top_k=int(top_k), repetition_penalty=float(repetition_penalty), eos_ids=eos,
                         pad_id=int(pad_id if pad_id is not None else (eos[0] if eos else 0)))
-    sampler = _SAMPLERS.get(id(model))
+    # the model keeps its own sampler (and so its compiled programs): they go when the model
+    # goes; a module-level cache would keep every model ever passed here alive
+    sampler = getattr(model, "_sampler", None)
     if sampler is None or sampler.model is not model:
-        sampler = _SAMPLERS[id(model)] = Sampler(model)
+        sampler = model._sampler = Sampler(model)
     return sampler(input_ids, pixel_values=pixel_values, attention_mask=attention_mask, sp=sp,
                    num_samples=num_samples, seed=seed)

@@ -20,7 +20,7 @@ def rollout(run: Run, sampler: Sampler, params, batch: dict, sp: SamplingParams,
             tiles: int | None = None):
     """Sample ``group`` completions per prompt (this host's prompts); returns the sampler
     output (this host's rows, numpy) and this host's per-row tiles."""
-    sampler.model.params = run.for_sampler(params)
+    sampler.set_params(run.for_sampler(params))
     pix = row_tiles(run, batch, tiles)
     seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
     out = sampler(batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=pix, sp=sp,
