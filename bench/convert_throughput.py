@@ -21,7 +21,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-_STEP = ("import resource, sys, time; from r1v2_jax.convert.converters import {fn}; t = time.perf_counter(); "
+_STEP = ("import resource, sys, time; from r1v2_jax.convert.cli import {fn}; t = time.perf_counter(); "
          "rc = {fn}(sys.argv[1:]); print('STEP', time.perf_counter() - t, "
          "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
 _READ = ("import os, resource, sys, time; t = time.perf_counter(); n = 0\n"

@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 
 import r1v2_jax
-from r1v2_jax.convert import safetensors_io
-from r1v2_jax.convert.converters import hf_to_jax, jax_to_hf, main_hf_to_jax, main_jax_to_hf
+from r1v2_jax.convert import publish, safetensors_io
+from r1v2_jax.convert.cli import main_hf_to_jax, main_jax_to_hf
+from r1v2_jax.convert.converters import hf_to_jax, jax_to_hf
 from r1v2_jax.convert.hf_config import read_config
 from r1v2_jax.convert.param_store import CheckpointError, load_params, read_metadata
-from r1v2_jax.convert.safetensors_io import CheckpointFormatError, OutputError, SafetensorsDir
+from r1v2_jax.convert.publish import OutputError
+from r1v2_jax.convert.safetensors_io import CheckpointFormatError, SafetensorsDir
 from r1v2_jax.model.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -145,7 +147,7 @@ def test_config_json_numbers_are_validated(tmp_path, released, section, key, val
 
 _KILL_SCRIPT = r"""
 import os, signal, sys
-from r1v2_jax.convert import safetensors_io as sio
+from r1v2_jax.convert import publish as sio
 from r1v2_jax.convert.converters import hf_to_jax
 src, out, mode = sys.argv[1:4]
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
@@ -187,7 +189,7 @@ def test_overwrite_killed_at_any_moment_leaves_old_or_new(tmp_path, released, mo
         assert read_metadata(out)["leaves"][LEAF]["dtype"] == want
         load_params(out)
     # The next run recovers: the old copy is never deleted as stale; leftovers go.
-    safetensors_io.recover_output_dir(out)
+    publish.recover_output_dir(out)
     assert read_metadata(out)["leaves"][LEAF]["dtype"] == want
     load_params(out)
     assert [n for n in os.listdir(tmp_path) if n.startswith(".out.")] == []
@@ -263,7 +265,7 @@ def test_disk_full_and_read_only_targets_give_clean_errors(tmp_path, released, m
     def read_only(*a, **k):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr(safetensors_io.tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(publish.tempfile, "mkdtemp", read_only)
     assert main_hf_to_jax([released, str(tmp_path / "ro"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "Read-only file system" in err and "cannot write the output folder" in err and "Traceback" not in err

@@ -16,7 +16,7 @@ from r1v2_jax.convert.transformers_format import released_config_dict
 from r1v2_jax.model.config import model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_RSS = ("import resource, sys; from r1v2_jax.convert.converters import {fn}; rc = {fn}(sys.argv[1:]); "
+_RSS = ("import resource, sys; from r1v2_jax.convert.cli import {fn}; rc = {fn}(sys.argv[1:]); "
         "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
 
 

@@ -21,14 +21,12 @@ leaves no loadable checkpoint there (never a mixed one).
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import logging
 import os
 import shutil
 import sys
 import tempfile
-import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -47,16 +45,8 @@ from r1v2_jax.convert.param_store import (
     remote_side_files,
     write_remote_file,
 )
-from r1v2_jax.convert.safetensors_io import (
-    INDEX_FILE,
-    SINGLE_FILE,
-    OutputError,
-    SafetensorsDir,
-    check_output_dir,
-    fresh_output_dir,
-    publish_dir,
-    write_safetensors_dir,
-)
+from r1v2_jax.convert.publish import OutputError, check_output_dir, fresh_output_dir, publish_dir
+from r1v2_jax.convert.safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsDir, write_safetensors_dir
 from r1v2_jax.convert.transformers_format import native_config_dict, native_parts, released_config_dict
 from r1v2_jax.model.config import ModelConfig
 
@@ -300,84 +290,7 @@ def _img_token_json(config: ModelConfig) -> dict:
         str(config.image_token_id): {"content": "<IMG_CONTEXT>", "special": True}}}}
 
 
-def _parse_size(text: str) -> int:
-    units = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
-    t = text.strip().upper()
-    num = t.rstrip("KMGIB")
-    unit = t[len(num):]
-    if unit not in units or not num:
-        raise argparse.ArgumentTypeError(f"size {text!r}: expected e.g. 5GB, 500MB or a byte count")
-    return int(float(num) * units[unit])
-
-
-def _parse_mesh(text: str) -> tuple[int, int, int]:
-    try:
-        parts = tuple(int(p) for p in text.split(","))
-    except ValueError:
-        parts = ()
-    if len(parts) != 3 or min(parts) < 1:
-        raise argparse.ArgumentTypeError(f"mesh {text!r}: expected DATA,FSDP,TENSOR, e.g. 1,16,4")
-    return parts
-
-
-def main_hf_to_jax(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="hf_to_jax.py", description="Released R1V2 safetensors -> r1v2-jax checkpoint.")
-    p.add_argument("hf_dir")
-    p.add_argument("out_dir")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="target parameter dtype (default: as stored)")
-    p.add_argument("--mesh", type=_parse_mesh, default=None, metavar="DATA,FSDP,TENSOR",
-                   help="align chunks with the shards of this mesh for a sharded restore")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
-    p.add_argument("--image-token-id", type=int, default=None, help="<IMG_CONTEXT> id if no tokenizer file has it")
-    p.add_argument("--no-strict", action="store_true", help="ignore unknown config.json keys")
-    p.add_argument("--strict-finite", action="store_true", help="refuse weights with NaN/inf values")
-    p.add_argument("--quiet", action="store_true")
-    a = p.parse_args(argv)
-    t0 = time.perf_counter()
-    report: dict = {}
-    try:
-        cfg = hf_to_jax(a.hf_dir, a.out_dir, dtype=a.dtype, mesh_shape=a.mesh, overwrite=a.overwrite,
-                        strict=not a.no_strict, image_token_id=a.image_token_id, quiet=a.quiet,
-                        strict_finite=a.strict_finite, report=report)
-    except (ValueError, KeyError, OSError) as e:
-        print(f"hf_to_jax: error: {e}", file=sys.stderr)
-        return 2
-    print(f"hf_to_jax: wrote {a.out_dir} ({cfg.param_dtype}, {len(key_entries(cfg))} tensors{_nonfinite_note(report)}) "
-          f"in {time.perf_counter() - t0:.1f}s; restore with r1v2_jax.load_checkpoint({a.out_dir!r})")
-    return 0
-
-
-def _nonfinite_note(report: dict) -> str:
-    bad = report.get("nonfinite") or {}
-    return f"; WARNING: {sum(bad.values())} non-finite values in {len(bad)} tensors" if bad else ""
-
-
-def main_jax_to_hf(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="jax_to_hf.py", description="r1v2-jax checkpoint -> HF safetensors.")
-    p.add_argument("ckpt_dir")
-    p.add_argument("out_dir")
-    p.add_argument("--format", dest="fmt", choices=["released", "transformers"], default="released")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    p.add_argument("--shard-size", type=_parse_size, default=5 * 1000**3, help="max bytes per shard (default 5GB)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--strict-finite", action="store_true", help="refuse weights with NaN/inf values")
-    p.add_argument("--quiet", action="store_true")
-    a = p.parse_args(argv)
-    t0 = time.perf_counter()
-    report: dict = {}
-    try:
-        names = jax_to_hf(a.ckpt_dir, a.out_dir, fmt=a.fmt, dtype=a.dtype, max_shard_bytes=a.shard_size,
-                          overwrite=a.overwrite, quiet=a.quiet, strict_finite=a.strict_finite, report=report)
-    except (ValueError, KeyError, OSError) as e:
-        print(f"jax_to_hf: error: {e}", file=sys.stderr)
-        return 2
-    print(f"jax_to_hf: wrote {a.out_dir} ({a.fmt}, {len(names)} shard(s){_nonfinite_note(report)}) "
-          f"in {time.perf_counter() - t0:.1f}s")
-    return 0
-
-
-__all__ = ["hf_to_jax", "jax_to_hf", "main_hf_to_jax", "main_jax_to_hf", "META_FILE"]
+__all__ = ["hf_to_jax", "jax_to_hf", "META_FILE"]
 
 
 TESTED_TRANSFORMERS = "5.24.0"  # the transformers release the native-format export is tested against

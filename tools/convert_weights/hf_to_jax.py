@@ -3,7 +3,7 @@
 
 import sys
 
-from r1v2_jax.convert.converters import main_hf_to_jax
+from r1v2_jax.convert.cli import main_hf_to_jax
 
 if __name__ == "__main__":
     sys.exit(main_hf_to_jax())

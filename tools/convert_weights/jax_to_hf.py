@@ -3,7 +3,7 @@
 
 import sys
 
-from r1v2_jax.convert.converters import main_jax_to_hf
+from r1v2_jax.convert.cli import main_jax_to_hf
 
 if __name__ == "__main__":
     sys.exit(main_jax_to_hf())
