@@ -147,3 +147,39 @@ def test_page_pool_and_bad_settings(pair):
         PagedEngine(m, EngineConfig(num_pages=3, page_size=4))([[1, 2, 3]], sp=SamplingParams(max_new_tokens=16))
     with pytest.raises(ValueError, match="order"):
         PagedEngine(m)([[1, 2]], sp=SamplingParams(max_new_tokens=2), num_samples=2, order=[0, 0])
+
+
+def test_trainer_rollouts_through_the_engine(pair, tmp_path):
+    """Run.sampler gives the engine when ``engine`` is set; a training rollout through it equals
+    the static sampler's (same per-sample keys), so switching engines changes no result."""
+    from r1v2_jax.train.rollout import rollout
+    from r1v2_jax.train.run import Run
+
+    cfg, _, m = pair
+    ids = np.random.default_rng(6).integers(0, 200, (3, 10)).astype(np.int32)
+    mask = np.ones_like(ids, bool)
+    mask[1, :4] = False
+    batch = {"input_ids": ids, "attention_mask": mask, "num_tiles": np.zeros(3, np.int32),
+             "pixel_values": np.zeros((0, 3, cfg.tile_size, cfg.tile_size), np.float32)}
+    sp = SamplingParams(max_new_tokens=12, temperature=1.0, eos_ids=(5, 9, 40, 77, 120))
+    outs = []
+    for engine in (EngineConfig(slots=4, steps_per_sync=4, page_size=8), None):
+        run = Run(m.config, None, None, str(tmp_path), None, engine=engine)
+        sampler = run.sampler(m.params)
+        assert isinstance(sampler, PagedEngine) == (engine is not None)
+        outs.append(rollout(run, sampler, m.params, batch, sp, 4, jax.random.key(3))[0])
+    for f in ("tokens", "lengths", "finished", "prompt_lengths"):
+        np.testing.assert_array_equal(np.asarray(getattr(outs[0], f)), np.asarray(getattr(outs[1], f)), err_msg=f)
+    np.testing.assert_allclose(np.asarray(outs[0].ref_logprobs), np.asarray(outs[1].ref_logprobs), atol=1e-5)
+    mesh_run = Run(m.config, None, None, str(tmp_path), None, mesh=object(), engine=EngineConfig())
+    with pytest.raises(ValueError, match="rollout_engine"):
+        mesh_run.sampler(m.params)
+
+
+def test_experiment_config_turns_the_engine_on():
+    from r1v2_jax.train.experiment import _engine_config, demo_config
+
+    c = demo_config()
+    assert _engine_config(c) is None  # off by default: the static sampler
+    c.rollout_engine.enabled, c.rollout_engine.slots = True, 6
+    assert _engine_config(c) == EngineConfig(slots=6, steps_per_sync=8, page_size=16)

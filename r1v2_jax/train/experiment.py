@@ -53,6 +53,9 @@ def demo_config() -> ml_collections.ConfigDict:
     # (data, fsdp, tensor) for the sampler (rollouts, MPO candidates, evaluation) over the same
     # devices; () = the learner's mesh. Parameters are resharded onto it before each rollout.
     c.sampler_mesh = ()
+    # The paged rollout engine (r1v2_jax.sampling.engine.EngineConfig) for rollouts, MPO
+    # candidates and evaluation: same samples as the static sampler; one host, no mesh.
+    c.rollout_engine = ml_collections.ConfigDict(dict(enabled=False, slots=32, steps_per_sync=8, page_size=16))
     # r1v2 plan: the meshes (() = the run's mesh / sampler_mesh above; the learner's default
     # (1, -1, 1)), remat policy ("" = model.remat_policy, else full) and tiles per prompt to
     # compile for, the efficiencies its roofline step time assumes, and whether to also compile
@@ -146,6 +149,16 @@ def _mesh(c, key: str = "mesh"):
     return make_mesh(*shape)
 
 
+def _engine_config(c):
+    """config rollout_engine -> EngineConfig, or None when it is off (or absent)."""
+    from r1v2_jax.sampling.engine import EngineConfig
+
+    e = c.get("rollout_engine")
+    if e is None or not e.enabled:
+        return None
+    return EngineConfig(slots=e.slots, steps_per_sync=e.steps_per_sync, page_size=e.page_size)
+
+
 def run_experiment(c: ml_collections.ConfigDict) -> dict:
     from r1v2_jax.data.formats import load_records
     from r1v2_jax.data.pipeline import PipelineConfig
@@ -217,7 +230,7 @@ def run_experiment(c: ml_collections.ConfigDict) -> dict:
     run = Run(mc, tok, builder, c.run_dir, metrics, seed=c.seed, checkpoint_every=c.checkpoint.every,
                 checkpoint_dir=c.checkpoint.dir,
                 keep=c.checkpoint.keep, async_checkpoints=c.checkpoint.async_save, progress=c.progress, pipeline=pipe,
-                mesh=mesh, sampler_mesh=sampler_mesh)
+                mesh=mesh, sampler_mesh=sampler_mesh, engine=_engine_config(c))
     evals = {}
 
     def find(stage):  # process 0's log decides, so every host skips the same work
