@@ -84,6 +84,10 @@ class TextAttention(nn.Module):
         v = Linear(nkv * hd, ("embed", "kv_heads"), name="v_proj", **kw)(x).reshape(b, t, nkv, hd)
         q, k, v = (checkpoint_name(a, CKPT_QKV) for a in (q, k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if hasattr(cache, "attend"):  # a paged KV cache (r1v2_jax.sampling.paged): it stores k, v and attends
+            out, cache = cache.attend(q, k, v)
+            out = checkpoint_name(out.reshape(b, t, nh * hd), CKPT_ATTN_OUT)
+            return Linear(c.hidden_size, ("heads", "embed"), use_bias=False, name="o_proj", **kw)(out), cache
         if cache is not None:
             zero = jnp.zeros((), jnp.int32)
             start = (layer, zero, cache_index, zero, zero)

@@ -150,7 +150,7 @@ def make_run(exp, mc, tok, template, mesh, sampler_mesh, metrics: MetricsLog | N
     return Run(mc, tok, builder, exp.run_dir, metrics, seed=exp.seed, checkpoint_every=ck.every,
                checkpoint_dir=ck.dir, keep=ck.keep, async_checkpoints=ck.async_save, progress=exp.progress,
                progress_seconds=exp.progress_seconds, pipeline=pipe, mesh=mesh, sampler_mesh=sampler_mesh,
-               verifier=exp.verifier)
+               verifier=exp.verifier, engine=exp.rollout_engine.engine())
 
 
 def run_experiment(exp) -> dict:

@@ -15,6 +15,7 @@ from r1v2_jax.model.config import ModelConfig
 from r1v2_jax.model.vlm import R1V2, R1V2Model
 from r1v2_jax.parallel import multihost as dist
 from r1v2_jax.rewards.verifier import VerifierConfig, VerifierPool
+from r1v2_jax.sampling.engine import EngineConfig, PagedEngine
 from r1v2_jax.sampling.sampler import Sampler
 from r1v2_jax.train.metrics_log import MetricsLog
 from r1v2_jax.train.state import TrainState, init_state
@@ -53,14 +54,23 @@ class Run:
         if self._verifier_pool is None:
             self._verifier_pool = VerifierPool.from_config(self.verifier)
         return self._verifier_pool
+    # the paged rollout engine for rollouts, MPO candidates and evaluation (None: the static
+    # Sampler); it samples the same tokens for the same seed, on one host without a mesh
+    engine: EngineConfig | None = None
 
     @property
     def module(self) -> R1V2:
         return R1V2(self.model_config)
 
-    def sampler(self, params) -> Sampler:
+    def sampler(self, params) -> Sampler | PagedEngine:
         """A sampler on the sampler mesh, holding ``params`` resharded for it (:func:`rollout`
-        reshards the parameters it is given again: a no-op for these)."""
+        reshards the parameters it is given again: a no-op for these); the paged engine when
+        ``engine`` is set."""
+        if self.engine is not None:
+            if self.mesh is not None or self.sampler_mesh is not None:
+                raise ValueError("rollout_engine: the paged engine runs on one host without a mesh; unset mesh and "
+                                 "sampler_mesh, or disable rollout_engine")
+            return PagedEngine(R1V2Model(self.model_config, params), self.engine)
         return Sampler(R1V2Model(self.model_config, self.for_sampler(params), self.sampler_mesh or self.mesh))
 
     def for_sampler(self, params):

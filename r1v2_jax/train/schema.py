@@ -33,6 +33,7 @@ from r1v2_jax.data.image import DEFAULT_MAX_MEGAPIXELS
 from r1v2_jax.data.synthetic import ALL_CATEGORIES
 from r1v2_jax.model.config import PRESETS, REMAT_POLICIES
 from r1v2_jax.rewards.verifier import VerifierConfig
+from r1v2_jax.sampling.engine import EngineConfig
 from r1v2_jax.train.stages import STAGES
 
 
@@ -177,6 +178,20 @@ class PlanSection:
                 raise ValueError(f"{f}: must be in (0, 1], got {v}")
 
 
+@dataclasses.dataclass(frozen=True)
+class RolloutEngineSection(EngineConfig):
+    """The paged rollout engine (:class:`~r1v2_jax.sampling.engine.EngineConfig`'s fields) for
+    GRPO rollouts, MPO candidates and evaluation when ``enabled``: the same samples as the
+    static sampler; one host, no mesh."""
+
+    enabled: bool = False
+
+    def engine(self) -> EngineConfig | None:
+        if not self.enabled:
+            return None
+        return EngineConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EngineConfig)})
+
+
 def _base_fields() -> list[tuple[str, Any, dataclasses.Field]]:
     return [
         ("run_dir", str, dataclasses.field(default="runs/demo")),
@@ -196,6 +211,7 @@ def _base_fields() -> list[tuple[str, Any, dataclasses.Field]]:
         # (data, fsdp, tensor) for the sampler (rollouts, MPO candidates, evaluation) over the same
         # devices; () = the learner's mesh. Parameters are resharded onto it before each rollout.
         ("sampler_mesh", tuple[int, ...], dataclasses.field(default=())),
+        ("rollout_engine", RolloutEngineSection, dataclasses.field(default_factory=RolloutEngineSection)),
         ("plan", PlanSection, dataclasses.field(default_factory=PlanSection)),
         ("export", bool, dataclasses.field(default=True)),
         # a progress bar on a terminal; elsewhere (CI logs, nohup, a pod's log stream) a line
