@@ -245,7 +245,8 @@ def run_experiment(c: ml_collections.ConfigDict) -> dict:
         if stage == "sft":
             sft_records = [dict(r, prompt=r["question"], response=cold_start_response(r)) for r in train]
             params = run_sft(run, params, sft_records, c.sft.steps,
-                               OptimConfig(lr=c.sft.lr, trainable=c.sft.trainable, max_consecutive_skips=c.max_consecutive_skips), c.sft.micro_batches)
+                               OptimConfig(lr=c.sft.lr, trainable=c.sft.trainable,
+                                           max_consecutive_skips=c.max_consecutive_skips), c.sft.micro_batches)
             ref = jax.tree.map(jnp.copy, params)  # its own buffers: train steps donate the state
         elif stage == "mpo":
             ref = ref if ref is not None else jax.tree.map(jnp.copy, params)
