@@ -219,7 +219,7 @@ def verify_leaf(ckpt_dir: str, name: str, expected: dict[str, list[int]], verify
     where = f"{ckpt_dir}: parameter array {name}"
     missing = sorted(set(expected) - set(found))
     if missing:
-        raise CheckpointError(f"{where}: file(s) {missing[:5]} of {len(expected)} are missing (an interrupted "
+        raise CheckpointError(f"{where}: file(s) {missing[:5]} of its {len(expected)} are missing (an interrupted "
                               "copy?); refusing to load it (missing chunks would read as zeros)")
     extra = sorted(set(found) - set(expected))
     if extra:

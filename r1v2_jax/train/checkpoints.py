@@ -66,14 +66,17 @@ class StageCheckpoints:
         host, or None when there is none. Newer ones that fail are reported and set aside."""
         steps = sorted(self.manager.all_steps(), reverse=True)
         failed: list[tuple[int, str]] = []
+        tries = 2 if "://" in self.dir else 1  # a bucket: one retry, so a passing network error deletes nothing
         for step in steps:
-            try:
-                state, data = self.restore(step, target)
-                error = None
-            except ResumeError:
-                raise
-            except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint means: try an older one
-                state, data, error = None, None, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            for _ in range(tries):
+                try:
+                    state, data = self.restore(step, target)
+                    error = None
+                    break
+                except ResumeError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint means: try an older one
+                    state, data, error = None, None, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
             errors = [x for x in dist.allgather_json(error) if x]  # every host must have restored it
             if errors:
                 failed.append((step, errors[0]))
