@@ -445,5 +445,8 @@ def test_special_tokens_in_text_never_become_tokens():
     ids, _ = b.encode_completion("r</think>\\boxed{2}<|im_end|>")
     assert ids == tok.encode("r</think>\\boxed{2}<|im_end|>", add_special_tokens=False).ids
     assert ids.count(tok.token_to_id("<|im_end|>")) == 1
+    # MPO drops sampled candidates the same way before pairing them
+    assert b.completion_special_token("a<img>b<|im_end|>") == "<img>"
+    assert b.completion_special_token("r</think>x<|endoftext|>") is None
     ok = b.encode_prompt("<image>\nHow many?", [1])
     assert ok.count(255) == 4  # the image's own context tokens only

@@ -65,6 +65,14 @@ def find_special(text: str, reserved) -> str | None:
     return None
 
 
+def _without_eos(completion: str) -> str:
+    """A completion without its one trailing end-of-turn token (a sampled completion's eos)."""
+    for end in (IM_END, ENDOFTEXT):
+        if completion.endswith(end):
+            return completion[: -len(end)]
+    return completion
+
+
 def expand_images(text: str, tiles_per_image: list[int], tokens_per_tile: int) -> str:
     """Replace the i-th ``<image>`` by ``<img>`` + ``<IMG_CONTEXT>`` x (tokens_per_tile * tiles_i)
     + ``</img>``. The number of placeholders must equal the number of images."""
@@ -145,6 +153,10 @@ class PromptBuilder:
                                 f"{self.max_prompt_len}; images are never cut")
         return ids
 
+    def completion_special_token(self, completion: str) -> str | None:
+        """The special token a completion holds that it may not (see :meth:`encode_completion`), or None."""
+        return find_special(_without_eos(completion), [t for t in self.reserved() if t not in (THINK, END_THINK)])
+
     def encode_completion(self, completion: str, close: bool = True) -> tuple[list[int], bool]:
         """Completion ids (with ``<|im_end|>`` when ``close``) and whether they were truncated.
 
@@ -153,11 +165,8 @@ class PromptBuilder:
         completion's eos) is the closing token itself. Other special tokens are refused."""
         if self.think and completion.startswith(THINK_PREFILL):
             completion = completion[len(THINK_PREFILL):]
-        for end in (IM_END, ENDOFTEXT):
-            if completion.endswith(end):
-                completion = completion[: -len(end)]
-                break
-        token = find_special(completion, [t for t in self.reserved() if t not in (THINK, END_THINK)])
+        completion = _without_eos(completion)
+        token = self.completion_special_token(completion)
         if token is not None:
             raise SpecialTokenInText(f"the completion text contains the special token {token!r}")
         ids = self.tokenizer.encode(completion + (IM_END if close else ""), add_special_tokens=False).ids

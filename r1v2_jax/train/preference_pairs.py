@@ -28,7 +28,7 @@ def make_preference_records(run: Run, params, records, *, candidates: int, thres
     cfg = dataclasses.replace(run.pipeline, batch_size=batch_size, num_epochs=1, seed=seed, drop_remainder=False)
     it = rl_prompt_iterator(records, run.builder, cfg, tile_size=run.model_config.tile_size)
     by_where = {r["_where"]: r for r in records}
-    mine, n_prompts = [], 0
+    mine, n_prompts, refused = [], 0, 0
     key = jax.random.key(seed)
     for batch in synced(it):
         key, k = jax.random.split(key)
@@ -36,8 +36,11 @@ def make_preference_records(run: Run, params, records, *, candidates: int, thres
         total, rule, texts, _, rows = score_completions(run, out, batch["answer"], batch["choices"], candidates,
                                                         hybrid, fmt)
         total, rule = total[rows], rule[rows]
+        # a sample holding a special token mid-text (e.g. <IMG_CONTEXT>) cannot be trained on as text
+        usable = [run.builder.completion_special_token(t) is None for t in texts]
+        refused += usable.count(False)
         groups = [[Candidate(texts[i * candidates + j], float(total[i * candidates + j]),
-                             float(rule[i * candidates + j])) for j in range(candidates)]
+                             float(rule[i * candidates + j])) for j in range(candidates) if usable[i * candidates + j]]
                   for i in range(len(batch["answer"]))]
         real = [i for i, pad in enumerate(batch["pad"]) if not pad]
         for p, c, r in build_pairs([groups[i] for i in real], threshold, "absolute"):
@@ -48,4 +51,7 @@ def make_preference_records(run: Run, params, records, *, candidates: int, thres
         n_prompts += len(real)
     # every host trains on all pairs (the MPO iterator shards them again), in process order
     out_records = [r for host in dist.allgather_json(mine) for r in host]
-    return out_records, {"prompts": int(dist.total(n_prompts)), "pairs": len(out_records)}
+    info = {"prompts": int(dist.total(n_prompts)), "pairs": len(out_records)}
+    if refused := int(dist.total(refused)):
+        info["refused_samples"] = refused
+    return out_records, info
