@@ -31,7 +31,9 @@ def demo_config() -> ml_collections.ConfigDict:
         image_token_id=255,
         # "" = the model's own (the 38B preset: full; tiny presets and checkpoints read from
         # config.json: none); full | dots | save_qkv_attn | none (r1v2_jax.model.layers.remat_policy)
-        remat_policy=""))
+        remat_policy="",
+        # "" = the model's own (auto: splash on TPU); auto | xla | chunked | splash (r1v2_jax.model.attention)
+        attention_impl=""))
     c.data = ml_collections.ConfigDict(dict(
         path="", synthetic_n=600, synthetic_categories=("color",), synthetic_max_difficulty=1,
         batch_size=8, max_prompt_len=192, max_completion_len=32, workers=0, dynamic_tiling=False, max_tiles=1))
@@ -56,10 +58,11 @@ def demo_config() -> ml_collections.ConfigDict:
     # r1v2 plan: the meshes (() = the run's mesh / sampler_mesh above; the learner's default
     # (1, -1, 1)), remat policy ("" = model.remat_policy, else full) and tiles per prompt to
     # compile for, the efficiencies its roofline step time assumes, and whether to also compile
-    # the few-layer variants behind XLA's own step-time estimate (see r1v2_jax/plan/planner.py)
+    # the few-layer variants behind XLA's own step-time estimate (see r1v2_jax/plan/planner.py), and
+    # the share of peak FLOP/s assumed for the Pallas attention kernels XLA's estimate leaves out
     c.plan = ml_collections.ConfigDict(dict(mesh=(), sampler_mesh=(), remat_policy="",
                                             tiles_per_sample=1, assumed_mfu=0.4, assumed_bandwidth_util=0.7,
-                                            xla_estimate=True))
+                                            xla_estimate=True, kernel_efficiency=0.5))
     c.export = True
     c.progress = True
     return c
@@ -98,14 +101,16 @@ def model_config_from(c: ml_collections.ConfigDict):
 
     m = c.model
     if m.preset != "tiny" or m.init != "random":
-        return model_config(m.preset)
-    return ModelConfig(
+        mc = model_config(m.preset)
+        return mc.replace(attention_impl=m.attention_impl) if m.attention_impl else mc
+    mc = ModelConfig(
         vision=VisionConfig(hidden_size=m.vision_hidden, num_layers=m.vision_layers, num_heads=m.vision_heads,
                             intermediate_size=m.vision_mlp, image_size=m.image_size, patch_size=14),
         text=TextConfig(vocab_size=m.vocab_size, hidden_size=m.text_hidden, num_layers=m.text_layers,
                         num_heads=m.text_heads, num_kv_heads=m.text_kv_heads, intermediate_size=m.text_mlp,
                         max_position_embeddings=4096),
         image_token_id=m.image_token_id)
+    return mc.replace(attention_impl=m.attention_impl) if m.attention_impl else mc
 
 
 def cold_start_response(record: dict) -> str:
@@ -197,6 +202,8 @@ def run_experiment(c: ml_collections.ConfigDict) -> dict:
         template = chat_template(c.model.init)
     if c.model.remat_policy:
         mc = mc.replace(remat_policy=c.model.remat_policy)
+    if c.model.attention_impl:
+        mc = mc.replace(attention_impl=c.model.attention_impl)
     if mesh is not None:
         from r1v2_jax.model.vlm import param_shardings
 

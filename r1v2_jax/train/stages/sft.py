@@ -24,8 +24,8 @@ def run_sft(run: Run, params, records: list[dict], steps: int, optim: OptimConfi
     step_fn = make_train_step("sft", run.module, opt, n_micro=n_micro, mesh=run.mesh, trainable=optim.trainable)
 
     def one(state, batch):
-        b = device_batch(run, {k: batch[k] for k in ("response_ids", "response_mask", "response_loss_mask")},
-                          row_tiles(run, batch))
+        keys = ("response_ids", "response_mask", "response_loss_mask", "response_positions")  # positions: packed
+        b = device_batch(run, {k: batch[k] for k in keys if k in batch}, row_tiles(run, batch))
         state, m = step_fn(state, b, None)
         return state, {k: float(v) for k, v in m.items()} | {"skipped_samples": dist.total(it.skips.total)}
 
