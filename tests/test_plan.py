@@ -33,6 +33,11 @@ def test_plan_tiny_on_a_small_tpu_slice(tmp_path, capsys):
     assert r["xla_step_seconds"] is None and all("xla_seconds" not in p for p in r["programs"].values())
     assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} == r["sampler_mesh"]
     assert set(r["programs"]) == {"train", "prefill", "decode"}
+    # the train step runs splash attention (auto on a TPU mesh) and chunked log-probs; the step as it
+    # was before (materialised attention, whole-sequence logits) is compiled beside it
+    tr = r["programs"]["train"]
+    assert tr["attention_impl"] == "splash" and tr["kernel_flops"] > 0 and tr["logprob_chunk_size"] == 512
+    assert r["baseline_train"]["temp_bytes"] > 0  # (at these tiny widths splash's 128-padding costs more)
     for name, p in r["programs"].items():
         assert p["argument_bytes"] > 0 and p["total_bytes"] > 0 and p["flops"] > 0 and p["seconds"] > 0, name
     # a decode step reads every weight whole (FSDP shards all-gathered; no tensor axis here) and
@@ -73,8 +78,13 @@ def test_plan_mpo_and_a_separate_sampler_mesh(tmp_path, capsys):
     # XLA's own estimate, loops counted by trip count, beside the roofline one, and its MFU
     assert r["programs"]["train"]["xla_seconds"] > 0 and r["xla_step_seconds"] == r["programs"]["train"]["xla_seconds"]
     assert r["xla_mfu"] == pytest.approx(r["flops_per_step"] / (r["xla_step_seconds"] * 4 * 459e12))
+    # the Pallas kernels XLA's estimate leaves out are added at the stated efficiency
+    tr = r["programs"]["train"]
+    assert tr["kernel_seconds"] == pytest.approx(tr["kernel_flops"] / (4 * 459e12 * r["kernel_efficiency"])) > 0
+    assert tr["xla_seconds"] == pytest.approx(tr["xla_seconds_outside_kernels"] + tr["kernel_seconds"])
     text = capsys.readouterr().out
     assert "step time (XLA's cost model, loops counted by trip count)" in text
+    assert "kernel FLOPs at 50% of peak" in text and "train program, before -> now" in text
     # 8 pairs / 4 micro-batches = 2 rows per micro-batch over 4 devices: reported
     assert any("micro-batch" in n for n in r["notes"]) and "note: mpo micro-batch" in text
     rc = main(["plan", "--config", "configs/demo.py", "--topology", "v5p-8", "--json", str(out),
@@ -96,7 +106,7 @@ def test_compiler_out_of_memory_is_a_report_not_a_crash(tmp_path, capsys):
     out = tmp_path / "plan.json"
     rc = main(["plan", "--config", "configs/demo.py", "--topology", "v5p-8", "--json", str(out),
                "--config.data.max_prompt_len=32768", "--config.grpo.max_new_tokens=32",
-               "--config.plan.xla_estimate=False"])
+               "--config.model.attention_impl=xla", "--config.plan.xla_estimate=False"])
     text = capsys.readouterr().out
     r = json.loads(out.read_text())
     assert rc == 1 and not r["fits"] and "compiler_error" in r["programs"]["train"], text

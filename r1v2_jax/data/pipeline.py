@@ -51,12 +51,21 @@ class PipelineConfig:
     drop_remainder: bool = True
     max_image_megapixels: float = DEFAULT_MAX_MEGAPIXELS  # larger images are a counted skip (image_too_large)
     max_consecutive_skips: int = 1000  # this many unusable samples in a row stop with TooManySkips (0: never)
+    # Packing of sft / preference batches (collate_packed): 0 = off (one sequence per row,
+    # right-padded to a length bucket); > 0 = rows of this many tokens holding several
+    # sequences each (segment ids, positions restarting per sequence), the number of rows
+    # rounded up to a multiple of pack_rows_multiple (few distinct shapes).
+    pack_length: int = 0
+    pack_rows_multiple: int = 1
 
     def __post_init__(self):
         if not self.max_image_megapixels > 0:
             raise ValueError(f"data.max_image_megapixels: must be > 0, got {self.max_image_megapixels!r}")
         if self.max_consecutive_skips < 0:
             raise ValueError(f"data.max_consecutive_skips: must be >= 0, got {self.max_consecutive_skips!r}")
+        if self.pack_length < 0 or self.pack_rows_multiple < 1:
+            raise ValueError(f"PipelineConfig: pack_length must be >= 0 and pack_rows_multiple >= 1, got "
+                             f"{self.pack_length} and {self.pack_rows_multiple}")
 
 
 def host_shard(cfg: PipelineConfig) -> tuple[int, int]:
@@ -180,6 +189,73 @@ def collate_sequences(examples: list[dict], cfg: PipelineConfig, tile_size: int,
     return out
 
 
+def pack_rows(lengths: list[int], length: int) -> list[list[int]]:
+    """First-fit decreasing bin packing: the example indices of each row (ascending), every
+    row's total <= ``length``. Deterministic (ties keep input order)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        if lengths[i] > length:
+            raise ValueError(f"data.pack_length: a sequence of {lengths[i]} tokens does not fit rows of {length}")
+        r = next((r for r, f in enumerate(free) if lengths[i] <= f), None)
+        if r is None:
+            rows.append([])
+            free.append(length)
+            r = len(rows) - 1
+        rows[r].append(i)
+        free[r] -= lengths[i]
+    return [sorted(r) for r in rows]
+
+
+def collate_packed(examples: list[dict], cfg: PipelineConfig, tile_size: int, names: tuple[str, ...],
+                   pad_id: int = 0) -> dict[str, Any]:
+    """Several examples per row of ``cfg.pack_length`` tokens. An example's sequences (``names``:
+    ``response``, or ``chosen`` then ``rejected``) sit side by side in one row, each its own
+    segment. Keys, with ``p`` = the name for one name (``response_ids`` ...), else ``packed``:
+    ``p_ids`` i32[R, L]; ``p_mask`` i32[R, L] segment ids (1, 2, ... per sequence in its row,
+    0 = padding: what the model takes as attention mask); ``p_positions`` i32[R, L] (restarting
+    at 0 per sequence); ``p_loss_mask`` (completion tokens); ``p_example`` i32[R, L] (the
+    example's index in this batch, -1 = padding) and ``p_name`` i32[R, L] (index into
+    ``names``); ``pixel_values`` / ``num_tiles`` per row (a row's tiles are its sequences'
+    tiles in order, once per sequence, so the per-row image merge fills each sequence's slots
+    with its own); ``where`` / ``pad`` per example (batch order)."""
+    length = cfg.pack_length
+    units = [sum(len(e[n][0]) for n in names) for e in examples]
+    rows = pack_rows(units, length)
+    r_total = -(-len(rows) // cfg.pack_rows_multiple) * cfg.pack_rows_multiple
+    ids = np.full((r_total, length), pad_id, np.int32)
+    seg, pos, ex, nm = (np.zeros((r_total, length), np.int32) for _ in range(4))
+    ex[:], nm[:] = -1, -1
+    loss = np.zeros((r_total, length), bool)
+    empty = np.zeros((0, 3, tile_size, tile_size), np.float32)
+    row_tiles = [empty] * r_total
+    for r, members in enumerate(rows):
+        at, k, tiles = 0, 0, []
+        for i in members:
+            for j, n in enumerate(names):
+                x, m, _ = examples[i][n]
+                k += 1
+                sl = slice(at, at + len(x))
+                ids[r, sl], seg[r, sl], pos[r, sl], loss[r, sl] = x, k, np.arange(len(x)), m
+                ex[r, sl], nm[r, sl] = i, j
+                at += len(x)
+                tiles.append(examples[i]["pixel_values"])
+        row_tiles[r] = np.concatenate(tiles) if tiles else empty
+    p = names[0] if len(names) == 1 else "packed"
+    out = {f"{p}_ids": ids, f"{p}_mask": seg, f"{p}_positions": pos, f"{p}_loss_mask": loss, f"{p}_example": ex,
+           f"{p}_name": nm}
+    out.update(_collate_tiles([{"pixel_values": t} for t in row_tiles], cfg, tile_size))
+    out["where"] = [e["where"] for e in examples]
+    out["pad"] = [e["pad"] for e in examples]
+    return out
+
+
+def padding_stats(real_tokens: int, rows: int, length: int) -> dict:
+    """Share of a batch's token slots that hold real tokens."""
+    return {"real": real_tokens, "slots": rows * length, "real_share": real_tokens / max(rows * length, 1)}
+
+
 def _collate_tiles(examples, cfg, tile_size):
     tiles = [e["pixel_values"] for e in examples]
     total = sum(len(t) for t in tiles)
@@ -281,5 +357,6 @@ def sequence_iterator(records: list[dict], builder: PromptBuilder, cfg: Pipeline
     if kind not in ("sft", "preference"):
         raise ValueError(f"sequence_iterator: kind must be 'sft' or 'preference', got {kind!r}")
     names = ("response",) if kind == "sft" else ("chosen", "rejected")
+    collate = collate_packed if cfg.pack_length else collate_sequences
     return _iterator(records, PrepareSequences(builder, tile_size, cfg, kind),
-                     lambda xs: collate_sequences(xs, cfg, tile_size, names, pad_id), cfg, skips)
+                     lambda xs: collate(xs, cfg, tile_size, names, pad_id), cfg, skips)

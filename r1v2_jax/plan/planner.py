@@ -122,6 +122,29 @@ def train_step_flops(mc, tokens: int, seq: int, forwards: int = 1) -> float:
     return 3.0 * f + (forwards - 1) * f
 
 
+def kernel_flops(job, mc, rows: int, seq: int) -> float:
+    """Analytic FLOPs of the Pallas attention kernels in one train step (XLA's cost analysis
+    omits them): every decoder layer's causal attention over ``rows`` sequences of ``seq`` tokens
+    (forward, its recompute under remat, and the backward: 3.5x the forward with the separate dq /
+    dkv kernels) and the ViT's bidirectional attention over ``job.tiles`` tiles per row (forward
+    only unless the ViT trains); MPO runs chosen and rejected through the policy and, forward
+    only, through the frozen reference."""
+    from r1v2_jax.model.attention import attention_flops
+
+    t, v = mc.text, mc.vision
+    trains_vit = getattr(job.cfg, job.algo).optim.trainable in ("adapter+vit", "all")
+    recompute = 0.0 if mc.remat_policy == "none" else 1.0
+    n_tok = 1 + (mc.tile_size // v.patch_size) ** 2
+    seqs, ref_seqs = (rows, 0) if job.algo == "grpo" else (2 * rows, 2 * rows)
+
+    def passes(train: bool, n: int, n_ref: int) -> float:
+        return n * ((1 + recompute + 3.5) if train else 1.0) + n_ref
+
+    text = t.num_layers * attention_flops(1, seq, t.num_heads, t.resolved_head_dim, True, False)
+    vit = v.num_layers * attention_flops(1, n_tok, v.num_heads, v.head_dim, False, False)
+    return text * passes(True, seqs, ref_seqs) + vit * job.tiles * passes(trains_vit, seqs, ref_seqs)
+
+
 def _sds(shape, dtype, sharding):
     import jax
 
@@ -375,8 +398,9 @@ def _xla_estimate(job: _Job, mc, mesh, sampler_mesh, n_micro: int, rows: int) ->
 def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
     import jax
 
+    from r1v2_jax.model.attention import resolve_impl
     from r1v2_jax.parallel.multihost import batch_shards
-    from r1v2_jax.parallel.sharding import make_mesh
+    from r1v2_jax.parallel.sharding import make_mesh, use_mesh_rules
     from r1v2_jax.train.experiment import model_config_from
     from r1v2_jax.train.schema import mesh_for
 
@@ -417,9 +441,16 @@ def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
     lowered, state, ref = _train_program(job, mc, mesh, n, n_micro)
     compiled = _compile(lowered)
     cost = _cost(compiled)
+    with use_mesh_rules(mesh):
+        impl = resolve_impl(mc.attention_impl, t)
     programs["train"] = {**_memory(compiled, hbm), "flops": flops, "tokens": tokens,
                          "seconds": flops / (peak_s * cfg.plan.assumed_mfu),
-                         "xla_flops_scan_body_once": float(cost.get("flops", float("nan")))}
+                         "xla_flops_scan_body_once": float(cost.get("flops", float("nan"))),
+                         "attention_impl": impl, "logprob_chunk_size": mc.logprob_chunk_size,
+                         "kernel_flops": kernel_flops(job, mc, n, t) if impl == "splash" else 0.0}
+    # the same step as before issue 15 (materialised attention, whole-sequence logits), side by side
+    before = mc.replace(attention_impl="xla", logprob_chunk_size=t)
+    baseline = _memory(_compile(_train_program(job, before, mesh, n, n_micro)[0]), hbm)
     opt_bytes = _per_chip_bytes(state.opt_state) + (_per_chip_bytes(ref) if ref is not None else 0)
     if sampler_mesh is not mesh:  # the learner's copy of the parameters stays too
         opt_bytes += _per_chip_bytes(state.params)
@@ -442,6 +473,12 @@ def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
     if cfg.plan.xla_estimate:
         for name, s in _xla_estimate(job, mc, mesh, sampler_mesh, n_micro, n).items():
             programs[name]["xla_seconds"] = s
+        # XLA's estimate leaves the Pallas kernels out: add their FLOPs at the stated efficiency
+        tr = programs["train"]
+        tr["kernel_seconds"] = tr["kernel_flops"] / (peak_s * cfg.plan.kernel_efficiency)
+        tr["xla_seconds_outside_kernels"] = tr["xla_seconds"]
+        tr["xla_seconds"] += tr["kernel_seconds"]
+        tr["xla_mfu"] = tr["flops"] / (tr["xla_seconds"] * peak_s)
     leaves = []
     for kp, x in jax.tree_util.tree_flatten_with_path((state.params, state.opt_state))[0]:
         leaves.append((_shard_bytes(x), jax.tree_util.keystr(kp)))
@@ -460,6 +497,7 @@ def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
         "xla_step_seconds": xla_s, "xla_mfu": total_flops / (xla_s * peak_s) if xla_s else None,
         "assumed_mfu": cfg.plan.assumed_mfu, "assumed_bandwidth_util": cfg.plan.assumed_bandwidth_util,
         "largest_buffers": [(name, b_) for b_, name in leaves[:5]], "notes": notes,
+        "baseline_train": baseline, "kernel_efficiency": cfg.plan.kernel_efficiency,
         # kept for scripts reading the first version's fields
         "argument_bytes": programs["train"]["argument_bytes"], "temp_bytes": programs["train"]["temp_bytes"],
         "total_bytes": peak,
@@ -488,6 +526,17 @@ def format_plan(r: dict) -> str:
               f"  step time (roofline: train/prefill at {r['assumed_mfu']:.0%} MFU, decode at "
               f"{r['assumed_bandwidth_util']:.0%} of HBM bandwidth): {r['step_seconds']:.1f} s, "
               f"{r['flops_per_step']:.3e} FLOPs -> MFU {r['mfu']:.1%}"]
+    tr, base = r["programs"]["train"], r.get("baseline_train")
+    if base is not None:
+        lines.append(f"  train program, before -> now: temps {base['temp_bytes'] / GiB:.2f} -> "
+                     f"{tr['temp_bytes'] / GiB:.2f} GiB, total {base['total_bytes'] / GiB:.2f} -> "
+                     f"{tr['total_bytes'] / GiB:.2f} GiB per chip "
+                     f"(before: xla attention, whole-sequence logits; now: {tr['attention_impl']} attention, "
+                     f"log-probs in chunks of {tr['logprob_chunk_size']})")
+    if "kernel_seconds" in tr:
+        lines.append(f"  train step (XLA outside the kernels {_secs(tr['xla_seconds_outside_kernels'])} s + "
+                     f"{tr['kernel_flops']:.3e} kernel FLOPs at {r['kernel_efficiency']:.0%} of peak "
+                     f"{_secs(tr['kernel_seconds'])} s): {_secs(tr['xla_seconds'])} s -> train MFU {tr['xla_mfu']:.1%}")
     if r["xla_step_seconds"] is not None:
         lines.append(f"  step time (XLA's cost model, loops counted by trip count): {_secs(r['xla_step_seconds'])} s"
                      + (f" -> MFU {r['xla_mfu']:.1%}" if r["xla_mfu"] == r["xla_mfu"] else ""))

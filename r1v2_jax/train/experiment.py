@@ -76,14 +76,16 @@ def model_config_from(exp) -> ModelConfig:
     """The model an experiment names: a preset, or the random tiny model of its widths."""
     m = exp.model
     if m.preset != "tiny" or m.init != "random":
-        return model_config(m.preset)
-    return ModelConfig(
+        mc = model_config(m.preset)
+        return mc.replace(attention_impl=m.attention_impl) if m.attention_impl else mc
+    mc = ModelConfig(
         vision=VisionConfig(hidden_size=m.vision_hidden, num_layers=m.vision_layers, num_heads=m.vision_heads,
                             intermediate_size=m.vision_mlp, image_size=m.image_size, patch_size=14),
         text=TextConfig(vocab_size=m.vocab_size, hidden_size=m.text_hidden, num_layers=m.text_layers,
                         num_heads=m.text_heads, num_kv_heads=m.text_kv_heads, intermediate_size=m.text_mlp,
                         max_position_embeddings=4096),
         image_token_id=m.image_token_id)
+    return mc.replace(attention_impl=m.attention_impl) if m.attention_impl else mc
 
 
 def experiment_meshes(exp, devices=None):
@@ -144,7 +146,8 @@ def make_run(exp, mc, tok, template, mesh, sampler_mesh, metrics: MetricsLog | N
                           dynamic_tiling=d.dynamic_tiling, max_tiles=d.max_tiles,
                           length_buckets=d.length_buckets or (d.max_prompt_len, d.max_prompt_len + d.max_completion_len),
                           process_index=jax.process_index(), process_count=jax.process_count(),
-                          max_image_megapixels=d.max_image_megapixels, max_consecutive_skips=d.max_consecutive_skips)
+                          max_image_megapixels=d.max_image_megapixels, max_consecutive_skips=d.max_consecutive_skips,
+                          pack_length=d.pack_length, pack_rows_multiple=d.pack_rows_multiple)
     metrics = metrics or MetricsLog(exp.run_dir, is_main=jax.process_index() == 0)
     ck = exp.checkpoint
     return Run(mc, tok, builder, exp.run_dir, metrics, seed=exp.seed, checkpoint_every=ck.every,
@@ -163,6 +166,8 @@ def run_experiment(exp) -> dict:
     mc, params, tok, template = load_experiment_model(exp)
     if exp.model.remat_policy:
         mc = mc.replace(remat_policy=exp.model.remat_policy)
+    if exp.model.attention_impl:
+        mc = mc.replace(attention_impl=exp.model.attention_impl)
     if mesh is not None:
         params = jax.device_put(params, param_shardings(mc, mesh))
     data_dir = _ensure_data(exp)

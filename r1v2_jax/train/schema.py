@@ -31,7 +31,7 @@ import ml_collections
 
 from r1v2_jax.data.image import DEFAULT_MAX_MEGAPIXELS
 from r1v2_jax.data.synthetic import ALL_CATEGORIES
-from r1v2_jax.model.config import PRESETS, REMAT_POLICIES
+from r1v2_jax.model.config import ATTENTION_IMPLS, PRESETS, REMAT_POLICIES
 from r1v2_jax.rewards.verifier import VerifierConfig
 from r1v2_jax.sampling.engine import EngineConfig
 from r1v2_jax.train.stages import STAGES
@@ -64,8 +64,12 @@ class ModelSection:
     # "" = the model's own (the 38B preset: full; tiny presets and checkpoints read from
     # config.json: none); full | dots | save_qkv_attn | none (r1v2_jax.model.layers.remat_policy)
     remat_policy: str = ""
+    # "" = the model's own (auto: splash on TPU); auto | xla | chunked | splash (r1v2_jax.model.attention)
+    attention_impl: str = ""
 
     def __post_init__(self):
+        if self.attention_impl:
+            _choice("attention_impl", self.attention_impl, sorted(ATTENTION_IMPLS))
         _choice("preset", self.preset, sorted(PRESETS))
         if self.remat_policy:
             _choice("remat_policy", self.remat_policy, sorted(REMAT_POLICIES))
@@ -98,8 +102,15 @@ class DataSection:
     # unusable samples in a row stop the run with the counts by reason (0 = never)
     max_image_megapixels: float = DEFAULT_MAX_MEGAPIXELS
     max_consecutive_skips: int = 1000
+    # SFT / preference batches packed into rows of this many tokens (several sequences a row,
+    # segment ids, positions restarting per sequence); 0 = one sequence per row
+    pack_length: int = 0
+    pack_rows_multiple: int = 1
 
     def __post_init__(self):
+        if self.pack_length < 0 or self.pack_rows_multiple < 1:
+            raise ValueError(f"pack_length / pack_rows_multiple: need >= 0 and >= 1, got {self.pack_length}, "
+                             f"{self.pack_rows_multiple}")
         if not (math.isfinite(self.max_image_megapixels) and self.max_image_megapixels > 0):
             raise ValueError(f"max_image_megapixels: must be > 0, got {self.max_image_megapixels}")
         if self.max_consecutive_skips < 0:
@@ -166,13 +177,15 @@ class PlanSection:
     assumed_mfu: float = 0.4
     assumed_bandwidth_util: float = 0.7
     xla_estimate: bool = True
+    # the share of peak FLOP/s assumed for the Pallas attention kernels (XLA's estimate leaves them out)
+    kernel_efficiency: float = 0.5
 
     def __post_init__(self):
         _mesh_shape("mesh", self.mesh)
         _mesh_shape("sampler_mesh", self.sampler_mesh)
         if self.tiles_per_sample < 0:
             raise ValueError(f"tiles_per_sample: must be >= 0, got {self.tiles_per_sample}")
-        for f in ("assumed_mfu", "assumed_bandwidth_util"):
+        for f in ("assumed_mfu", "assumed_bandwidth_util", "kernel_efficiency"):
             v = getattr(self, f)
             if not (math.isfinite(v) and 0 < v <= 1):
                 raise ValueError(f"{f}: must be in (0, 1], got {v}")

@@ -45,9 +45,13 @@ def next_token_logprobs(module: R1V2, params, ids, mask, pixel_values=None, with
 
 
 def sft_loss(module, params, batch, ref_params=None, state=None):
-    """Token-mean NLL of the completion tokens (``response_loss_mask``)."""
-    lp = next_token_logprobs(module, params, batch["response_ids"], batch["response_mask"], batch.get("pixel_values"))
-    m = batch["response_loss_mask"][:, 1:].astype(jnp.float32)
+    """Token-mean NLL of the completion tokens (``response_loss_mask``). Packed batches
+    (:func:`r1v2_jax.data.pipeline.collate_packed`) carry segment ids as ``response_mask`` and
+    ``response_positions``; a target counts only within its own sequence's segment."""
+    seg = batch["response_mask"]
+    lp = next_token_logprobs(module, params, batch["response_ids"], seg, batch.get("pixel_values"),
+                             positions=batch.get("response_positions"))
+    m = (batch["response_loss_mask"][:, 1:] & (seg[:, 1:] == seg[:, :-1])).astype(jnp.float32)
     loss = LossSum(-(lp * m).sum(), m.sum())
     return loss, {"nll": loss.value}
 

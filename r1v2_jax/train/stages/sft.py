@@ -49,8 +49,8 @@ def run_sft(ctx: StageContext, params, sec: SFTSection):
                            tile_size=run.model_config.tile_size, skips=SkipCounter())
 
     def one(state, batch):
-        b = device_batch(run, {k: batch[k] for k in ("response_ids", "response_mask", "response_loss_mask")},
-                         row_tiles(run, batch))
+        keys = ("response_ids", "response_mask", "response_loss_mask", "response_positions")  # positions: packed
+        b = device_batch(run, {k: batch[k] for k in keys if k in batch}, row_tiles(run, batch))
         state, m = prog.step(state, b, None)
         return state, {k: float(v) for k, v in m.items()} | {"skipped_samples": dist.total(it.skips.total)}
 
