@@ -22,12 +22,15 @@ leaves no loadable checkpoint there (never a mixed one).
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
 import sys
 import tempfile
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -49,6 +52,8 @@ from r1v2_jax.convert.publish import OutputError, check_output_dir, fresh_output
 from r1v2_jax.convert.safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsDir, write_safetensors_dir
 from r1v2_jax.convert.transformers_format import native_config_dict, native_parts, released_config_dict
 from r1v2_jax.model.config import ModelConfig
+from r1v2_jax.model.vlm import abstract_params
+from r1v2_jax.parallel.sharding import DEFAULT_RULES, logical_to_pspec
 
 # Files of an HF directory that travel with the weights (never weights, never pickles).
 _SIDE_FILES = (".json", ".py", ".txt", ".model", ".tiktoken", ".md", ".jinja")
@@ -165,11 +170,7 @@ def hf_to_jax(hf_dir: str, out_dir: str, *, dtype: str | None = None, mesh_shape
 
 def _plan_leaves(config: ModelConfig, dtype: str, mesh_shape) -> dict[str, dict]:
     """Shape, dtype and chunk shape of every leaf (scan layout)."""
-    import flax.linen as nn
-    import jax
 
-    from r1v2_jax.model.vlm import abstract_params
-    from r1v2_jax.parallel.sharding import DEFAULT_RULES, logical_to_pspec
 
     boxed = abstract_params(config, boxed=True)
     out = {}
@@ -255,7 +256,6 @@ def jax_to_hf(ckpt_dir: str, out_dir: str, *, fmt: str = "released", dtype: str 
     side = _side_files(src_hf) if os.path.isdir(src_hf) else []
     if fmt == "released":
         if "config.json" in side:
-            import json
 
             with open(os.path.join(src_hf, "config.json")) as f:
                 config_json = json.load(f)

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from r1v2_jax.model.config import ModelConfig
+from r1v2_jax.model.vlm import abstract_params  # late import: model imports nothing from here
 
 
 class CheckpointKeyError(KeyError):
@@ -137,7 +138,6 @@ def _flat_paths(tree) -> dict[tuple[str, ...], tuple[int, ...]]:
 @functools.lru_cache(maxsize=32)
 def key_entries(config: ModelConfig) -> tuple[KeyEntry, ...]:
     """Every released tensor of a model with this config, in released-checkpoint order."""
-    from r1v2_jax.model.vlm import abstract_params  # late import: model imports nothing from here
 
     ours = _flat_paths(abstract_params(config, boxed=False))
     covered: set[tuple[str, ...]] = set()

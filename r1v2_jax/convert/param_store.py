@@ -38,8 +38,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorstore as ts
 
 from r1v2_jax.model.config import ModelConfig
+from r1v2_jax.model.vlm import abstract_params, param_shardings
+from r1v2_jax.parallel.multihost import allgather_json
+from r1v2_jax.parallel.sharding import DEFAULT_RULES
 
 META_FILE = "r1v2_params.json"
 FORMAT = "r1v2-params"
@@ -65,7 +69,6 @@ def _kvstore(path: str) -> dict:
 
 def _kv_dir(path: str):
     """A tensorstore KvStore whose keys are the files under the directory (or prefix) ``path``."""
-    import tensorstore as ts
 
     spec = _kvstore(path)
     spec["path"] = spec["path"].rstrip("/") + "/"
@@ -78,7 +81,6 @@ def _join(*parts: str) -> str:
 
 def _read_text(path: str) -> str:
     if path.startswith("gs://"):
-        import tensorstore as ts
 
         kv = ts.KvStore.open(_kvstore(path.rsplit("/", 1)[0] + "/")).result()
         r = kv.read(path.rsplit("/", 1)[1]).result()
@@ -99,7 +101,6 @@ def remote_output_dir(out_dir: str, overwrite: bool) -> str:
     """Prepare a bucket prefix to write a checkpoint into in place (a bucket has no rename):
     refuse one holding objects unless ``overwrite``; with it, delete the metadata file first
     (from then on the prefix is not a checkpoint) and then every other object."""
-    import tensorstore as ts
 
     kv = _kv_dir(out_dir)
     keys = kv.list().result()
@@ -155,7 +156,6 @@ class ParamWriter:
     """Creates the zarr arrays of a checkpoint and writes leaves or single layers into them."""
 
     def __init__(self, root: str, leaves: dict[str, dict]):
-        import tensorstore as ts
 
         self.root, self.leaves, self._arrays = root, leaves, {}
         for name, info in leaves.items():
@@ -187,7 +187,6 @@ class ParamWriter:
         path = _join(self.root, META_FILE)
         text = json.dumps(meta, indent=1)
         if path.startswith("gs://"):
-            import tensorstore as ts
 
             kv = ts.KvStore.open(_kvstore(self.root + "/")).result()
             kv.write(META_FILE, text.encode()).result()
@@ -249,7 +248,6 @@ def _verify_all(ckpt_dir: str, meta: dict, verify: str) -> None:
             raise
         error = str(e)
     if n > 1:
-        from r1v2_jax.parallel.multihost import allgather_json
 
         errors = [x for x in allgather_json(error) if x]
         if errors:
@@ -283,7 +281,6 @@ def checkpoint_config(ckpt_dir: str, **run_options) -> ModelConfig:
 def open_leaves(ckpt_dir: str, meta: dict | None = None, verify: str = "checksum") -> dict[str, Any]:
     """Open every parameter array, after checking its files against the manifest (``verify``:
     ``checksum`` or ``size``, see the module docstring)."""
-    import tensorstore as ts
 
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify: expected one of {VERIFY_MODES}, got {verify!r}")
@@ -315,8 +312,6 @@ def load_params(ckpt_dir: str, config: ModelConfig | None = None, *, mesh=None, 
     layout follows ``config.scan_layers``. With a mesh, every device reads only its shard.
     ``verify``: how the files are checked against the manifest first (:func:`open_leaves`).
     """
-    from r1v2_jax.model.vlm import abstract_params, param_shardings
-    from r1v2_jax.parallel.sharding import DEFAULT_RULES
 
     meta = read_metadata(ckpt_dir)
     stored = ModelConfig.from_config_dict(meta["model_config"])

@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from r1v2_jax.convert.hf_config import read_config
-from r1v2_jax.convert.keymap import released_to_params
-from r1v2_jax.convert.safetensors_io import SafetensorsDir
+from r1v2_jax.convert.keymap import key_entries, params_to_released, released_to_params
+from r1v2_jax.convert.param_store import checkpoint_config, is_checkpoint, load_params
+from r1v2_jax.convert.safetensors_io import SafetensorsDir, write_safetensors_dir
+from r1v2_jax.convert.transformers_format import released_config_dict
 from r1v2_jax.model.config import DTYPES, ConfigError
 from r1v2_jax.model.vlm import R1V2Model, param_shardings
 from r1v2_jax.parallel.sharding import DEFAULT_RULES
@@ -55,9 +57,6 @@ def save_released(model: R1V2Model, out_dir: str | os.PathLike, *, dtype: str | 
 
     Tensors are converted one at a time. ``dtype`` casts on the way out (default: as stored).
     """
-    from r1v2_jax.convert.keymap import key_entries, params_to_released
-    from r1v2_jax.convert.safetensors_io import write_safetensors_dir
-    from r1v2_jax.convert.transformers_format import released_config_dict
 
     np_dtype = None if dtype is None else jnp.dtype(dtype)
     stored = str(np_dtype or jnp.dtype(model.config.param_dtype))
@@ -75,7 +74,6 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, dtype: str | None = None, *, me
                     scan_layers: bool = True, remat_policy: str = "none") -> R1V2Model:
     """Load our parameter checkpoint (written by ``tools/convert_weights/hf_to_jax.py``), sharded
     on ``mesh`` when given: each device reads only its own shard."""
-    from r1v2_jax.convert.param_store import checkpoint_config, load_params
 
     opts = dict(scan_layers=scan_layers, remat_policy=remat_policy)
     if dtype is not None:
@@ -90,7 +88,6 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, dtype: str | None = None, *, me
 def load_model(path: str | os.PathLike, dtype: str | None = None, **kw) -> R1V2Model:
     """Either format: our checkpoint (it has ``r1v2_params.json``) via :func:`load_checkpoint`,
     otherwise a released HF directory via :func:`load_pretrained` (float32 unless ``dtype``)."""
-    from r1v2_jax.convert.param_store import is_checkpoint
 
     if is_checkpoint(os.fspath(path)):
         return load_checkpoint(path, dtype, **kw)

@@ -11,6 +11,7 @@ import os
 import shutil
 from typing import Iterator
 
+import ml_dtypes
 import numpy as np
 
 from r1v2_jax.convert.publish import OutputError, fresh_output_dir, publish_dir
@@ -84,7 +85,6 @@ def _dtype_of(code: str):
     if code not in _NP_DTYPES:
         raise ValueError(f"unsupported safetensors dtype {code!r}")
     if code == "BF16":
-        import ml_dtypes
 
         return ml_dtypes.bfloat16
     return _NP_DTYPES[code]

@@ -25,7 +25,12 @@ import io
 import json
 import logging
 import os
+import warnings
 from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
 
 from r1v2_jax.data.image import DEFAULT_MAX_MEGAPIXELS, pixel_budget_problem
 
@@ -167,7 +172,6 @@ def iter_records(path: str) -> Iterator[tuple[str, Any]]:
         arrows = sorted(glob.glob(os.path.join(path, "*.arrow")))
         parquets = sorted(glob.glob(os.path.join(path, "*.parquet")))
         if arrows:
-            import pyarrow as pa
 
             def tables():
                 for a in arrows:
@@ -180,13 +184,11 @@ def iter_records(path: str) -> Iterator[tuple[str, Any]]:
             yield from _iter_arrow_tables(tables(), path)
             return
         if parquets:
-            import pyarrow.parquet as pq
 
             yield from _iter_arrow_tables((pq.read_table(p) for p in parquets), path)
             return
         raise FileNotFoundError(f"{path}: a folder without *.arrow (HF datasets) or *.parquet files")
     if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
 
         yield from _iter_arrow_tables([pq.read_table(path)], path)
         return
@@ -222,9 +224,7 @@ def open_image(record: dict, image: Any, max_megapixels: float = DEFAULT_MAX_MEG
     than ``max_megapixels`` million pixels (a decompression bomb: a few KB of PNG can claim
     billions) is a ``BadSample("image_too_large")``. PIL's own hard limit (twice
     ``PIL.Image.MAX_IMAGE_PIXELS``, about 179 MP) is reported under the same reason."""
-    import warnings
 
-    from PIL import Image, UnidentifiedImageError
 
     where = record.get("_where", "?")
     problem = _image_entry_problem(image)

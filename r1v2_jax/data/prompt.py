@@ -24,8 +24,11 @@ A question whose ``<image>`` placeholders do not match its images is
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from r1v2_jax.data.tokenizer import END_THINK, ENDOFTEXT, IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START, THINK
 
@@ -92,10 +95,7 @@ def chatml(user: str, think: bool = True) -> str:
 
 def render_template(template: str, user: str) -> str:
     """Render an HF chat template for one user message with the generation prompt."""
-    import json
 
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(msg):
         raise TemplateError(msg)

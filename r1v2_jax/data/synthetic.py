@@ -24,6 +24,8 @@ import json
 import os
 import random
 
+from PIL import Image, ImageDraw, ImageFont
+
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
 CATEGORIES = ("count", "arith", "compare")
@@ -71,7 +73,6 @@ def _count_task(rng, draw, size, difficulty):
 
 
 def _font(size: int):
-    from PIL import ImageFont
 
     try:
         return ImageFont.load_default(size=size)
@@ -141,7 +142,6 @@ _TASKS = {"count": _count_task, "arith": _arith_task, "compare": _compare_task, 
 
 def make_example(rng: random.Random, image_size: int, category: str, difficulty: int):
     """(PIL image, record without the image path)."""
-    from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (image_size, image_size), (255, 255, 255))
     q, ans, choices, facts = _TASKS[category](rng, ImageDraw.Draw(img), image_size, difficulty)

@@ -20,6 +20,9 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 THINK, END_THINK = "<think>", "</think>"
@@ -137,7 +140,6 @@ def cache_dir() -> str:
 def build_qwen2_tokenizer(out_path: str | None = None):
     """A ``tokenizers.Tokenizer`` with the Qwen2 vocabulary, built once and cached on disk
     (keyed by the ranks file's hash). Writes ``tokenizer.json`` to ``out_path`` if given."""
-    from tokenizers import Tokenizer
 
     ranks_path = qwen_ranks_file()
     with open(ranks_path, "rb") as f:
@@ -149,7 +151,6 @@ def build_qwen2_tokenizer(out_path: str | None = None):
             json.dump(build_qwen2_tokenizer_json(ranks_path), f, ensure_ascii=False)
         os.replace(tmp, cached)
     if out_path:
-        import shutil
 
         shutil.copyfile(cached, out_path)
     return Tokenizer.from_file(cached)
@@ -158,7 +159,6 @@ def build_qwen2_tokenizer(out_path: str | None = None):
 def tiny_tokenizer(image_token_id: int = 255, vocab_size: int = 256):
     """Characters as tokens, the chat and image special tokens, ``<IMG_CONTEXT>`` at
     ``image_token_id``: the tokenizer of tiny test models."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     chars = [chr(c) for c in range(32, 127)] + ["\n"]
     vocab = {t: i for i, t in enumerate(TINY_SPECIALS + chars + ["[UNK]"])}
@@ -175,7 +175,6 @@ def tiny_tokenizer(image_token_id: int = 255, vocab_size: int = 256):
 
 def load_tokenizer(model_dir: str):
     """The ``tokenizers.Tokenizer`` of a model directory (its ``tokenizer.json``, or ``hf/tokenizer.json``)."""
-    from tokenizers import Tokenizer
 
     for d in (model_dir, os.path.join(model_dir, "hf")):
         p = os.path.join(d, "tokenizer.json")

@@ -45,6 +45,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import splash_attention as sa  # TPU kernel library, heavy
 from jax.sharding import PartitionSpec as P
 
 from r1v2_jax.parallel.sharding import current_mesh_rules, logical_to_pspec
@@ -245,7 +246,6 @@ def _largest_divisor(n: int, options: tuple[int, ...]) -> int:
 
 def splash_block_sizes(t: int):
     """Block sizes for a (padded, multiple-of-128) sequence length ``t``, forward and backward."""
-    from jax.experimental.pallas.ops.tpu import splash_attention as sa  # TPU kernel library, heavy
 
     bq = _largest_divisor(t, (512, 256, 128))
     bkv = _largest_divisor(t, (1024, 512, 256, 128))
@@ -256,7 +256,6 @@ def splash_block_sizes(t: int):
 
 def _splash_local(q, k, v, seg, *, causal: bool, interpret: bool):
     """Per shard: q f[b, h, T, D] (already scaled), k/v f[b, hkv, T, D], seg i32[b, T]."""
-    from jax.experimental.pallas.ops.tpu import splash_attention as sa  # TPU kernel library, heavy
 
     h, t = q.shape[1], q.shape[2]
     base = sa.CausalMask((t, t)) if causal else sa.FullMask((t, t))

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from r1v2_jax.model.config import ModelConfig
+from r1v2_jax.model.config import ModelConfig, model_config
 from r1v2_jax.model.qwen2 import Qwen2, cache_mask, default_positions
 from r1v2_jax.model.vision import Adapter, InternViT
 from r1v2_jax.parallel.sharding import DEFAULT_RULES, constrain, tree_shardings, use_mesh_rules
@@ -246,7 +246,6 @@ class R1V2Model:
 
 def init_model(config: ModelConfig | str, seed: int = 0, mesh=None, rules=DEFAULT_RULES) -> R1V2Model:
     """A randomly initialised model (sharded on ``mesh`` when given)."""
-    from r1v2_jax.model.config import model_config
 
     config = model_config(config)
     init = functools.partial(init_params, config)

@@ -24,7 +24,9 @@ import logging
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -61,7 +63,6 @@ def is_main() -> bool:
 
 def barrier(name: str) -> None:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
 
@@ -70,7 +71,6 @@ def allgather_json(obj: Any) -> list[Any]:
     """Every process's JSON-able ``obj``, in process order (on every process)."""
     if jax.process_count() == 1:
         return [obj]
-    from jax.experimental import multihost_utils
 
     data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
     sizes = multihost_utils.process_allgather(np.asarray([data.size], np.int64)).reshape(-1)
@@ -124,7 +124,6 @@ def global_rows(x, mesh) -> jax.Array:
 
     Without a mesh: ``jnp.asarray(x)``. The global array's rows are the hosts' rows in process
     order; every host must pass the same number of rows."""
-    import jax.numpy as jnp
 
     if mesh is None:
         return jnp.asarray(x)

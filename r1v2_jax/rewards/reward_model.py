@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from r1v2_jax.model.config import ModelConfig
 from r1v2_jax.model.layers import Linear
-from r1v2_jax.model.vlm import R1V2
+from r1v2_jax.model.vlm import R1V2, _dummy_inputs
 from r1v2_jax.rl.losses import LossSum
 
 
@@ -43,7 +43,6 @@ class RewardModel(nn.Module):
 
 def init_reward_params(config: ModelConfig, rng: jax.Array, backbone_params=None):
     """Reward-model parameters; ``backbone_params`` (a policy's) replaces the random backbone."""
-    from r1v2_jax.model.vlm import _dummy_inputs
 
     ids, pix = _dummy_inputs(config)  # with an image, so the vision tower's parameters exist too
     params = nn.unbox(RewardModel(config).init(rng, ids, pix)["params"])

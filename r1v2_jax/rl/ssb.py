@@ -27,6 +27,9 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+
+from r1v2_jax.parallel.sharding import DEFAULT_RULES, logical_to_pspec
 
 EVICTIONS = ("lowest_abs_adv", "oldest")
 NEG = -jnp.inf
@@ -186,9 +189,7 @@ def ssb_metrics(state: SSBState) -> dict[str, jax.Array]:
 
 def ssb_shardings(state: SSBState, mesh, rules=None):
     """NamedShardings putting every buffer array's capacity axis on the batch mesh axes."""
-    from jax.sharding import NamedSharding
 
-    from r1v2_jax.parallel.sharding import DEFAULT_RULES, logical_to_pspec
 
     rules = rules or DEFAULT_RULES
 

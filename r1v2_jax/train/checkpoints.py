@@ -16,7 +16,10 @@ import os
 import shutil
 import time
 
+import fsspec
 import jax
+import orbax.checkpoint as ocp
+from etils import epath
 
 from r1v2_jax.parallel import multihost as dist
 from r1v2_jax.train.run import Run
@@ -31,7 +34,6 @@ class ResumeError(ValueError):
 
 class StageCheckpoints:
     def __init__(self, run: Run, stage: str):
-        import orbax.checkpoint as ocp
 
         self.ocp = ocp
         root = run.checkpoint_dir or os.path.join(run.run_dir, "checkpoints")
@@ -125,7 +127,6 @@ def sync_logs(run_dir: str, checkpoint_dir: str, pull: bool = False) -> None:
     them down when ``run_dir`` has none. Process 0 only; nothing without a ``checkpoint_dir``."""
     if not checkpoint_dir or not dist.is_main():
         return
-    from etils import epath
 
     remote, local = epath.Path(checkpoint_dir) / "logs", epath.Path(run_dir)
     if pull and (local / "metrics.jsonl").exists():
@@ -149,7 +150,6 @@ def pull_dataset(src: str, cache_root: str) -> str:
     ``cache_root/<hash of src>`` (downloaded into a temporary folder, renamed when complete) and
     reused afterwards: the data loaders read local files (images by relative path). Every host
     makes its own copy. A later change in the bucket is not picked up: delete the cache folder."""
-    import fsspec
 
     dst = os.path.join(cache_root, hashlib.sha1(src.encode()).hexdigest()[:16])
     if os.path.isdir(dst):

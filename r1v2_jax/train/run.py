@@ -8,11 +8,12 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding
 
 from r1v2_jax.data.pipeline import PipelineConfig
 from r1v2_jax.data.prompt import PromptBuilder
 from r1v2_jax.model.config import ModelConfig
-from r1v2_jax.model.vlm import R1V2, R1V2Model
+from r1v2_jax.model.vlm import R1V2, R1V2Model, param_shardings
 from r1v2_jax.parallel import multihost as dist
 from r1v2_jax.rewards.verifier import VerifierConfig, VerifierPool
 from r1v2_jax.sampling.engine import EngineConfig, PagedEngine
@@ -77,7 +78,6 @@ class Run:
         """``params`` resharded for the sampler mesh (as they are, without one)."""
         if self.sampler_mesh is None:
             return params
-        from r1v2_jax.model.vlm import param_shardings
 
         return jax.device_put(params, param_shardings(self.model_config, self.sampler_mesh))
 
@@ -131,7 +131,6 @@ def init_run_state(run: Run, params, opt, ssb=None) -> TrainState:
     state = init_state(params, opt, run.seed, ssb=ssb)
     if run.mesh is None:
         return state
-    from jax.sharding import NamedSharding
 
     def place(x):
         if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == run.mesh:

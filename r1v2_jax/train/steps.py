@@ -19,7 +19,7 @@ import optax
 
 from r1v2_jax.model.vlm import R1V2, param_shardings
 from r1v2_jax.parallel.multihost import batch_shards
-from r1v2_jax.parallel.sharding import use_mesh_rules
+from r1v2_jax.parallel.sharding import DEFAULT_RULES, use_mesh_rules
 from r1v2_jax.rewards.reward_model import RewardModel, bradley_terry_loss
 from r1v2_jax.rl.losses import LossSum, PolicyLossConfig, policy_loss, sequence_logprobs
 from r1v2_jax.rl.mpo import MPOConfig, batch_reward_mean, bco_delta_update, implicit_rewards, mpo_loss
@@ -177,7 +177,6 @@ def make_train_step(kind: str, module, optimizer: optax.GradientTransformation, 
     mcfg = mpo_cfg or MPOConfig()
 
     def step(state: TrainState, batch: dict, ref_params):
-        from r1v2_jax.parallel.sharding import DEFAULT_RULES
 
         if mesh is not None:  # trace time: say when micro-batches cannot be split evenly over the batch axes
             rows = jax.tree.leaves(batch)[0].shape[0] // n_micro
