@@ -31,6 +31,7 @@ def _run(run_dir, every=2, keep=2):
 def _state():
     return TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.arange(4, dtype=jnp.float32)}, opt_state={},
                       rng=jax.random.key_data(jax.random.key(0)), bco_delta=jnp.zeros((), jnp.float32),
+                      bco_count=jnp.zeros((), jnp.int32),
                       skipped=jnp.zeros((), jnp.int32))
 
 
