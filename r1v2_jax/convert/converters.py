@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from r1v2_jax.convert.hf_config import read_config
 from r1v2_jax.convert.keymap import check_keys, key_entries
@@ -71,10 +72,6 @@ def _side_files(src: str) -> list[str]:
 
 def _progress(total_bytes: int, desc: str, quiet: bool):
     if quiet:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm is optional
         return None
     return tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, file=sys.stderr, leave=False)
 

@@ -27,6 +27,7 @@ from typing import Iterator, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -81,8 +82,6 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence[j
     except Exception as e:  # noqa: BLE001 - e.g. an 8-way axis on a 16x16 TPU torus
         if "allow_split_physical_axes" not in str(e):
             raise
-        from jax.experimental import mesh_utils
-
         grid = mesh_utils.create_device_mesh(tuple(shape), devices, allow_split_physical_axes=True)
         return Mesh(grid, MESH_AXES, axis_types=auto)
 

@@ -113,7 +113,8 @@ def check(completion: str, gold: str, choices: Sequence[str] = (), timeout: int 
         pred = repr(float(pred.strip()))
     if pred.strip() == gold.strip():
         return 1.0
-    from math_verify import parse, verify
+    # math-verify (and sympy under it) take seconds to import: only where an answer needs it
+    from math_verify import parse, verify  # noqa: PLC0415
 
     g = parse(f"${gold}$", parsing_timeout=timeout)
     if not g:

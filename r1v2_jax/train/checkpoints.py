@@ -103,8 +103,6 @@ class StageCheckpoints:
                 path = f"{self.dir}/{step}"
                 try:
                     if "://" in self.dir:
-                        from etils import epath
-
                         epath.Path(path).rmtree()
                     else:
                         os.rename(path, f"{self.dir}/corrupt-{step}-{int(time.time())}")

@@ -86,7 +86,7 @@ class MetricsLog:
         self._tb = None
         if tensorboard and is_main:
             try:
-                from tensorboardX import SummaryWriter
+                from tensorboardX import SummaryWriter  # noqa: PLC0415 (heavy; only with TensorBoard logging on)
 
                 self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
             except ImportError:  # optional
@@ -134,10 +134,10 @@ def plot_curves(rows: list[dict], out_path: str, keys=("loss", "reward_total", "
                                                         "effective_share_after", "response_length", "kl")) -> str | None:
     """PNG of the main curves, one panel per key present, x = global row index per stage."""
     try:
-        import matplotlib
+        import matplotlib  # noqa: PLC0415 (heavy; only when a plot is drawn)
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # noqa: PLC0415
     except ImportError:
         return None
     present = [k for k in keys if any(k in r for r in rows)]
