@@ -14,7 +14,7 @@ covers the longest live sequence for the next K steps, so attention gathers ``n`
 slot, not the whole maximum length (on TPU this is where ragged paged attention goes: see
 ``../shared/kernels/snippet_rpa.py``).
 
-Attention is the model's own :func:`r1v2_jax.model.qwen2.attention` over the gathered pages
+Attention is the model's own :func:`r1v2_jax.model.attention.reference_attention` over the gathered pages
 with a length mask: masked positions get exactly zero weight, so a sequence's logits equal
 those of the dense cache up to the order of float additions.
 """
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from r1v2_jax.model.qwen2 import attention
+from r1v2_jax.model.attention import reference_attention as attention
 
 
 @flax.struct.dataclass
