@@ -26,7 +26,7 @@ import grain
 import numpy as np
 
 from r1v2_jax.data.formats import BadSample, SkipCounter, open_image
-from r1v2_jax.data.image import preprocess
+from r1v2_jax.data.image import ALPHA_MODES, preprocess
 from r1v2_jax.data.prompt import PromptBuilder, PromptTooLong
 
 
@@ -45,6 +45,12 @@ class PipelineConfig:
     process_index: int | None = None  # None: jax.process_index()
     process_count: int | None = None  # None: jax.process_count()
     drop_remainder: bool = True
+    # transparency: "drop" (PIL convert("RGB"), as the released pipeline) or "white" (composited)
+    alpha: str = "drop"
+
+    def __post_init__(self):
+        if self.alpha not in ALPHA_MODES:
+            raise ValueError(f"pipeline alpha: expected one of {ALPHA_MODES}, got {self.alpha!r}")
 
 
 def host_shard(cfg: PipelineConfig) -> tuple[int, int]:
@@ -93,7 +99,8 @@ class HostSlice(grain.MapDataset):
 def load_tiles(record: dict, tile_size: int, cfg: PipelineConfig) -> list[np.ndarray]:
     """Each image of a record as f32[n_tiles, 3, S, S] (raises BadSample for unusable images)."""
     return [preprocess(open_image(record, im), tile_size=tile_size, max_num=cfg.max_tiles,
-                       use_thumbnail=cfg.use_thumbnail, dynamic=cfg.dynamic_tiling) for im in record["images"]]
+                       use_thumbnail=cfg.use_thumbnail, dynamic=cfg.dynamic_tiling, alpha=cfg.alpha)
+            for im in record["images"]]
 
 
 class PreparePrompt(grain.transforms.Map):
