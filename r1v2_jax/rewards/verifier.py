@@ -4,8 +4,8 @@
 last ``\\boxed{...}`` (nested braces), else "the answer is ...", else the last line. For
 multiple choice (gold is a letter and choices are given) :func:`extract_choice` finds the
 letter by a written-down precedence (see there) and compares exactly. Everything else goes
-through math-verify (numbers, fractions, LaTeX, units, intervals, sets). :class:`VerifierPool` runs checks in worker processes with a per-answer
-time bound: an answer that hangs the parser costs at most ``timeout`` seconds, scores 0,
+through math-verify (numbers, fractions, LaTeX, units, intervals, sets). :class:`VerifierPool`
+runs checks in worker processes with a per-answer time bound: an answer that hangs the parser costs at most ``timeout`` seconds, scores 0,
 and is counted; the stuck worker is replaced.
 """
 
