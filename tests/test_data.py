@@ -93,14 +93,63 @@ def test_pixel_values_match_reference_transform(size):
     np.testing.assert_allclose(ours, ref, atol=1e-6, rtol=0)
 
 
-def test_palette_and_alpha_images_become_rgb():
+def _transparent_images():
+    """One 14x14 image per way of carrying transparency, every pixel black and fully
+    transparent, except RGBA's half-transparent one."""
+    black_palette = [0, 0, 0] + [255, 0, 0] * 255
+    pa = Image.new("PA", (14, 14), (0, 0))
+    pa.putpalette(black_palette)
+    p_idx = Image.new("P", (14, 14), 0)
+    p_idx.putpalette(black_palette)
+    p_idx.info["transparency"] = 0  # palette index 0 transparent
+    p_tab = Image.new("P", (14, 14), 0)
+    p_tab.putpalette(black_palette)
+    p_tab.info["transparency"] = bytes([0] + [255] * 255)  # per-index alpha table
+    rgb_trns = Image.new("RGB", (14, 14), (0, 0, 0))
+    rgb_trns.info["transparency"] = (0, 0, 0)  # tRNS colour
+    l_trns = Image.new("L", (14, 14), 0)
+    l_trns.info["transparency"] = 0
+    return {"RGBA": Image.new("RGBA", (14, 14), (0, 0, 0, 0)), "LA": Image.new("LA", (14, 14), (0, 0)), "PA": pa,
+            "P+index": p_idx, "P+table": p_tab, "RGB+tRNS": rgb_trns, "L+tRNS": l_trns}
+
+
+def _pixel(x):
+    return x[0, :, 3, 3] * np.asarray(IMAGENET_STD) + np.asarray(IMAGENET_MEAN)
+
+
+def test_palette_image_becomes_rgb():
     p = Image.new("P", (20, 20))
     p.putpalette([255, 0, 0] * 256)
     x = preprocess(p, tile_size=14, max_num=1)
     np.testing.assert_allclose(x[0, :, 3, 3], (np.array([1, 0, 0]) - IMAGENET_MEAN) / IMAGENET_STD, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", list(_transparent_images()))
+def test_alpha_dropped_by_default_like_the_released_pipeline(kind):
+    """The released pipeline's convert("RGB"): transparency ignored, the stored colour kept
+    (black here; compositing onto white gave white, a full black-to-white difference)."""
+    img = _transparent_images()[kind]
+    x = preprocess(img, tile_size=14, max_num=1)
+    np.testing.assert_array_equal(x, preprocess(img.convert("RGB"), tile_size=14, max_num=1))
+    np.testing.assert_allclose(_pixel(x), 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", list(_transparent_images()))
+def test_alpha_composited_on_white_alike_for_every_mode(kind):
+    x = preprocess(_transparent_images()[kind], tile_size=14, max_num=1, alpha="white")
+    np.testing.assert_allclose(_pixel(x), 1.0, atol=1e-6)
+
+
+def test_half_alpha_on_white_and_bad_alpha_mode():
     half = Image.new("RGBA", (14, 14), (0, 0, 0, 128))
-    y = preprocess(half, tile_size=14, max_num=1)[0, 0, 0, 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]
-    assert abs(y - 127 / 255) < 2 / 255  # composited on white
+    y = _pixel(preprocess(half, tile_size=14, max_num=1, alpha="white"))
+    np.testing.assert_allclose(y, 127 / 255, atol=1e-6)  # 255 * (1 - 128/255)
+    assert np.allclose(_pixel(preprocess(Image.new("RGB", (14, 14), (9, 9, 9)), tile_size=14, max_num=1,
+                                         alpha="white")), 9 / 255, atol=1e-6)  # no transparency: untouched
+    with pytest.raises(ValueError, match="alpha"):
+        preprocess(half, tile_size=14, max_num=1, alpha="black")
+    with pytest.raises(ValueError, match="pipeline alpha"):
+        PipelineConfig(batch_size=1, alpha="composite")
 
 
 # --- tokens ----------------------------------------------------------------------------------

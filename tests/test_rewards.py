@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pool_workers
 import pytest
-from verifier_cases import CASES, CHOICES
+from verifier_cases import CASES, CHOICE_CASES, CHOICES
 
 from r1v2_jax.model.config import model_config
 from r1v2_jax.rewards.calibration import (
@@ -29,7 +29,7 @@ from r1v2_jax.rewards.format import FormatConfig, format_reward
 from r1v2_jax.rewards.hybrid import HybridConfig, combine
 from r1v2_jax.rewards.remote import RemoteScorer
 from r1v2_jax.rewards.reward_model import RewardModel, bradley_terry_loss, init_reward_params, make_scorer
-from r1v2_jax.rewards.verifier import VerifierPool, check, extract_answer, last_boxed
+from r1v2_jax.rewards.verifier import VerifierPool, check, extract_answer, extract_choice, last_boxed
 
 
 def _choices(gold):
@@ -40,6 +40,16 @@ def test_verifier_over_100_real_format_cases():
     assert len(CASES) >= 100
     wrong = [(c, g, want) for c, g, want in CASES if check(c, g, _choices(g)) != want]
     assert not wrong, wrong
+
+
+def test_multiple_choice_forms_table():
+    assert len(CHOICE_CASES) >= 40
+    wrong = [(c, want, extract_choice(c, CHOICES)) for c, want in CHOICE_CASES if extract_choice(c, CHOICES) != want]
+    assert not wrong, wrong
+    # check() scores them against the gold letter
+    for c, want in CHOICE_CASES:
+        if want is not None:
+            assert check(c, want, CHOICES) == 1.0 and check(c, "A" if want != "A" else "B", CHOICES) == 0.0, c
 
 
 def test_extraction_details():

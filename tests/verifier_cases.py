@@ -47,3 +47,37 @@ CASES = [
 
 # choices for the multiple-choice rows (by gold letter, the answer being the letter's index)
 CHOICES = ["the red circle", "the blue square", "the green triangle", "the yellow circle"]
+
+# multiple-choice forms (choices = CHOICES, A-D): completion -> the letter extract_choice reads
+# (None: no letter). The precedence is extract_choice's docstring: region, last box, "the
+# answer is ...", last set-off letter, a choice's text.
+CHOICE_CASES = [
+    # the last box decides, LaTeX text wrappers unwrapped, option text after the letter allowed
+    ("\\boxed{B}", "B"), ("\\boxed{(C)}", "C"), ("\\boxed{\\text{B}}", "B"), ("\\boxed{\\mathrm{C}}", "C"),
+    ("\\boxed{\\textbf{D}}", "D"), ("\\boxed{\\text{(A)}}", "A"), ("$\\boxed{\\mathbf{(A)}}$", "A"),
+    ("\\boxed{B. the blue square}", "B"), ("\\boxed{\\text{B. the blue square}}", "B"),
+    ("\\boxed{(C) the green triangle}", "C"), ("\\boxed{D: the yellow circle}", "D"),
+    ("\\boxed{\\text{(B)}\\ \\text{blue square}}", "B"), ("\\boxed{\\text{Option } C}", "C"),
+    ("\\boxed{the blue square}", "B"), ("\\boxed{\\text{the green triangle}}", "C"), ("\\boxed{b}", "B"),
+    ("(A) looks right at first, but \\boxed{C}", "C"), ("\\boxed{A} hmm, no: \\boxed{D}", "D"),
+    ("\\boxed{E}", None), ("Options (A) and (B) are wrong. \\boxed{7}", None), ("\\boxed{}", None),
+    # "the answer is ..."
+    ("The answer is B.", "B"), ("The answer is (C).", "C"), ("Answer: D", "D"), ("Final answer: **A**", "A"),
+    ("**Final Answer:** (C)", "C"), ("**Answer: C**", "C"), ("The correct option is B, the blue square.", "B"),
+    ("The correct answer is the green triangle.", "C"), ("I choose option A", "A"),
+    ("Option A is tempting. However the answer is (C)", "C"), ("The answer is $\\text{B}$", "B"),
+    ("Answer: the yellow circle", "D"), ("Answer: b", "B"), ("The answer is a red circle", None),
+    ("The answer is C because the triangle is green.", "C"),
+    # the last set-off letter
+    ("**B**", "B"), ("**(D)**", "D"), ("Option A seems plausible, but on reflection (C)", "C"),
+    ("(A) is wrong, so (B)", "B"), ("B. the blue square", "B"), ("C) the green triangle", "C"),
+    ("It must be [D]", "D"), ("Looking at the image carefully.\nB", "B"), ("</think>C", "C"),
+    ("I think A red circle is not it, so (D)", "D"), ("A red circle and a blue square. Choice D", "D"),
+    ("$\\text{C}$", "C"), ("I think it is hard to say.", None),
+    # the region: after the last </think>, from the last "final answer" on
+    ("<think>The answer is A</think>The answer is B", "B"), ("<think>\\boxed{A}</think>(B)", "B"),
+    ("Final Answer\n\nD", "D"), ("First, (A) and (B) differ in colour. Final answer: C", "C"),
+    ("\\boxed{A}\n\nFinal answer: (B)", "B"),
+    # a choice's text
+    ("the red circle", "A"), ("It is the blue square", "B"), ("", None), ("!!!", None),
+]

@@ -3,6 +3,12 @@
 ``load_image(path, tile_size=448, max_num=12, use_thumbnail=True)`` -> float32
 [n_tiles, 3, tile, tile] (NCHW), tiles row-major, then the thumbnail when there is more than
 one tile, exactly as the released model's ``dynamic_preprocess`` + transform.
+
+Transparency (``alpha``): the released pipeline opens images with ``convert("RGB")``, which
+*drops* alpha (a transparent pixel keeps the colour stored under it, often black). That is
+the default (``"drop"``), for parity with the released model. ``"white"`` composites onto
+white instead, the same way for every way an image can carry transparency: RGBA, LA, PA,
+palette images with a ``transparency`` entry, and L/RGB images with a tRNS colour.
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ def pixel_budget_problem(size: tuple[int, int], max_megapixels: float) -> str | 
     if w * h > max_megapixels * 1e6:
         return f"has {w}x{h} = {w * h / 1e6:.1f} MP, over the pixel budget of {max_megapixels:g} MP"
     return None
+
+
+ALPHA_MODES = ("drop", "white")
+_ALPHA_IMAGE_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 def target_ratios(min_num: int, max_num: int) -> list[tuple[int, int]]:
@@ -45,17 +55,23 @@ def closest_grid(width: int, height: int, ratios, tile_size: int) -> tuple[int, 
     return best
 
 
-def to_rgb(image):
-    """RGB conversion of palette, alpha (composited on white) and greyscale images."""
+def has_transparency(image) -> bool:
+    """Whether a PIL image carries transparency: an alpha band or a palette/tRNS ``transparency``."""
+    return image.mode in _ALPHA_IMAGE_MODES or "transparency" in image.info
+
+
+def to_rgb(image, alpha: str = "drop"):
+    """RGB conversion of palette, alpha and greyscale images. ``alpha="drop"``: PIL's
+    ``convert("RGB")`` as the released pipeline (alpha ignored); ``"white"``: composited onto white."""
     from PIL import Image
 
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
+    if alpha not in ALPHA_MODES:
+        raise ValueError(f"alpha: expected one of {ALPHA_MODES}, got {alpha!r}")
+    if alpha == "white" and has_transparency(image):
+        rgba = image.convert("RGBA")  # applies palette / tRNS transparency as alpha
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def dynamic_tiles(image, tile_size: int = 448, min_num: int = 1, max_num: int = 12, use_thumbnail: bool = True):
@@ -84,9 +100,9 @@ def normalize(tile, tile_size: int) -> np.ndarray:
 
 
 def preprocess(image, tile_size: int = 448, max_num: int = 12, use_thumbnail: bool = True,
-               dynamic: bool = True) -> np.ndarray:
-    """A PIL image -> pixel_values f32[n_tiles, 3, tile_size, tile_size]."""
-    image = to_rgb(image)
+               dynamic: bool = True, alpha: str = "drop") -> np.ndarray:
+    """A PIL image -> pixel_values f32[n_tiles, 3, tile_size, tile_size] (``alpha``: see :func:`to_rgb`)."""
+    image = to_rgb(image, alpha)
     tiles = dynamic_tiles(image, tile_size, 1, max_num, use_thumbnail) if dynamic else [image]
     return np.stack([normalize(t, tile_size) for t in tiles])
 

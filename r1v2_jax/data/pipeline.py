@@ -30,7 +30,7 @@ import grain
 import numpy as np
 
 from r1v2_jax.data.formats import BadSample, EmptyDataset, SkipCounter, open_image
-from r1v2_jax.data.image import DEFAULT_MAX_MEGAPIXELS, preprocess
+from r1v2_jax.data.image import ALPHA_MODES, DEFAULT_MAX_MEGAPIXELS, preprocess
 from r1v2_jax.data.prompt import PromptBuilder, PromptError
 
 
@@ -57,6 +57,8 @@ class PipelineConfig:
     # rounded up to a multiple of pack_rows_multiple (few distinct shapes).
     pack_length: int = 0
     pack_rows_multiple: int = 1
+    # transparency: "drop" (PIL convert("RGB"), as the released pipeline) or "white" (composited)
+    alpha: str = "drop"
 
     def __post_init__(self):
         if not self.max_image_megapixels > 0:
@@ -66,6 +68,8 @@ class PipelineConfig:
         if self.pack_length < 0 or self.pack_rows_multiple < 1:
             raise ValueError(f"PipelineConfig: pack_length must be >= 0 and pack_rows_multiple >= 1, got "
                              f"{self.pack_length} and {self.pack_rows_multiple}")
+        if self.alpha not in ALPHA_MODES:
+            raise ValueError(f"pipeline alpha: expected one of {ALPHA_MODES}, got {self.alpha!r}")
 
 
 def host_shard(cfg: PipelineConfig) -> tuple[int, int]:
@@ -114,7 +118,8 @@ class HostSlice(grain.MapDataset):
 def load_tiles(record: dict, tile_size: int, cfg: PipelineConfig) -> list[np.ndarray]:
     """Each image of a record as f32[n_tiles, 3, S, S] (raises BadSample for unusable images)."""
     return [preprocess(open_image(record, im, cfg.max_image_megapixels), tile_size=tile_size, max_num=cfg.max_tiles,
-                       use_thumbnail=cfg.use_thumbnail, dynamic=cfg.dynamic_tiling) for im in record["images"]]
+                       use_thumbnail=cfg.use_thumbnail, dynamic=cfg.dynamic_tiling, alpha=cfg.alpha)
+            for im in record["images"]]
 
 
 def _skip(record: dict, e: Exception) -> dict:

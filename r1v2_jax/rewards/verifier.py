@@ -3,12 +3,12 @@
 :func:`extract_answer` finds the answer in a completion (after the last ``</think>``): the
 last ``\\boxed{...}`` (nested braces), else "the answer is ...", else the last line. For
 multiple choice (gold is a letter and choices are given) :func:`extract_choice` finds the
-letter (``\\boxed{B}``, "(B)", "B.", "Answer: B", or the text of a choice) and compares
-exactly. Everything else goes through math-verify (numbers, fractions, LaTeX, units,
-intervals, sets). :class:`VerifierPool` runs checks in warm worker processes with a
-per-answer time bound (:class:`VerifierConfig`): an answer that hangs the parser costs at
-most ``timeout`` seconds, scores 0, and is counted; the stuck worker is replaced while the
-others go on. Training, MPO pair mining and evaluation all score through it.
+letter by a written-down precedence (see there) and compares exactly. Everything else goes
+through math-verify (numbers, fractions, LaTeX, units, intervals, sets). :class:`VerifierPool`
+runs checks in warm worker processes with a per-answer time bound (:class:`VerifierConfig`):
+an answer that hangs the parser costs at most ``timeout`` seconds, scores 0, and is counted;
+the stuck worker is replaced while the others go on. Training, MPO pair mining and evaluation
+all score through it.
 """
 
 from __future__ import annotations
@@ -26,13 +26,57 @@ from typing import Any, Callable, Sequence
 _ANSWER_IS = re.compile(r"(?:final answer|the answer|answer)\s*(?:is|:)\s*[:\s]*(.+?)(?:\.\s*$|\n|$)",
                         re.IGNORECASE | re.MULTILINE)
 _SCI = re.compile(r"[-+]?\d+(?:\.\d+)?[eE][-+]?\d+")
-_CHOICE_PATTERNS = [
-    re.compile(r"\\boxed\{\s*\(?([A-Z])\)?\s*\}"),
-    re.compile(r"(?:answer|option|choice)\s*(?:is|:)?\s*\(?\**([A-Z])\b\)?", re.IGNORECASE),
-    re.compile(r"\(([A-Z])\)"),
-    re.compile(r"(?:^|\s)([A-Z])[.)](?:\s|$)"),
-    re.compile(r"^\s*([A-Z])\s*$", re.MULTILINE),
-]
+# LaTeX text wrappers whose content is what a model means: \text{B}, \mathrm{(C)}, \textbf{D}
+_TEX_WRAP = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|mathsf|operatorname|mbox)\s*\{([^{}]*)\}")
+_FINAL_HEADING = re.compile(r"final\s+answer", re.IGNORECASE)
+_ANSWER_PHRASE = re.compile(
+    r"(?:(?:final answer|correct (?:answer|option|choice)|best (?:answer|option|choice)|the answer|answer"
+    r"|my (?:answer|choice))\s*(?:is|:|would be|should be|will be)|i (?:choose|pick|select|go with))"
+    r"\s*[:\s]*(.+)", re.IGNORECASE)
+# A letter set off as an answer, anywhere: "(C)", "[C]", "**C**", "option C", "C." / "C)" / "C:"
+# after a space or line start, or a letter alone on its line.
+_STANDALONE = re.compile(
+    r"\(([A-Z])\)|\[([A-Z])\]|\*\*\(?([A-Z])\)?\*\*|__([A-Z])__|(?i:option|choice)\s+\(?([A-Z])\b"
+    r"|(?:^|(?<=\s))([A-Z])[.):](?=\s|$)|^[ \t]*([A-Z])[ \t]*$", re.MULTILINE)
+
+
+def _untex(text: str) -> str:
+    """Unwrap \\text{...}-like wrappers (nested ones too) and LaTeX spaces; strip $ and \\( \\)."""
+    prev = None
+    while prev != text:
+        prev, text = text, _TEX_WRAP.sub(r"\1", text)
+    for a in ("\\(", "\\)", "\\[", "\\]", "$", "\\ ", "~", "\\quad", "\\,"):
+        text = text.replace(a, " ")
+    return text.strip()
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
+
+
+def _letter_at_start(text: str, letters: set[str]) -> str | None:
+    """"B", "(B)", "[B]", "**B**", "B.", "B) text", "B: text", "Option B ..." -> "B"."""
+    m = re.match(r"^(?:option|choice)?[\s\(\[\*_]*([A-Za-z])\s*[\)\]\*_]*(?:[.):,;]|\s|$)", text.strip(),
+                 re.IGNORECASE)
+    if not m:
+        return None
+    x = m.group(1)
+    rest = text.strip()[m.end():].strip()
+    # a lone lower-case letter counts ("\boxed{b}"); one followed by more words is a word ("a red circle")
+    if x.islower() and rest:
+        return None
+    return x.upper() if x.upper() in letters else None
+
+
+def _choice_in(text: str, choices: Sequence[str]) -> str | None:
+    """The choice whose text ``text`` holds (earliest in it; longest on a tie)."""
+    low, best = " " + _norm(text) + " ", None
+    for i, c in enumerate(choices):
+        c_n = _norm(c)
+        pos = low.find(" " + c_n + " ") if c_n else -1
+        if pos >= 0 and (best is None or (pos, -len(c_n)) < best[0]):
+            best = ((pos, -len(c_n)), chr(65 + i))
+    return None if best is None else best[1]
 
 
 def after_thinking(text: str) -> str:
@@ -83,18 +127,57 @@ def extract_answer(completion: str) -> str:
 
 
 def extract_choice(completion: str, choices: Sequence[str] = ()) -> str | None:
-    """The chosen letter, or None."""
+    """The chosen letter (among the first ``len(choices)``, or A–Z without choices), or None.
+
+    Precedence, each step deciding only when the one before it found nothing to read:
+
+    1. **Region**: the text after the last ``</think>``, and within it the part from the last
+       "final answer" on, when there is one.
+    2. **The last box** ``\\boxed{...}`` in the region decides when present: its content with
+       ``\\text{}``/``\\mathrm{}``/``\\textbf{}``-like wrappers unwrapped is read as a letter at its
+       start ("B", "(B)", "B. the blue square", "Option B") or else as a choice's text; a box
+       holding neither gives None (an earlier letter in the prose is not the boxed answer).
+    3. **"The answer is ..."** (also "Answer:", "Final answer:", "the correct option is",
+       "I choose"): the rest of the phrase's line, read as in 2, or failing that its first
+       set-off letter (as in 4); the last phrase whose line gives a letter decides.
+    4. **The last set-off letter** in the region: "(C)", "[C]", "**C**", "option C", "C." /
+       "C)" / "C:" after a space or at a line start, or a letter alone on a line. The *last* one
+       wins, so "Option A is wrong ... (C)" reads C. Bare capitals inside a sentence ("I", "A
+       red circle") are not letters.
+    5. **A choice's text**: the region, or its last line, is (or ends with) a choice's text.
+
+    The spirit of MMMU's ``parse_multi_choice_response`` and MathVista's answer extraction
+    (letters in brackets or with a period, the last occurrence winning, then the option text),
+    ordered by how explicitly the model marks its answer.
+    """
     text = after_thinking(completion)
+    heads = list(_FINAL_HEADING.finditer(text))
+    if heads:
+        text = text[heads[-1].start():]
     n = len(choices) if choices else 26
     letters = {chr(65 + i) for i in range(n)}
-    for pat in _CHOICE_PATTERNS:
-        found = [x.upper() for x in pat.findall(text) if x.upper() in letters]
-        if found:
-            return found[-1]
-    low = text.lower().rstrip(". ")
-    for i, c in enumerate(choices):  # the choice's text itself
-        if c and (low == c.lower() or low.endswith(c.lower())):
-            return chr(65 + i)
+    boxed = last_boxed(text)
+    if boxed is not None:
+        inner = _untex(boxed)
+        return _letter_at_start(inner, letters) or (_choice_in(inner, choices) if inner else None)
+    phrases = list(_ANSWER_PHRASE.finditer(text))
+    for ph in reversed(phrases):
+        tail = _untex(ph.group(1).split("\n")[0])
+        got = _letter_at_start(tail, letters) or _choice_in(tail, choices)
+        if got is None:
+            got = next((x for m in _STANDALONE.finditer(tail) for x in m.groups() if x and x in letters), None)
+        if got is not None:
+            return got
+    plain = _untex(text)
+    found = [x for m in _STANDALONE.finditer(plain) for x in m.groups() if x and x in letters]
+    if found:
+        return found[-1]
+    lines = [ln for ln in plain.splitlines() if ln.strip()]
+    for cand in ([plain, lines[-1]] if lines else []):
+        low = _norm(cand)
+        for i, c in enumerate(choices):
+            if c and (low == _norm(c) or low.endswith(" " + _norm(c))):
+                return chr(65 + i)
     return None
 
 

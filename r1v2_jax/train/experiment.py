@@ -147,7 +147,7 @@ def make_run(exp, mc, tok, template, mesh, sampler_mesh, metrics: MetricsLog | N
                           length_buckets=d.length_buckets or (d.max_prompt_len, d.max_prompt_len + d.max_completion_len),
                           process_index=jax.process_index(), process_count=jax.process_count(),
                           max_image_megapixels=d.max_image_megapixels, max_consecutive_skips=d.max_consecutive_skips,
-                          pack_length=d.pack_length, pack_rows_multiple=d.pack_rows_multiple)
+                          pack_length=d.pack_length, pack_rows_multiple=d.pack_rows_multiple, alpha=d.alpha)
     metrics = metrics or MetricsLog(exp.run_dir, is_main=jax.process_index() == 0)
     ck = exp.checkpoint
     return Run(mc, tok, builder, exp.run_dir, metrics, seed=exp.seed, checkpoint_every=ck.every,

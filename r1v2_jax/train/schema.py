@@ -29,7 +29,7 @@ from typing import Any
 
 import ml_collections
 
-from r1v2_jax.data.image import DEFAULT_MAX_MEGAPIXELS
+from r1v2_jax.data.image import ALPHA_MODES, DEFAULT_MAX_MEGAPIXELS
 from r1v2_jax.data.synthetic import ALL_CATEGORIES
 from r1v2_jax.model.config import ATTENTION_IMPLS, PRESETS, REMAT_POLICIES
 from r1v2_jax.rewards.verifier import VerifierConfig
@@ -106,8 +106,12 @@ class DataSection:
     # segment ids, positions restarting per sequence); 0 = one sequence per row
     pack_length: int = 0
     pack_rows_multiple: int = 1
+    # images with transparency: "drop" the alpha channel (PIL convert("RGB"), as the released
+    # pipeline does) or composite onto "white"
+    alpha: str = "drop"
 
     def __post_init__(self):
+        _choice("alpha", self.alpha, ALPHA_MODES)
         if self.pack_length < 0 or self.pack_rows_multiple < 1:
             raise ValueError(f"pack_length / pack_rows_multiple: need >= 0 and >= 1, got {self.pack_length}, "
                              f"{self.pack_rows_multiple}")
