@@ -362,6 +362,9 @@ def sequence_iterator(records: list[dict], builder: PromptBuilder, cfg: Pipeline
     if kind not in ("sft", "preference"):
         raise ValueError(f"sequence_iterator: kind must be 'sft' or 'preference', got {kind!r}")
     names = ("response",) if kind == "sft" else ("chosen", "rejected")
+    if cfg.pack_length and kind != "sft":
+        raise ValueError("data.pack_length: packed preference batches are collated (collate_packed) but the MPO and "
+                         "reward-model losses do not take packed rows yet; pack SFT batches only")
     collate = collate_packed if cfg.pack_length else collate_sequences
     return _iterator(records, PrepareSequences(builder, tile_size, cfg, kind),
                      lambda xs: collate(xs, cfg, tile_size, names, pad_id), cfg, skips)
