@@ -105,6 +105,9 @@ def hf_to_jax(hf_dir: str, out_dir: str, *, dtype: str | None = None, mesh_shape
     ``strict_finite``: a non-finite weight is an error (default: counted, warned about and
     recorded in the metadata). ``report``: a dict that receives ``nonfinite`` (tensor -> count).
     """
+    # Longer than 60 lines: one streaming pass (check every key, then write tensor by tensor
+    # into a temporary folder, then publish) whose cleanup must wrap all of it in one try.
+
     remote = out_dir.startswith("gs://")
     if not remote:
         check_output_dir(out_dir, overwrite)  # before any work
@@ -204,6 +207,9 @@ def jax_to_hf(ckpt_dir: str, out_dir: str, *, fmt: str = "released", dtype: str 
     The checkpoint's files are verified against its manifest first (a missing or changed chunk
     file is an error naming the array). Non-finite values are counted per exported tensor
     (``strict_finite``: an error, nothing published; ``report`` receives ``nonfinite``)."""
+    # Longer than 60 lines: verify, plan the shards, stream every tensor through the key map
+    # and publish, with the cleanup of a failed export wrapping all of it in one try.
+
     if fmt not in ("released", "transformers"):
         raise ValueError(f"jax_to_hf: format must be 'released' or 'transformers', got {fmt!r}")
     if "://" in out_dir:

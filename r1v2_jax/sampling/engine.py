@@ -193,6 +193,10 @@ class PagedEngine:
         pixel_values: None or per-prompt tiles f[B, K, 3, S, S]. ``order``: the queue order as
         a permutation of the B*G (prompt, sample) rows (default prompt-major); it changes only
         which sample runs when, not what is sampled."""
+        # Longer than 60 lines: the host loop (admit arrivals, run K decode steps, retire finished
+        # slots, return their pages) shares the page pool, slot table and queue as locals of one
+        # scope; each phase is a few lines around a compiled call.
+
         c, mc = self.cfg, self.model.config
         if num_samples < 1:
             raise ValueError(f"num_samples: must be >= 1, got {num_samples}")
