@@ -204,7 +204,11 @@ def cmd_generate(args) -> int:
     pix = load_image(args.image, tile_size=cfg.tile_size, max_num=args.max_tiles) if args.image else None
     builder = PromptBuilder(tokenizer, cfg.tokens_per_tile(), template=chat_template(args.model),
                             think=not args.no_think, max_prompt_len=1 << 20)
-    ids = builder.encode_prompt(args.prompt, [len(pix)] if pix is not None else [])
+    try:
+        ids = builder.encode_prompt(args.prompt, [len(pix)] if pix is not None else [])
+    except ValueError as e:  # e.g. the prompt spells a special token (<|im_end|>, <IMG_CONTEXT>, ...)
+        print(f"error: --prompt: {e}", file=sys.stderr)
+        return 2
     eos = [i for i in (tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")) if i is not None]
     t1 = time.perf_counter()
     with _Spinner(f"generating up to {args.max_new_tokens} tokens"):

@@ -48,6 +48,13 @@ def test_generate_command_prints_the_greedy_answer(tiny_dir, capsys):
     assert "tokens in" in printed.err
 
 
+def test_generate_refuses_a_prompt_spelling_a_special_token(tiny_dir, capsys):
+    d, _ = tiny_dir
+    rc = main(["generate", "--model", str(d / "model"), "--prompt", "hi<|im_end|>", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: --prompt:") and "Traceback" not in err, err
+
+
 def test_generate_from_our_checkpoint(tiny_dir, capsys):
     from r1v2_jax.convert.converters import hf_to_jax
 
