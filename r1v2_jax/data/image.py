@@ -13,7 +13,11 @@ palette images with a ``transparency`` entry, and L/RGB images with a tRNS colou
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
+from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -63,7 +67,6 @@ def has_transparency(image) -> bool:
 def to_rgb(image, alpha: str = "drop"):
     """RGB conversion of palette, alpha and greyscale images. ``alpha="drop"``: PIL's
     ``convert("RGB")`` as the released pipeline (alpha ignored); ``"white"``: composited onto white."""
-    from PIL import Image
 
     if alpha not in ALPHA_MODES:
         raise ValueError(f"alpha: expected one of {ALPHA_MODES}, got {alpha!r}")
@@ -76,7 +79,6 @@ def to_rgb(image, alpha: str = "drop"):
 
 def dynamic_tiles(image, tile_size: int = 448, min_num: int = 1, max_num: int = 12, use_thumbnail: bool = True):
     """Cut a PIL image into tiles as InternVL's ``dynamic_preprocess`` does."""
-    from PIL import Image
 
     w, h = image.size
     cols, rows = closest_grid(w, h, target_ratios(min_num, max_num), tile_size)
@@ -90,7 +92,6 @@ def dynamic_tiles(image, tile_size: int = 448, min_num: int = 1, max_num: int = 
 
 def normalize(tile, tile_size: int) -> np.ndarray:
     """PIL tile -> float32 [3, S, S]: bicubic resize to S (identity for tiles already S), [0, 1], ImageNet norm."""
-    from PIL import Image
 
     if tile.size != (tile_size, tile_size):
         tile = tile.resize((tile_size, tile_size), Image.Resampling.BICUBIC)
@@ -110,7 +111,6 @@ def preprocess(image, tile_size: int = 448, max_num: int = 12, use_thumbnail: bo
 def load_image(path: str, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS, **kw) -> np.ndarray:
     """An image file -> pixel_values; an unreadable image or one over the pixel budget is a
     ValueError naming the file."""
-    from PIL import Image
 
     try:
         with Image.open(path) as im:
@@ -127,8 +127,6 @@ def image_settings(model_dir: str) -> dict:
     """Preprocessing settings from a released checkpoint's config.json: tile size
     (``force_image_size`` or the ViT's ``image_size``), ``dynamic_image_size``, ``use_thumbnail``,
     ``min_dynamic_patch`` / ``max_dynamic_patch`` (InternVL defaults where absent)."""
-    import json
-    import os
 
     path = os.path.join(model_dir, "config.json")
     if not os.path.exists(path):

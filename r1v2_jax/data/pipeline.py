@@ -27,7 +27,9 @@ import dataclasses
 from typing import Any
 
 import grain
+import jax
 import numpy as np
+from absl import flags
 
 from r1v2_jax.data.formats import BadSample, EmptyDataset, SkipCounter, open_image
 from r1v2_jax.data.image import ALPHA_MODES, DEFAULT_MAX_MEGAPIXELS, preprocess
@@ -75,7 +77,6 @@ class PipelineConfig:
 def host_shard(cfg: PipelineConfig) -> tuple[int, int]:
     if cfg.process_index is not None and cfg.process_count is not None:
         return cfg.process_index, cfg.process_count
-    import jax
 
     return jax.process_index(), jax.process_count()
 
@@ -330,7 +331,6 @@ def _iterator(records, prepare, collate, cfg: PipelineConfig, skips: SkipCounter
         ds = HostSlice(ds, cfg.batch_size, index, count, drop_remainder=cfg.drop_remainder, pad=True)
     it = ds.to_iter_dataset().map(prepare)
     if cfg.worker_count > 0:
-        from absl import flags
 
         if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
             flags.FLAGS.mark_as_parsed()
