@@ -76,9 +76,11 @@ def test_tiling_grid_choice():
 
 
 def test_normalisation_and_rgb_conversion():
-    white = Image.new("RGBA", (56, 56), (0, 0, 0, 0))  # fully transparent -> white background
-    x = preprocess(white, tile_size=56, max_num=1)
+    clear = Image.new("RGBA", (56, 56), (0, 0, 0, 0))  # fully transparent black
+    x = preprocess(clear, tile_size=56, max_num=1)  # alpha dropped, as the released convert("RGB"): black
     assert x.shape == (1, 3, 56, 56)
+    np.testing.assert_allclose(x[0, :, 0, 0], -np.array(IMAGENET_MEAN) / np.array(IMAGENET_STD), rtol=1e-6)
+    x = preprocess(clear, tile_size=56, max_num=1, alpha="white")  # composited: a white background
     np.testing.assert_allclose(x[0, :, 0, 0], (1 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD), rtol=1e-6)
     grey = preprocess(Image.new("L", (56, 56), 0), tile_size=56, max_num=1)
     np.testing.assert_allclose(grey[0, :, 5, 5], -np.array(IMAGENET_MEAN) / np.array(IMAGENET_STD), rtol=1e-6)
