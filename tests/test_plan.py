@@ -6,7 +6,7 @@ import jax
 import pytest
 
 from r1v2_jax.cli import main
-from r1v2_jax.plan.planner import parse_topology
+from r1v2_jax.plan.topology import parse_topology
 
 pytestmark = pytest.mark.slow  # the fast lane (-m "not slow") skips this module
 
@@ -98,11 +98,11 @@ def test_compiler_out_of_memory_is_a_report_not_a_crash(tmp_path, capsys):
     """When activations exceed HBM the TPU compiler itself refuses (RESOURCE_EXHAUSTED): the plan
     reports that program as not fitting, with the compiler's figure, and exits 1."""
     pytest.importorskip("libtpu")
-    from r1v2_jax.plan.planner import _memory, _OutOfMemory
+    from r1v2_jax.plan.programs import OutOfMemory, memory_report
 
-    oom = _OutOfMemory("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. ... the total memory required "
+    oom = OutOfMemory("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. ... the total memory required "
                        "for HLO temporaries (100.21G) exceeds available HBM (95.74G).")
-    m = _memory(oom, hbm=95 * 1024**3, resident=10)
+    m = memory_report(oom, hbm=95 * 1024**3, resident=10)
     assert not m["fits"] and m["temp_bytes"] == int(100.21 * 1024**3) and m["total_bytes"] == m["temp_bytes"] + 10
     out = tmp_path / "plan.json"
     rc = main(["plan", "--config", "configs/demo.py", "--topology", "v5p-8", "--json", str(out),
@@ -123,40 +123,40 @@ def test_xla_estimate_counts_every_layer_and_loop_trip():
     fusion and scheduling differ a little from one layer count to the next)."""
     pytest.importorskip("libtpu")
     from r1v2_jax.parallel.sharding import make_mesh
-    from r1v2_jax.plan.planner import (
-        _compile,
-        _devices,
-        _Job,
-        _sampler_programs,
-        _train_program,
-        _xla_estimate,
-        _xla_seconds,
+    from r1v2_jax.plan.programs import (
+        Job,
+        compile_program,
         no_compile_cache_writes,
+        sampler_programs,
+        train_program,
+        xla_estimate,
+        xla_seconds,
     )
+    from r1v2_jax.plan.topology import devices_for
     from r1v2_jax.train.config_files import load_experiment
     from r1v2_jax.train.experiment import model_config_from
 
     with no_compile_cache_writes():
         cfg = load_experiment("configs/demo.py", ["--config.model.text_layers=6", "--config.model.vision_layers=5",
                                               "--config.grpo.group_size=2", "--config.grpo.max_new_tokens=16"])
-        devices = _devices(parse_topology("v5p-8"))
-        job = _Job(cfg, "grpo", tiles=1)
+        devices = devices_for(parse_topology("v5p-8"))
+        job = Job(cfg, "grpo", tiles=1)
         mesh = make_mesh(1, 4, 1, devices=devices)
         mc = model_config_from(cfg).replace(scan_layers=True)
         rows = cfg.data.batch_size * cfg.grpo.group_size
         # the same rows in 2 micro-batches: twice one half-size micro-batch
-        est = _xla_estimate(job, mc, mesh, mesh, n_micro=2, rows=rows)
+        est = xla_estimate(job, mc, mesh, mesh, n_micro=2, rows=rows)
         unrolled = mc.replace(scan_layers=False)
-        truth_half = _xla_seconds(_compile(_train_program(job, unrolled, mesh, rows // 2, 1)[0]))
-        pre, (dec, dec2), _, _ = _sampler_programs(job, unrolled, mesh, decode_loops=(1, 2))
+        truth_half = xla_seconds(compile_program(train_program(job, unrolled, mesh, rows // 2, 1)[0]))
+        pre, (dec, dec2), _, _ = sampler_programs(job, unrolled, mesh, decode_loops=(1, 2))
         assert est["train"] == pytest.approx(2 * truth_half, rel=0.1)
-        assert est["prefill"] == pytest.approx(_xla_seconds(pre), rel=0.1)
+        assert est["prefill"] == pytest.approx(xla_seconds(pre), rel=0.1)
         # decode: the whole loop once, then one trip of its body (what running the loop a second
         # time adds) for each further token; the setup outside the loop is counted once
-        once = _xla_seconds(dec)
-        body = _xla_seconds(dec2) - once
+        once = xla_seconds(dec)
+        body = xla_seconds(dec2) - once
         assert 0 < body < once
         assert est["decode"] == pytest.approx(once + 15 * body, rel=0.1)
         assert est["decode"] < 0.8 * 16 * once  # what multiplying the whole program by the tokens would say
         # what the correction is for: the scanned program's own figure counts one layer per tower
-        assert _xla_seconds(_compile(_train_program(job, mc, mesh, rows // 2, 1)[0])) < 0.75 * truth_half
+        assert xla_seconds(compile_program(train_program(job, mc, mesh, rows // 2, 1)[0])) < 0.75 * truth_half

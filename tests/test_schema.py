@@ -128,7 +128,7 @@ def test_plan_builds_the_step_training_runs(tmp_path, monkeypatch):
     assert len(calls) == 1
     trained = calls[0]
     assert trained[2] is not None  # the KL term's reference parameters reach the step
-    from r1v2_jax.plan.planner import train_program_args
+    from r1v2_jax.plan.programs import train_program_args
 
     monkeypatch.setattr(program_mod, "make_train_step", real)
     mc = model_config_from(exp)
