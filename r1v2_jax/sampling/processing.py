@@ -13,6 +13,8 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from r1v2_jax.parallel.multihost import local_rows
+
 NEG = -1e30
 
 
@@ -73,7 +75,6 @@ class SampleOutput:
 
     def host_local(self) -> SampleOutput:
         """This host's real rows as numpy arrays (everything, on one host without a mesh)."""
-        from r1v2_jax.parallel.multihost import local_rows
 
         n = self.host_rows
         arrays = {f: local_rows(getattr(self, f)) for f in ("tokens", "logprobs", "ref_logprobs", "lengths",

@@ -32,6 +32,8 @@ import numpy as np
 
 from r1v2_jax.model.qwen2 import CACHE_AXES, init_cache
 from r1v2_jax.model.vlm import R1V2, R1V2Model
+from r1v2_jax.parallel import multihost as dist
+from r1v2_jax.parallel.multihost import global_rows
 from r1v2_jax.parallel.sharding import constrain, use_mesh_rules
 from r1v2_jax.sampling import unrolled
 from r1v2_jax.sampling.processing import NEG, SampleOutput, SamplingParams, process_logits, sample_step
@@ -239,7 +241,6 @@ class Sampler:
             raise ValueError("pixel_values: with several hosts, give per-prompt tiles [B, K, 3, S, S] (rows are "
                              "sharded over hosts), not one flat list of tiles")
         if mesh is not None and not flat_tiles:  # rows sharded over the mesh (flat tiles: replicated inputs)
-            from r1v2_jax.parallel import multihost as dist
 
             counts = dist.allgather_json([int(b_local), int(ids.shape[1]), int(t)])
             first = sum(c[0] for c in counts[:jax.process_index()])
@@ -255,7 +256,6 @@ class Sampler:
         if host_rows is None:
             put = jnp.asarray
         else:
-            from r1v2_jax.parallel.multihost import global_rows
 
             put = functools.partial(global_rows, mesh=mesh)
         ids_d, mask_d, index_d = put(ids), put(mask), put(index)

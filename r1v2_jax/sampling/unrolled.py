@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from r1v2_jax.model.config import ModelConfig
+from r1v2_jax.model.layers import Linear, RMSNorm
 from r1v2_jax.model.qwen2 import DecoderLayer, cache_mask, rope_tables
 
 
@@ -55,7 +56,6 @@ def embed(config: ModelConfig, top: dict, tokens: jax.Array) -> jax.Array:
 
 def head(config: ModelConfig, top: dict, x: jax.Array) -> jax.Array:
     """Final RMSNorm and LM head: f[B, T, H] -> logits f[B, T, V] (the model's own modules)."""
-    from r1v2_jax.model.layers import Linear, RMSNorm
 
     dt, pdt = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     c = config.text
