@@ -21,18 +21,22 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-_STEP = ("import resource, sys, time; from r1v2_jax.convert.cli import {fn}; t = time.perf_counter(); "
-         "rc = {fn}(sys.argv[1:]); print('STEP', time.perf_counter() - t, "
-         "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
-_READ = ("import os, resource, sys, time; t = time.perf_counter(); n = 0\n"
-         "for f in sorted(os.listdir(sys.argv[1])):\n"
-         "    if f.endswith('.safetensors'):\n"
-         "        with open(os.path.join(sys.argv[1], f), 'rb', buffering=0) as h:\n"
-         "            while True:\n"
-         "                b = h.read(64 << 20)\n"
-         "                if not b: break\n"
-         "                n += len(b)\n"
-         "print('STEP', time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+_STEP = (
+    "import resource, sys, time; from r1v2_jax.convert.cli import {fn}; t = time.perf_counter(); "
+    "rc = {fn}(sys.argv[1:]); print('STEP', time.perf_counter() - t, "
+    "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)"
+)
+_READ = (
+    "import os, resource, sys, time; t = time.perf_counter(); n = 0\n"
+    "for f in sorted(os.listdir(sys.argv[1])):\n"
+    "    if f.endswith('.safetensors'):\n"
+    "        with open(os.path.join(sys.argv[1], f), 'rb', buffering=0) as h:\n"
+    "            while True:\n"
+    "                b = h.read(64 << 20)\n"
+    "                if not b: break\n"
+    "                n += len(b)\n"
+    "print('STEP', time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+)
 
 
 def step(code, *args):
@@ -53,22 +57,28 @@ def main():
     try:
         # Written by a child process, so this process stays small (a child's peak RSS can
         # include its parent's at fork time).
-        code = ("import sys; sys.path.insert(0, 'tests'); from test_convert_memory import *; "
-                "from r1v2_jax.model.config import model_config; "
-                f"cfg = wide_config() if {a.preset!r} == 'wide' else model_config({a.preset!r}); "
-                "print('LARGEST', write_synthetic_released(cfg, sys.argv[1]))")
+        code = (
+            "import sys; sys.path.insert(0, 'tests'); from test_convert_memory import *; "
+            "from r1v2_jax.model.config import model_config; "
+            f"cfg = wide_config() if {a.preset!r} == 'wide' else model_config({a.preset!r}); "
+            "print('LARGEST', write_synthetic_released(cfg, sys.argv[1]))"
+        )
         r = subprocess.run([sys.executable, "-c", code, src], capture_output=True, text=True, cwd=ROOT, check=True)
         largest = int(r.stdout.split("LARGEST")[1])
         total = sum(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src) if f.endswith(".safetensors"))
-        rows = [("plain read of the shards", *step(_READ, src)),
-                ("hf_to_jax (released -> ours)", *step(_STEP.format(fn="main_hf_to_jax"), src, ours, "--quiet")),
-                ("jax_to_hf (ours -> released)", *step(_STEP.format(fn="main_jax_to_hf"), ours, back, "--quiet"))]
+        rows = [
+            ("plain read of the shards", *step(_READ, src)),
+            ("hf_to_jax (released -> ours)", *step(_STEP.format(fn="main_hf_to_jax"), src, ours, "--quiet")),
+            ("jax_to_hf (ours -> released)", *step(_STEP.format(fn="main_jax_to_hf"), ours, back, "--quiet")),
+        ]
     finally:
         if a.dir is None:
             shutil.rmtree(tmp, ignore_errors=True)
     base = rows[0][1]
-    print(f"\nconversion throughput: {a.preset} ({total / 1e9:.2f} GB of tensors, largest {largest / 1e9:.2f} GB), "
-          f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}")
+    print(
+        f"\nconversion throughput: {a.preset} ({total / 1e9:.2f} GB of tensors, largest {largest / 1e9:.2f} GB), "
+        f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}"
+    )
     print(f"{'step':<30} | {'seconds':>8} | {'MB/s':>8} | {'x plain read time':>17} | {'peak RSS GB':>11}")
     print("-" * 86)
     for name, secs, rss in rows:

@@ -51,11 +51,20 @@ def qwq12_config():
     from r1v2_jax.model.config import ModelConfig, TextConfig, VisionConfig
 
     return ModelConfig(
-        vision=VisionConfig(hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64, image_size=56,
-                            patch_size=14),
-        text=TextConfig(vocab_size=32000, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4,
-                        intermediate_size=2048, max_position_embeddings=4096),
-        image_token_id=31999)
+        vision=VisionConfig(
+            hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64, image_size=56, patch_size=14
+        ),
+        text=TextConfig(
+            vocab_size=32000,
+            hidden_size=768,
+            num_layers=12,
+            num_heads=12,
+            num_kv_heads=4,
+            intermediate_size=2048,
+            max_position_embeddings=4096,
+        ),
+        image_token_id=31999,
+    )
 
 
 def load_shape(name: str, tmp: str):
@@ -80,8 +89,10 @@ def torch_model(model):
     d = native_config_dict(model.config, "float32")
     cfg = InternVLConfig(**{k: v for k, v in d.items() if k not in ("architectures", "model_type", "torch_dtype")})
     hf = InternVLForConditionalGeneration(cfg)
-    sd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
-          released_to_native(dict(params_to_released(model.params, model.config)))}
+    sd = {
+        k: torch.from_numpy(np.ascontiguousarray(v))
+        for k, v in released_to_native(dict(params_to_released(model.params, model.config)))
+    }
     hf.load_state_dict(sd, strict=True)
     return hf.eval()
 
@@ -106,8 +117,9 @@ def bench_shape(name, model, batches, prompt_len, new_tokens):
             tps[loop] = b * new_tokens / min(_timed(run) for _ in range(2))
         tids = torch.tensor(ids, dtype=torch.long)
         with torch.no_grad():
-            run_hf = lambda tids=tids: hf.generate(input_ids=tids, do_sample=False, max_new_tokens=new_tokens,
-                                         min_new_tokens=new_tokens, pad_token_id=0)
+            run_hf = lambda tids=tids: hf.generate(
+                input_ids=tids, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0
+            )
             run_hf()
             t_hf = _timed(run_hf)
             theirs = run_hf().numpy()
@@ -143,21 +155,29 @@ def main():
             results.append((name, plen, new, rows, param_bytes))
             del model
     bw = copy_bandwidth()
-    print(f"\ndecode throughput: float32, greedy, {os.cpu_count()} CPUs, jax {jax.__version__} / torch "
-          f"{torch.__version__}; copy bandwidth {bw / 1e9:.1f} GB/s")
-    print(f"{'shape':>6} | {'tokens':>8} | {'batch':>5} | {'r1v2-jax tok/s':>14} | {'(scan) tok/s':>12} | "
-          f"{'transformers':>12} | {'ratio':>5} | {'of bound':>8} | same tokens")
+    print(
+        f"\ndecode throughput: float32, greedy, {os.cpu_count()} CPUs, jax {jax.__version__} / torch "
+        f"{torch.__version__}; copy bandwidth {bw / 1e9:.1f} GB/s"
+    )
+    print(
+        f"{'shape':>6} | {'tokens':>8} | {'batch':>5} | {'r1v2-jax tok/s':>14} | {'(scan) tok/s':>12} | "
+        f"{'transformers':>12} | {'ratio':>5} | {'of bound':>8} | same tokens"
+    )
     print("-" * 108)
     for name, plen, new, rows, param_bytes in results:
         bound = bw / param_bytes
         for _, b, tj, ts, th, same in rows:
             frac = f"{tj / bound:8.0%}" if b == 1 else " " * 8
-            print(f"{name:>6} | {plen:>3}+{new:<4} | {b:>5} | {tj:14.1f} | {ts:12.1f} | {th:12.1f} | {tj / th:5.2f} | "
-                  f"{frac} | {same}")
+            print(
+                f"{name:>6} | {plen:>3}+{new:<4} | {b:>5} | {tj:14.1f} | {ts:12.1f} | {th:12.1f} | {tj / th:5.2f} | "
+                f"{frac} | {same}"
+            )
     print()
     for name, _, _, _, param_bytes in results:
-        print(f"bandwidth bound at batch 1, {name}: {param_bytes / 1e6:.0f} MB of decoder parameters per token -> "
-              f"{bw / param_bytes:.1f} tok/s")
+        print(
+            f"bandwidth bound at batch 1, {name}: {param_bytes / 1e6:.0f} MB of decoder parameters per token -> "
+            f"{bw / param_bytes:.1f} tok/s"
+        )
 
 
 if __name__ == "__main__":

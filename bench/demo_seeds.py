@@ -32,8 +32,17 @@ def run_seed(seed: int, out: str, overrides: list[str]) -> dict:
     if not os.path.exists(path):
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
-        cmd = [sys.executable, "-m", "r1v2_jax.cli", "demo", "--out", run_dir, f"--config.seed={seed}",
-               "--config.progress=False", *overrides]
+        cmd = [
+            sys.executable,
+            "-m",
+            "r1v2_jax.cli",
+            "demo",
+            "--out",
+            run_dir,
+            f"--config.seed={seed}",
+            "--config.progress=False",
+            *overrides,
+        ]
         with open(os.path.join(out, f"seed{seed}.log"), "w") as log:
             subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -43,8 +52,13 @@ def run_seed(seed: int, out: str, overrides: list[str]) -> dict:
     with open(path) as f:
         summary = json.load(f)
     t = json.load(open(timing)) if os.path.exists(timing) else {"wall_s": summary["seconds"], "cpu_s": float("nan")}
-    row = {"seed": seed, **{s: summary["evals"][s]["pass@1"] for s in STAGES if s in summary["evals"]},
-           "n": summary["evals"]["init"]["n"], "wall_s": t["wall_s"], "cpu_s": t["cpu_s"]}
+    row = {
+        "seed": seed,
+        **{s: summary["evals"][s]["pass@1"] for s in STAGES if s in summary["evals"]},
+        "n": summary["evals"]["init"]["n"],
+        "wall_s": t["wall_s"],
+        "cpu_s": t["cpu_s"],
+    }
     return row
 
 
@@ -52,16 +66,33 @@ def table(rows: list[dict]) -> str:
     head = ["seed", *STAGES, "wall s", "CPU s"]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
-        lines.append(" | ".join([str(r["seed"]), *(f"{r.get(s, float('nan')):.3f}" for s in STAGES),
-                                 f"{r['wall_s']:.0f}", f"{r['cpu_s']:.0f}"]))
+        lines.append(
+            " | ".join(
+                [
+                    str(r["seed"]),
+                    *(f"{r.get(s, float('nan')):.3f}" for s in STAGES),
+                    f"{r['wall_s']:.0f}",
+                    f"{r['cpu_s']:.0f}",
+                ]
+            )
+        )
     mean = {s: sum(r.get(s, float("nan")) for r in rows) / len(rows) for s in STAGES}
-    lines.append(" | ".join(["mean", *(f"{mean[s]:.3f}" for s in STAGES),
-                             f"{sum(r['wall_s'] for r in rows) / len(rows):.0f}",
-                             f"{sum(r['cpu_s'] for r in rows) / len(rows):.0f}"]))
+    lines.append(
+        " | ".join(
+            [
+                "mean",
+                *(f"{mean[s]:.3f}" for s in STAGES),
+                f"{sum(r['wall_s'] for r in rows) / len(rows):.0f}",
+                f"{sum(r['cpu_s'] for r in rows) / len(rows):.0f}",
+            ]
+        )
+    )
     grpo_ok = all(r["grpo"] > r["sft"] for r in rows)
     mpo_ok = mean["mpo"] >= mean["sft"]
-    lines.append(f"GRPO > SFT on every seed: {grpo_ok}; mean MPO >= mean SFT: {mpo_ok} "
-                 f"({mean['mpo']:.3f} vs {mean['sft']:.3f}); held-out questions per seed: {rows[0]['n']}")
+    lines.append(
+        f"GRPO > SFT on every seed: {grpo_ok}; mean MPO >= mean SFT: {mpo_ok} "
+        f"({mean['mpo']:.3f} vs {mean['sft']:.3f}); held-out questions per seed: {rows[0]['n']}"
+    )
     return "\n".join(lines)
 
 
@@ -77,8 +108,13 @@ def main() -> int:
     rows = []
     for seed in [int(s) for s in a.seeds.split(",")]:
         rows.append(run_seed(seed, a.out, overrides))
-        print(f"seed {seed}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                                          for k, v in rows[-1].items() if k != "seed"), flush=True)
+        print(
+            f"seed {seed}: "
+            + ", ".join(
+                f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[-1].items() if k != "seed"
+            ),
+            flush=True,
+        )
     print(table(rows))
     return 0
 

@@ -39,24 +39,31 @@ def main():
                 # the same SFT start: reuse the SSB run's cold start
                 os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
                 if not os.path.exists(os.path.join(run_dir, "checkpoints", "sft")):
-                    shutil.copytree(os.path.join(base, "ssb", "checkpoints", "sft"),
-                                    os.path.join(run_dir, "checkpoints", "sft"))
+                    shutil.copytree(
+                        os.path.join(base, "ssb", "checkpoints", "sft"), os.path.join(run_dir, "checkpoints", "sft")
+                    )
             summary = run_experiment(c)
             results[ssb] = ({r["step"]: r for r in rows(run_dir) if r["stage"] == "grpo"}, summary["evals"])
         print(f"\nseed {seed}: GRPO with vs without SSB (effective share = samples with non-zero advantage)")
-        print(f"{'step':>5} | {'eff. share w/o SSB':>18} | {'eff. share with SSB':>19} | "
-              f"{'reward w/o':>10} | {'reward with':>11}")
+        print(
+            f"{'step':>5} | {'eff. share w/o SSB':>18} | {'eff. share with SSB':>19} | "
+            f"{'reward w/o':>10} | {'reward with':>11}"
+        )
         print("-" * 76)
         on, off = results[True][0], results[False][0]
         for step in sorted(on):
             if step % a.every == 0 or step == max(on):
-                print(f"{step:>5} | {off[step]['effective_share_before']:18.2f} | "
-                      f"{on[step]['effective_share_after']:19.2f} | {off[step]['reward_total']:10.3f} | "
-                      f"{on[step]['reward_total']:11.3f}")
+                print(
+                    f"{step:>5} | {off[step]['effective_share_before']:18.2f} | "
+                    f"{on[step]['effective_share_after']:19.2f} | {off[step]['reward_total']:10.3f} | "
+                    f"{on[step]['reward_total']:11.3f}"
+                )
         for ssb in (False, True):
             ev = results[ssb][1]
-            print(f"held-out pass@1 {'with' if ssb else 'w/o '} SSB: after SFT {ev['sft']['pass@1']:.3f}, "
-                  f"after GRPO {ev['grpo']['pass@1']:.3f}")
+            print(
+                f"held-out pass@1 {'with' if ssb else 'w/o '} SSB: after SFT {ev['sft']['pass@1']:.3f}, "
+                f"after GRPO {ev['grpo']['pass@1']:.3f}"
+            )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,11 @@ def _timed(fn):
 def step_flops(cfg, batch, seq) -> float:
     t = cfg.text
     hd = t.resolved_head_dim
-    per_layer = (t.hidden_size * (t.num_heads + 2 * t.num_kv_heads) * hd + t.num_heads * hd * t.hidden_size
-                 + 3 * t.hidden_size * t.intermediate_size)
+    per_layer = (
+        t.hidden_size * (t.num_heads + 2 * t.num_kv_heads) * hd
+        + t.num_heads * hd * t.hidden_size
+        + 3 * t.hidden_size * t.intermediate_size
+    )
     matmul_params = t.num_layers * per_layer + t.hidden_size * t.vocab_size  # + lm_head
     fwd = 2 * matmul_params * batch * seq + t.num_layers * batch * 4 * seq * seq * t.num_heads * hd
     return 3 * fwd
@@ -68,11 +71,16 @@ def main():
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 150000, (n, t)).astype(np.int32)
     comp = np.zeros((n, t), bool)
-    comp[:, t // 2:] = True
+    comp[:, t // 2 :] = True
     old = (rng.normal(size=(n, t)) * 0.1 - 5).astype(np.float32)
     adv = rng.normal(size=n).astype(np.float32)
-    batch = {"tokens": jnp.asarray(tokens), "attention_mask": jnp.ones((n, t), bool),
-             "completion_mask": jnp.asarray(comp), "old_logp": jnp.asarray(old), "advantages": jnp.asarray(adv)}
+    batch = {
+        "tokens": jnp.asarray(tokens),
+        "attention_mask": jnp.ones((n, t), bool),
+        "completion_mask": jnp.asarray(comp),
+        "old_logp": jnp.asarray(old),
+        "advantages": jnp.asarray(adv),
+    }
     ocfg = OptimConfig(lr=1e-6, trainable="adapter+llm", grad_clip=1.0)
     opt = make_optimizer(ocfg, model.params)
     step = make_train_step("grpo", R1V2(cfg), opt, policy_cfg=PolicyLossConfig(clip_high=0.28), donate=False)
@@ -110,15 +118,21 @@ def main():
     t_torch = min(_timed(torch_step) for _ in range(a.reps))
     flops = step_flops(cfg, n, t)
     peak = matmul_peak()
-    print(f"\nGRPO train step, preset small ({r1v2_jax.count_params(model.params['language_model']) / 1e6:.0f}M LLM "
-          f"parameters), {n} x {t} tokens, float32, {os.cpu_count()} CPUs")
+    print(
+        f"\nGRPO train step, preset small ({r1v2_jax.count_params(model.params['language_model']) / 1e6:.0f}M LLM "
+        f"parameters), {n} x {t} tokens, float32, {os.cpu_count()} CPUs"
+    )
     print(f"{'':<28} | {'seconds':>8} | {'TFLOP/s':>8} | {'share of matmul peak':>20}")
     print("-" * 74)
     print(f"{'r1v2-jax (jit, scan)':<28} | {t_jax:8.3f} | {flops / t_jax / 1e12:8.3f} | {flops / t_jax / peak:20.1%}")
-    print(f"{'PyTorch (eager, same step)':<28} | {t_torch:8.3f} | {flops / t_torch / 1e12:8.3f} | "
-          f"{flops / t_torch / peak:20.1%}")
-    print(f"\nanalytic step FLOPs {flops / 1e12:.3f} T; measured matmul peak {peak / 1e12:.3f} TFLOP/s "
-          f"(2048² float32 jnp.dot); PyTorch / r1v2-jax time: {t_torch / t_jax:.2f}x")
+    print(
+        f"{'PyTorch (eager, same step)':<28} | {t_torch:8.3f} | {flops / t_torch / 1e12:8.3f} | "
+        f"{flops / t_torch / peak:20.1%}"
+    )
+    print(
+        f"\nanalytic step FLOPs {flops / 1e12:.3f} T; measured matmul peak {peak / 1e12:.3f} TFLOP/s "
+        f"(2048² float32 jnp.dot); PyTorch / r1v2-jax time: {t_torch / t_jax:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -33,10 +33,10 @@ def synthetic_lengths(n: int = 600) -> list[int]:
     with tempfile.TemporaryDirectory() as d:
         make_synthetic(d, n, seed=0, image_size=56, categories=("count", "arith", "compare", "color"))
         records = load_records(os.path.join(d, "train.jsonl"), "rl")
-        builder = PromptBuilder(tiny_tokenizer(255, 256), tokens_per_tile=4, max_prompt_len=192,
-                                max_completion_len=32)
-        return [len(builder.encode_pair(r["question"], cold_start_response(r), [1] * len(r["images"]))[0])
-                for r in records]
+        builder = PromptBuilder(tiny_tokenizer(255, 256), tokens_per_tile=4, max_prompt_len=192, max_completion_len=32)
+        return [
+            len(builder.encode_pair(r["question"], cold_start_response(r), [1] * len(r["images"]))[0]) for r in records
+        ]
 
 
 def long_tailed_lengths(n: int = 4096, seed: int = 0) -> list[int]:
@@ -48,7 +48,7 @@ def waste(lengths: list[int], batch: int, pack_length: int, buckets, rows_multip
     order = np.random.default_rng(seed).permutation(len(lengths))
     real = slots_plain = slots_packed = 0
     for start in range(0, len(order) - batch + 1, batch):
-        ls = [lengths[i] for i in order[start:start + batch]]
+        ls = [lengths[i] for i in order[start : start + batch]]
         real += sum(ls)
         slots_plain += batch * _bucket(max(ls), buckets)
         rows = -(-len(pack_rows(ls, pack_length)) // rows_multiple) * rows_multiple
@@ -59,11 +59,13 @@ def waste(lengths: list[int], batch: int, pack_length: int, buckets, rows_multip
 def main() -> None:
     default = PipelineConfig(batch_size=1).length_buckets
     syn = synthetic_lengths()
-    cases = [("synthetic task (demo SFT)", syn, 8, 256, (64, 128, 256)),
-             ("synthetic task (demo SFT)", syn, 32, 448, (64, 128, 256)),
-             ("synthetic task (demo SFT)", syn, 64, 384, (64, 128, 256)),
-             ("long-tailed, median 600", long_tailed_lengths(), 64, 8192, default),
-             ("long-tailed, median 600", long_tailed_lengths(), 256, 8192, default)]
+    cases = [
+        ("synthetic task (demo SFT)", syn, 8, 256, (64, 128, 256)),
+        ("synthetic task (demo SFT)", syn, 32, 448, (64, 128, 256)),
+        ("synthetic task (demo SFT)", syn, 64, 384, (64, 128, 256)),
+        ("long-tailed, median 600", long_tailed_lengths(), 64, 8192, default),
+        ("long-tailed, median 600", long_tailed_lengths(), 256, 8192, default),
+    ]
     print("| length mix | mean length | batch | pack_length | real slots, one per row | real slots, packed |")
     print("|---|---|---|---|---|---|")
     for name, lengths, batch, pack, buckets in cases:

@@ -46,10 +46,23 @@ def plan_once(algo: str, trainable: str, family: str, chips: int, xla: bool = Fa
     topology = f"{family}-{chips * CORES[family]}"
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
-    cmd = [sys.executable, "-m", "r1v2_jax.cli", "plan", "--config", CONFIGS[algo], "--topology", topology,
-           "--json", out, f"--config.{algo}.trainable={trainable}", f"--config.{algo}.micro_batches={micro}",
-           f"--config.plan.mesh=(1,{fsdp},{tp})", f"--config.plan.sampler_mesh=(1,{fsdp},{tp})",
-           f"--config.plan.xla_estimate={xla}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "r1v2_jax.cli",
+        "plan",
+        "--config",
+        CONFIGS[algo],
+        "--topology",
+        topology,
+        "--json",
+        out,
+        f"--config.{algo}.trainable={trainable}",
+        f"--config.{algo}.micro_batches={micro}",
+        f"--config.plan.mesh=(1,{fsdp},{tp})",
+        f"--config.plan.sampler_mesh=(1,{fsdp},{tp})",
+        f"--config.plan.xla_estimate={xla}",
+    ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if r.returncode not in (0, 1):
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
@@ -67,8 +80,10 @@ def start_chips(trainable: str, family: str) -> int:
 
 
 def _log_try(log, algo: str, trainable: str, rep: dict) -> None:
-    log(f"  {algo} {trainable:<11} {rep['topology']:>8}: peak {rep['peak_bytes'] / GiB:6.1f} GiB of "
-        f"{rep['hbm_per_chip'] / GiB:.0f} -> {'fits' if rep['fits'] else 'no'}")
+    log(
+        f"  {algo} {trainable:<11} {rep['topology']:>8}: peak {rep['peak_bytes'] / GiB:6.1f} GiB of "
+        f"{rep['hbm_per_chip'] / GiB:.0f} -> {'fits' if rep['fits'] else 'no'}"
+    )
 
 
 def refine_down(row: dict, log) -> dict:
@@ -97,23 +112,38 @@ def search(algo: str, trainable: str, family: str, max_chips: int, log) -> dict:
             row = {"algorithm": algo, "trainable": trainable, "family": family, "fits": True, "report": rep}
             return refine_down(row, log) if len(tried) == 1 else row
         if train["temp_bytes"] > 1.25 * rep["hbm_per_chip"]:
-            return {"algorithm": algo, "trainable": trainable, "family": family, "fits": False, "report": rep,
-                    "why": f"train-step activations alone ({train['temp_bytes'] / GiB:.0f} GiB/chip) exceed HBM"}
+            return {
+                "algorithm": algo,
+                "trainable": trainable,
+                "family": family,
+                "fits": False,
+                "report": rep,
+                "why": f"train-step activations alone ({train['temp_bytes'] / GiB:.0f} GiB/chip) exceed HBM",
+            }
         chips *= 2
-    return {"algorithm": algo, "trainable": trainable, "family": family, "fits": False,
-            "report": tried[-1] if tried else None, "why": f"does not fit up to {max_chips} chips"}
+    return {
+        "algorithm": algo,
+        "trainable": trainable,
+        "family": family,
+        "fits": False,
+        "report": tried[-1] if tried else None,
+        "why": f"does not fit up to {max_chips} chips",
+    }
 
 
 def replan(row: dict, xla: bool) -> dict:
     """The row's chosen slice planned once more (with XLA's step-time estimate when ``xla``)."""
-    return dict(row, report=plan_once(row["algorithm"], row["trainable"], row["family"], row["report"]["chips"],
-                                      xla=xla))
+    return dict(
+        row, report=plan_once(row["algorithm"], row["trainable"], row["family"], row["report"]["chips"], xla=xla)
+    )
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| stage | trainable | smallest slice | mesh (data, fsdp, tensor) | micro-batches | peak GiB/chip (of HBM) "
-           "| roofline step s (train / rollout) | MFU | XLA step s (train / rollout) | XLA MFU |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| stage | trainable | smallest slice | mesh (data, fsdp, tensor) | micro-batches | peak GiB/chip (of HBM) "
+        "| roofline step s (train / rollout) | MFU | XLA step s (train / rollout) | XLA MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         rep = r["report"]
         name = {"grpo": "GRPO G=8, 4k+8k", "mpo": "MPO, 4k+8k pairs"}[r["algorithm"]]
@@ -127,13 +157,17 @@ def table(rows: list[dict]) -> str:
         xla = "| | |"
         if rep.get("xla_step_seconds"):
             xla_rollout = sum(p["xla_seconds"] for k, p in progs.items() if k != "train")
-            xla = (f"| {rep['xla_step_seconds']:.0f} ({progs['train']['xla_seconds']:.0f} / {xla_rollout:.0f}) | "
-                   f"{rep['xla_mfu']:.0%} |")
-        out.append(f"| {name} | {r['trainable']} | {rep['topology']} ({rep['chips']} chips) | "
-                   f"{m['data']}, {m['fsdp']}, {m['tensor']} | {rep['micro_batches']} | "
-                   f"{rep['peak_bytes'] / GiB:.1f} ({rep['hbm_per_chip'] / GiB:.0f}) | "
-                   f"{rep['step_seconds']:.0f} ({progs['train']['seconds']:.0f} / {rollout:.0f}) | "
-                   f"{rep['mfu']:.0%} {xla}")
+            xla = (
+                f"| {rep['xla_step_seconds']:.0f} ({progs['train']['xla_seconds']:.0f} / {xla_rollout:.0f}) | "
+                f"{rep['xla_mfu']:.0%} |"
+            )
+        out.append(
+            f"| {name} | {r['trainable']} | {rep['topology']} ({rep['chips']} chips) | "
+            f"{m['data']}, {m['fsdp']}, {m['tensor']} | {rep['micro_batches']} | "
+            f"{rep['peak_bytes'] / GiB:.1f} ({rep['hbm_per_chip'] / GiB:.0f}) | "
+            f"{rep['step_seconds']:.0f} ({progs['train']['seconds']:.0f} / {rollout:.0f}) | "
+            f"{rep['mfu']:.0%} {xla}"
+        )
     return "\n".join(out)
 
 

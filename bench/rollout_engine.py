@@ -46,8 +46,9 @@ def histogram(lengths, max_new: int, bins: int = 8) -> str:
     edges = np.linspace(0, max_new, bins + 1).astype(int)
     counts, _ = np.histogram(lengths, bins=edges)
     width = max(counts.max(), 1)
-    return "\n".join(f"  {lo + 1:>4}-{hi:<4} {c:>4} {'#' * int(40 * c / width)}"
-                     for lo, hi, c in zip(edges[:-1], edges[1:], counts))
+    return "\n".join(
+        f"  {lo + 1:>4}-{hi:<4} {c:>4} {'#' * int(40 * c / width)}" for lo, hi, c in zip(edges[:-1], edges[1:], counts)
+    )
 
 
 def main():
@@ -98,34 +99,53 @@ def main():
 
         def run_hf():
             with torch.no_grad():
-                return hf.generate(input_ids=torch.tensor(prompts, dtype=torch.long), do_sample=True, temperature=1.0,
-                                   top_k=0, top_p=1.0, max_new_tokens=a.max_new, num_return_sequences=g,
-                                   eos_token_id=list(eos), pad_token_id=eos[0])
+                return hf.generate(
+                    input_ids=torch.tensor(prompts, dtype=torch.long),
+                    do_sample=True,
+                    temperature=1.0,
+                    top_k=0,
+                    top_p=1.0,
+                    max_new_tokens=a.max_new,
+                    num_return_sequences=g,
+                    eos_token_id=list(eos),
+                    pad_token_id=eos[0],
+                )
+
         timed("transformers", run_hf, warm=False)  # nothing to compile
-        gen = results["transformers"][1][:, a.prompt_len:].numpy()
+        gen = results["transformers"][1][:, a.prompt_len :].numpy()
         is_eos = np.isin(gen, eos)
         lengths["transformers"] = np.where(is_eos.any(1), is_eos.argmax(1) + 1, gen.shape[1])
 
     st = engine.stats
-    print(f"\nrollout workload: preset {a.preset}, {a.prompts} prompts x G={g}, prompt {a.prompt_len}, temperature 1, "
-          f"max {a.max_new} new tokens, {len(eos)} eos ids; {os.cpu_count()} CPUs, jax {jax.__version__}")
-    print(f"completion lengths (paged = static: same tokens {same}): mean {lengths['paged'].mean():.1f}, median "
-          f"{np.median(lengths['paged']):.0f}, max {lengths['paged'].max()}, {int((lengths['paged'] == a.max_new).sum())} "
-          f"at the maximum")
+    print(
+        f"\nrollout workload: preset {a.preset}, {a.prompts} prompts x G={g}, prompt {a.prompt_len}, temperature 1, "
+        f"max {a.max_new} new tokens, {len(eos)} eos ids; {os.cpu_count()} CPUs, jax {jax.__version__}"
+    )
+    print(
+        f"completion lengths (paged = static: same tokens {same}): mean {lengths['paged'].mean():.1f}, median "
+        f"{np.median(lengths['paged']):.0f}, max {lengths['paged'].max()}, {int((lengths['paged'] == a.max_new).sum())} "
+        f"at the maximum"
+    )
     print(histogram(lengths["paged"], a.max_new))
     base = lengths["paged"].sum() / results["paged"][0]
-    print(f"\n{'engine':>12} | {'time s':>7} | {'useful tokens':>13} | {'useful tok/s':>12} | {'paged is':>9} | KV memory")
+    print(
+        f"\n{'engine':>12} | {'time s':>7} | {'useful tokens':>13} | {'useful tok/s':>12} | {'paged is':>9} | KV memory"
+    )
     print("-" * 84)
     kv_dense = st["dense_bytes"]
     for name, (t, _) in results.items():
         useful = int(lengths[name].sum())
-        kv = {"paged": f"{st['num_pages'] * st['page_bytes'] / 2**20:.1f} MiB pool ({st['peak_pages'] * st['page_bytes'] / 2**20:.1f} "
-                       f"MiB peak in use) = {st['num_pages'] * st['page_bytes'] / kv_dense:.0%} of dense",
-              "static": f"{kv_dense / 2**20:.1f} MiB dense cache"}.get(name, "")
+        kv = {
+            "paged": f"{st['num_pages'] * st['page_bytes'] / 2**20:.1f} MiB pool ({st['peak_pages'] * st['page_bytes'] / 2**20:.1f} "
+            f"MiB peak in use) = {st['num_pages'] * st['page_bytes'] / kv_dense:.0%} of dense",
+            "static": f"{kv_dense / 2**20:.1f} MiB dense cache",
+        }.get(name, "")
         print(f"{name:>12} | {t:7.1f} | {useful:13d} | {useful / t:12.1f} | {base / (useful / t):8.2f}x | {kv}")
-    print(f"\npaged: {a.slots} slots, host every {a.sync} steps, pages of {a.page_size}: {st['decode_steps']} decode "
-          f"steps in {st['blocks']} blocks, prefill batches {st['prefill_batches']}, {st['cow_copies']} "
-          f"copy-on-write pages")
+    print(
+        f"\npaged: {a.slots} slots, host every {a.sync} steps, pages of {a.page_size}: {st['decode_steps']} decode "
+        f"steps in {st['blocks']} blocks, prefill batches {st['prefill_batches']}, {st['cow_copies']} "
+        f"copy-on-write pages"
+    )
 
 
 if __name__ == "__main__":

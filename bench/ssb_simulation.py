@@ -53,23 +53,38 @@ def main():
         _, _, state, m = mix(state, payload, adv, k)
         state, ma = add(state, payload, adv, jnp.asarray(r))
         groups = r.reshape(a.prompts, a.group)
-        rows.append(dict(step=step, all_correct=float((groups.min(1) == 1).mean()),
-                         all_wrong=float((groups.max(1) == 0).mean()),
-                         without=float(m["effective_share_before"]), with_ssb=float(m["effective_share_after"]),
-                         fill=float(ma["ssb_fill"]), age=float(ma["ssb_mean_age"])))
-    print(f"\nSSB simulation: {a.steps} steps x {a.prompts} prompts x G={a.group}, capacity {a.capacity}, "
-          f"target share {a.target}, reuse limit {cfg.reuse_limit}, max age {cfg.max_age}")
-    print(f"{'step':>4} | {'all-correct groups':>18} | {'all-wrong':>9} | {'effective w/o SSB':>17} | "
-          f"{'effective with SSB':>18} | {'buffer fill':>11} | {'mean age':>8}")
+        rows.append(
+            dict(
+                step=step,
+                all_correct=float((groups.min(1) == 1).mean()),
+                all_wrong=float((groups.max(1) == 0).mean()),
+                without=float(m["effective_share_before"]),
+                with_ssb=float(m["effective_share_after"]),
+                fill=float(ma["ssb_fill"]),
+                age=float(ma["ssb_mean_age"]),
+            )
+        )
+    print(
+        f"\nSSB simulation: {a.steps} steps x {a.prompts} prompts x G={a.group}, capacity {a.capacity}, "
+        f"target share {a.target}, reuse limit {cfg.reuse_limit}, max age {cfg.max_age}"
+    )
+    print(
+        f"{'step':>4} | {'all-correct groups':>18} | {'all-wrong':>9} | {'effective w/o SSB':>17} | "
+        f"{'effective with SSB':>18} | {'buffer fill':>11} | {'mean age':>8}"
+    )
     print("-" * 104)
     for row in rows[:: max(1, a.steps // 12)] + [rows[-1]]:
-        print(f"{row['step']:>4} | {row['all_correct']:18.0%} | {row['all_wrong']:9.0%} | {row['without']:17.0%} | "
-              f"{row['with_ssb']:18.0%} | {row['fill']:11.0%} | {row['age']:8.1f}")
-    late = rows[2 * len(rows) // 3:]
+        print(
+            f"{row['step']:>4} | {row['all_correct']:18.0%} | {row['all_wrong']:9.0%} | {row['without']:17.0%} | "
+            f"{row['with_ssb']:18.0%} | {row['fill']:11.0%} | {row['age']:8.1f}"
+        )
+    late = rows[2 * len(rows) // 3 :]
     wo = np.mean([x["without"] for x in late])
     w = np.mean([x["with_ssb"] for x in late])
-    print(f"\nlast third of training: effective share {wo:.0%} without SSB, {w:.0%} with SSB "
-          f"(ratio {w / max(wo, 1e-9):.2f}); first step without SSB: {rows[0]['without']:.0%}")
+    print(
+        f"\nlast third of training: effective share {wo:.0%} without SSB, {w:.0%} with SSB "
+        f"(ratio {w / max(wo, 1e-9):.2f}); first step without SSB: {rows[0]['without']:.0%}"
+    )
 
 
 if __name__ == "__main__":

@@ -20,11 +20,20 @@ import time
 
 from r1v2_jax.rewards.verifier import VerifierPool, check
 
-GOOD = [("so</think>\\boxed{\\frac{1}{2}}", "0.5", []), ("</think>The answer is 12.", "12", []),
-        ("x</think>\\boxed{3\\sqrt{2}}", "\\sqrt{18}", []), ("y</think>\\boxed{B}", "B", ["1", "2", "3"]),
-        ("z</think>\\boxed{[1, 3)}", "[1,3)", []), ("w</think>\\boxed{1e3}", "1000", [])]
-WRONG = [("so</think>\\boxed{\\frac{1}{3}}", "0.5", []), ("</think>The answer is 13.", "12", []),
-         ("y</think>\\boxed{C}", "B", ["1", "2", "3"]), ("q</think>\\boxed{x^2+1}", "x^2-1", [])]
+GOOD = [
+    ("so</think>\\boxed{\\frac{1}{2}}", "0.5", []),
+    ("</think>The answer is 12.", "12", []),
+    ("x</think>\\boxed{3\\sqrt{2}}", "\\sqrt{18}", []),
+    ("y</think>\\boxed{B}", "B", ["1", "2", "3"]),
+    ("z</think>\\boxed{[1, 3)}", "[1,3)", []),
+    ("w</think>\\boxed{1e3}", "1000", []),
+]
+WRONG = [
+    ("so</think>\\boxed{\\frac{1}{3}}", "0.5", []),
+    ("</think>The answer is 13.", "12", []),
+    ("y</think>\\boxed{C}", "B", ["1", "2", "3"]),
+    ("q</think>\\boxed{x^2+1}", "x^2-1", []),
+]
 BAD = [("t</think>\\boxed{9^{9^{9^{9^{9^{9}}}}}}", "1", []), ("t</think>" + "\\boxed{" * 4000, "1", [])]
 
 
@@ -77,13 +86,17 @@ def main():
             out = pool.score(items)
             dt = time.perf_counter() - t
             zero = sum(o == 0 for o, k in zip(out, kinds) if k == "bad")
-            print(f"| VerifierPool, {w} worker(s) | {a.n / dt:.1f} | {dt:.2f} | <= {a.timeout:g} (bound) | "
-                  f"{zero}/{n_bad} | {pool.errors['timeout']} |")
+            print(
+                f"| VerifierPool, {w} worker(s) | {a.n / dt:.1f} | {dt:.2f} | <= {a.timeout:g} (bound) | "
+                f"{zero}/{n_bad} | {pool.errors['timeout']} |"
+            )
             t = time.perf_counter()
             after = pool.score([g for g in GOOD for _ in range(4)])
             dt_after = time.perf_counter() - t
-            print(f"|   cold start (first answer of a fresh pool) {cold:.2f} s; 24 good answers right after the "
-                  f"timeouts: {dt_after:.2f} s, {sum(after):.0f}/24 scored 1 | | | | | |")
+            print(
+                f"|   cold start (first answer of a fresh pool) {cold:.2f} s; 24 good answers right after the "
+                f"timeouts: {dt_after:.2f} s, {sum(after):.0f}/24 scored 1 | | | | | |"
+            )
 
 
 if __name__ == "__main__":

@@ -47,8 +47,7 @@ import subprocess
 import sys
 import time
 
-RUNTIME = {"v4": "tpu-ubuntu2204-base", "v5p": "v2-alpha-tpuv5", "v5e": "v2-alpha-tpuv5-lite",
-           "v6e": "v2-alpha-tpuv6e"}
+RUNTIME = {"v4": "tpu-ubuntu2204-base", "v5p": "v2-alpha-tpuv5", "v5e": "v2-alpha-tpuv5-lite", "v6e": "v2-alpha-tpuv6e"}
 # On the workers (in double quotes or bare, never single-quoted, so the remote shell expands $HOME)
 REMOTE_DIR = "$HOME/r1v2-jax"
 VENV = "$HOME/r1v2-venv"
@@ -63,8 +62,11 @@ _OVERRIDE = re.compile(r"--config\.([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0
 # keys the launcher sets itself on every worker (an override would break resuming)
 _LAUNCHER_KEYS = ("run_dir", "checkpoint.dir", "data.path", "model.init", "progress")
 # gcloud's wording when a zone has no TPUs to give (retried); quota errors are not capacity
-_CAPACITY = re.compile(r"no more capacity|insufficient capacity|ZONE_RESOURCE_POOL_EXHAUSTED|stockout|"
-                       r"resource pool exhausted|RESOURCE_EXHAUSTED", re.IGNORECASE)
+_CAPACITY = re.compile(
+    r"no more capacity|insufficient capacity|ZONE_RESOURCE_POOL_EXHAUSTED|stockout|"
+    r"resource pool exhausted|RESOURCE_EXHAUSTED",
+    re.IGNORECASE,
+)
 
 
 def _printable(field: str, value: str) -> str:
@@ -83,8 +85,9 @@ def check_override(ov: str) -> str:
     """A ``--config.KEY=VALUE`` override: a dotted key of identifiers, any printable value."""
     m = _OVERRIDE.fullmatch(_printable("override", ov))
     if not m:
-        raise ValueError(f"after --, only --config.KEY=VALUE overrides are passed to r1v2 train (KEY dotted "
-                         f"identifiers), got {ov!r}")
+        raise ValueError(
+            f"after --, only --config.KEY=VALUE overrides are passed to r1v2 train (KEY dotted identifiers), got {ov!r}"
+        )
     if m.group(1) in _LAUNCHER_KEYS:
         raise ValueError(f"override {ov!r}: config.{m.group(1)} is set by the launcher")
     return ov
@@ -110,20 +113,25 @@ class Pod:
 
     def __post_init__(self):
         """Validate every field: most of them end up in a command line on the workers."""
-        _matches("--name", _NAME, self.name, "lowercase letters, digits and hyphens, starting with a letter "
-                 "(at most 63)")
+        _matches(
+            "--name", _NAME, self.name, "lowercase letters, digits and hyphens, starting with a letter (at most 63)"
+        )
         _matches("--zone", _ZONE, self.zone, "a zone such as us-east5-a")
         _matches("--project", _PROJECT, self.project, "a Google Cloud project id")
         _matches("--accelerator", _ACCELERATOR, self.accelerator, "e.g. v5p-128, v4-32, v5e-16, v6e-64")
         if self.runtime:
             _matches("--runtime", _RUNTIME, self.runtime, "a TPU software version such as v2-alpha-tpuv5")
         _printable("--config", self.config)
-        if (self.config.startswith("/") or ".." in self.config.split("/") or not self.config.endswith(".py")
-                or self.config.startswith("-")):
-            raise ValueError(f"--config: expected a .py config file relative to the checkout (no '..'), "
-                             f"got {self.config!r}")
-        _matches("--bucket", _GCS, _printable("--bucket", self.bucket), "a gs://BUCKET[/path] for checkpoints "
-                 "and logs")
+        if (
+            self.config.startswith("/")
+            or ".." in self.config.split("/")
+            or not self.config.endswith(".py")
+            or self.config.startswith("-")
+        ):
+            raise ValueError(
+                f"--config: expected a .py config file relative to the checkout (no '..'), got {self.config!r}"
+            )
+        _matches("--bucket", _GCS, _printable("--bucket", self.bucket), "a gs://BUCKET[/path] for checkpoints and logs")
         for field, v in (("--data", self.data), ("--model", self.model)):
             if v:
                 _matches(field, _GCS, _printable(field, v), "a gs://BUCKET/path")
@@ -149,45 +157,92 @@ class Pod:
         return ["gcloud", "compute", "tpus", "tpu-vm", "describe", self.name, *self.where, "--format=value(state)"]
 
     def create(self) -> list[str]:
-        cmd = ["gcloud", "compute", "tpus", "queued-resources", "create", self.name, f"--node-id={self.name}",
-               *self.where, f"--accelerator-type={self.accelerator}", f"--runtime-version={self.runtime}"]
+        cmd = [
+            "gcloud",
+            "compute",
+            "tpus",
+            "queued-resources",
+            "create",
+            self.name,
+            f"--node-id={self.name}",
+            *self.where,
+            f"--accelerator-type={self.accelerator}",
+            f"--runtime-version={self.runtime}",
+        ]
         return cmd + (["--spot"] if self.spot else [])
 
     def queued_state(self) -> list[str]:
-        return ["gcloud", "compute", "tpus", "queued-resources", "describe", self.name, *self.where,
-                "--format=value(state.state)"]
+        return [
+            "gcloud",
+            "compute",
+            "tpus",
+            "queued-resources",
+            "describe",
+            self.name,
+            *self.where,
+            "--format=value(state.state)",
+        ]
 
     def delete(self) -> list[str]:
-        return ["gcloud", "compute", "tpus", "queued-resources", "delete", self.name, *self.where, "--force",
-                "--quiet"]
+        return ["gcloud", "compute", "tpus", "queued-resources", "delete", self.name, *self.where, "--force", "--quiet"]
 
     def ssh(self, command: str, worker: str = "all") -> list[str]:
-        return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", self.name, *self.where, f"--worker={worker}",
-                f"--command={command}"]
+        return [
+            "gcloud",
+            "compute",
+            "tpus",
+            "tpu-vm",
+            "ssh",
+            self.name,
+            *self.where,
+            f"--worker={worker}",
+            f"--command={command}",
+        ]
 
     def scp(self, local: str, remote: str) -> list[str]:
-        return ["gcloud", "compute", "tpus", "tpu-vm", "scp", local, f"{self.name}:{remote}", *self.where,
-                "--worker=all"]
+        return [
+            "gcloud",
+            "compute",
+            "tpus",
+            "tpu-vm",
+            "scp",
+            local,
+            f"{self.name}:{remote}",
+            *self.where,
+            "--worker=all",
+        ]
 
     def setup(self, archive: str) -> list[list[str]]:
-        install = " && ".join([
-            f'rm -rf "{REMOTE_DIR}" && mkdir -p "{REMOTE_DIR}"',
-            f'tar -xzf "$HOME/r1v2-jax.tar.gz" -C "{REMOTE_DIR}"',
-            f'python3 -m venv "{VENV}"',
-            f'"{VENV}/bin/pip" install -q -e "{REMOTE_DIR}[tpu]"',
-        ])
-        cmds = [["git", "archive", "--format=tar.gz", "-o", archive, "HEAD"], self.scp(archive, "r1v2-jax.tar.gz"),
-                self.ssh(install)]
-        copies = [f'gcloud storage rsync -r {shlex.quote(src)} "{dst}"'
-                  for src, dst in ((self.data, "$HOME/data"), (self.model, "$HOME/model")) if src]
+        install = " && ".join(
+            [
+                f'rm -rf "{REMOTE_DIR}" && mkdir -p "{REMOTE_DIR}"',
+                f'tar -xzf "$HOME/r1v2-jax.tar.gz" -C "{REMOTE_DIR}"',
+                f'python3 -m venv "{VENV}"',
+                f'"{VENV}/bin/pip" install -q -e "{REMOTE_DIR}[tpu]"',
+            ]
+        )
+        cmds = [
+            ["git", "archive", "--format=tar.gz", "-o", archive, "HEAD"],
+            self.scp(archive, "r1v2-jax.tar.gz"),
+            self.ssh(install),
+        ]
+        copies = [
+            f'gcloud storage rsync -r {shlex.quote(src)} "{dst}"'
+            for src, dst in ((self.data, "$HOME/data"), (self.model, "$HOME/model"))
+            if src
+        ]
         if copies:
             cmds.append(self.ssh(" && ".join(['mkdir -p "$HOME/data" "$HOME/model"', *copies])))
         return cmds
 
     def train_command(self) -> str:
         # user strings quoted (shlex); the $HOME prefixes in double quotes so the worker expands them
-        fixed = [f'"{VENV}/bin/r1v2" train', f'--config "{REMOTE_DIR}"/{shlex.quote(self.config)}', "--multihost",
-                 f'--config.run_dir="$HOME/runs"/{shlex.quote(self.name)}']
+        fixed = [
+            f'"{VENV}/bin/r1v2" train',
+            f'--config "{REMOTE_DIR}"/{shlex.quote(self.config)}',
+            "--multihost",
+            f'--config.run_dir="$HOME/runs"/{shlex.quote(self.name)}',
+        ]
         if self.data:
             fixed.append('--config.data.path="$HOME/data"')
         if self.model:
@@ -201,21 +256,24 @@ class Pod:
         return self.ssh(self.train_command())
 
     def trainer_running(self) -> list[str]:
-        return self.ssh('if pgrep -f "[r]1v2 train" > /dev/null; then echo running; else echo stopped; fi',
-                        worker="0")
+        return self.ssh('if pgrep -f "[r]1v2 train" > /dev/null; then echo running; else echo stopped; fi', worker="0")
 
     def logs(self) -> list[str]:
         # Follow the log until the trainer exits. "[r]1v2" keeps pgrep from matching this very
         # command's shell (whose command line holds the pattern); no trainer: print the log once.
-        return self.ssh('pid=$(pgrep -f "[r]1v2 train" | head -1); '
-                        'if [ -n "$pid" ]; then tail -n +1 -F "$HOME/train.log" --pid="$pid"; '
-                        'else cat "$HOME/train.log"; fi', worker="0")
+        return self.ssh(
+            'pid=$(pgrep -f "[r]1v2 train" | head -1); '
+            'if [ -n "$pid" ]; then tail -n +1 -F "$HOME/train.log" --pid="$pid"; '
+            'else cat "$HOME/train.log"; fi',
+            worker="0",
+        )
 
     def finished(self) -> list[str]:
         return ["gcloud", "storage", "ls", f"{self.checkpoint_dir}/logs/summary.json"]
 
 
 # --- running commands -------------------------------------------------------------------------
+
 
 class Shell:
     def __init__(self, dry_run: bool, out=sys.stdout):
@@ -330,8 +388,10 @@ def attempt_once(pod: Pod, sh: Shell, poll: float) -> Failure | None:
         what = " ".join(e.cmd[:6]) + (" ..." if len(e.cmd) > 6 else "")
         if state != "READY":
             return Failure("preempted", f"slice {state} while running: {what}")
-        return Failure("error", f"command failed on a READY slice (exit {e.returncode}): {what}: "
-                                f"{_last_line(e.stderr or e.stdout or '')}")
+        return Failure(
+            "error",
+            f"command failed on a READY slice (exit {e.returncode}): {what}: {_last_line(e.stderr or e.stdout or '')}",
+        )
     if sh.dry_run:
         sh.run(pod.finished(), check=False)
         return None
@@ -340,8 +400,7 @@ def attempt_once(pod: Pod, sh: Shell, poll: float) -> Failure | None:
     state = state_of(pod, sh)
     last = tail[-1] if tail else ""
     if state == "READY":
-        return Failure("error", f"training exited (log stream exit {rc}) on a READY slice without finishing",
-                       last)
+        return Failure("error", f"training exited (log stream exit {rc}) on a READY slice without finishing", last)
     return Failure("preempted", f"slice {state} during training", last)
 
 
@@ -357,8 +416,11 @@ def run(pod: Pod, sh: Shell, max_restarts: int, poll: float = 60.0, max_same: in
             return 0
         print(f"{pod.name}: {failure}", file=sh.out)
         if not failure.retryable:
-            print(f"{pod.name}: not retried (only preemption and capacity errors are); the slice is kept for a "
-                  "look (`logs`, `delete`)", file=sh.out)
+            print(
+                f"{pod.name}: not retried (only preemption and capacity errors are); the slice is kept for a "
+                "look (`logs`, `delete`)",
+                file=sh.out,
+            )
             return 1
         same = same + 1 if failure == previous else 1
         previous = failure
@@ -379,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides: list[str] = []
     if "--" in argv:
         i = argv.index("--")
-        argv, overrides = argv[:i], argv[i + 1:]
+        argv, overrides = argv[:i], argv[i + 1 :]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=["run", "create", "setup", "start", "logs", "status", "delete"])
     p.add_argument("--name", required=True, help="TPU VM / queued resource name (also the run's name)")
@@ -393,13 +455,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="", help="gs:// converted checkpoint copied to every worker (model.init)")
     p.add_argument("--spot", action="store_true", help="spot capacity (preemptible; `run` restarts)")
     p.add_argument("--max-restarts", type=int, default=20)
-    p.add_argument("--max-same-failures", type=int, default=3,
-                   help="stop when the same failure (no progress) happens this many times in a row")
+    p.add_argument(
+        "--max-same-failures",
+        type=int,
+        default=3,
+        help="stop when the same failure (no progress) happens this many times in a row",
+    )
     p.add_argument("--dry-run", action="store_true", help="print every command; run nothing")
     a = p.parse_args(argv)
     try:
-        pod = Pod(a.name, a.zone, a.project, a.accelerator, a.config, a.bucket, a.data, a.model, a.runtime, a.spot,
-                  tuple(overrides))
+        pod = Pod(
+            a.name,
+            a.zone,
+            a.project,
+            a.accelerator,
+            a.config,
+            a.bucket,
+            a.data,
+            a.model,
+            a.runtime,
+            a.spot,
+            tuple(overrides),
+        )
     except ValueError as e:
         p.error(str(e))
     sh = Shell(a.dry_run)

@@ -10,11 +10,18 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "r1v2_jax.model.config": ("ConfigError", "ModelConfig", "TextConfig", "VisionConfig", "get_preset",
-                              "model_config"),
+    "r1v2_jax.model.config": ("ConfigError", "ModelConfig", "TextConfig", "VisionConfig", "get_preset", "model_config"),
     "r1v2_jax.convert.keymap": ("CheckpointKeyError",),
-    "r1v2_jax.model.vlm": ("R1V2", "R1V2Model", "abstract_params", "count_params", "init_model", "init_params",
-                           "merge_image_features", "param_shardings"),
+    "r1v2_jax.model.vlm": (
+        "R1V2",
+        "R1V2Model",
+        "abstract_params",
+        "count_params",
+        "init_model",
+        "init_params",
+        "merge_image_features",
+        "param_shardings",
+    ),
     "r1v2_jax.convert.pretrained": ("load_checkpoint", "load_model", "load_pretrained", "save_released"),
     "r1v2_jax.sampling.sampler": ("SampleOutput", "Sampler", "SamplingParams", "generate"),
     "r1v2_jax.parallel.sharding": ("DEFAULT_RULES", "make_mesh"),

@@ -1,14 +1,14 @@
 """The ``r1v2`` command line.
 
-    r1v2 demo [--out DIR] [--config.K=V]    the main job: SFT -> MPO -> GRPO on the synthetic task, on CPU
-    r1v2 smoke [--preset tiny]              init -> save released -> load_pretrained -> forward, in seconds
-    r1v2 train --config configs/X.py [--config.K=V]   run an experiment (resumes from its run_dir)
-         [--multihost | --coordinator H:P --num-processes N --process-id I]   on every host of a job
-    r1v2 eval --model PATH --data FILE      pass@1 over k samples, per category
-    r1v2 plan --config C --topology v5p-128 AOT-compile train step + sampler for a TPU slice: memory, time
-    r1v2 info --model PATH | --preset NAME   config and parameter counts of a checkpoint or preset
-    r1v2 generate --model PATH [--image FILE] --prompt TEXT   answer a prompt (released HF dir or our checkpoint)
-    r1v2 make-data synthetic OUT --n N      the synthetic visual-reasoning task (train/test JSONL + images)
+r1v2 demo [--out DIR] [--config.K=V]    the main job: SFT -> MPO -> GRPO on the synthetic task, on CPU
+r1v2 smoke [--preset tiny]              init -> save released -> load_pretrained -> forward, in seconds
+r1v2 train --config configs/X.py [--config.K=V]   run an experiment (resumes from its run_dir)
+     [--multihost | --coordinator H:P --num-processes N --process-id I]   on every host of a job
+r1v2 eval --model PATH --data FILE      pass@1 over k samples, per category
+r1v2 plan --config C --topology v5p-128 AOT-compile train step + sampler for a TPU slice: memory, time
+r1v2 info --model PATH | --preset NAME   config and parameter counts of a checkpoint or preset
+r1v2 generate --model PATH [--image FILE] --prompt TEXT   answer a prompt (released HF dir or our checkpoint)
+r1v2 make-data synthetic OUT --n N      the synthetic visual-reasoning task (train/test JSONL + images)
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--config", required=True)
     _add_distributed_args(tr)
     tr.set_defaults(fn=C.cmd_train, takes_overrides=True)
-    pl = sub.add_parser("plan", help="AOT-compile the RL train step and the sampler for a TPU topology: memory, step time")
+    pl = sub.add_parser(
+        "plan", help="AOT-compile the RL train step and the sampler for a TPU topology: memory, step time"
+    )
     pl.add_argument("--config", required=True)
     pl.add_argument("--topology", required=True, help="e.g. v5p-128, v4-32, v5e-16, v6e-64, v5p:4x4x4")
     pl.add_argument("--hbm-gib", type=float, default=None, help="override the chip's HBM (GiB)")

@@ -47,7 +47,6 @@ def _table(rows: list[tuple[str, str]], title: str) -> str:
 def _distributed(args) -> None:
     """Join the other processes of a multi-host job before anything touches JAX."""
     if getattr(args, "multihost", False) or getattr(args, "coordinator", None):
-
         initialize(args.coordinator, args.num_processes, args.process_id, auto=args.multihost)
 
 
@@ -95,7 +94,6 @@ def cmd_smoke(args) -> int:
     """Init a model, save it in the released format, load it back, and run it on an image prompt:
     the checkpoint path users take, end to end, in seconds."""
 
-
     t0 = time.perf_counter()
     cfg = r1v2_jax.model_config(args.preset)
     model = r1v2_jax.init_model(cfg, seed=args.seed)
@@ -121,21 +119,31 @@ def cmd_smoke(args) -> int:
         seq = np.concatenate([seq, [[nxt]]], axis=1)
     t_gen = time.perf_counter()
     diff = float(np.abs(a - b).max())
-    print(_table([
-        ("preset", args.preset),
-        ("devices", f"{len(jax.devices())} x {jax.devices()[0].platform}"),
-        ("parameters", f"{model.num_params:,}"),
-        ("ViT / adapter / LLM", " / ".join(f"{r1v2_jax.count_params(model.params[k]):,}"
-                                           for k in ("vision_model", "mlp1", "language_model"))),
-        ("released checkpoint", ckpt),
-        ("save + load (s)", f"{t_save - t0:.2f} + {t_load - t_save:.2f}"),
-        ("prompt tokens (image)", f"{ids.shape[1]} ({n_img})"),
-        ("logits", f"{list(b.shape)}"),
-        ("reload max |diff|", f"{diff:.3g}"),
-        ("forward (s, incl. compile)", f"{t_fwd - t_load:.2f}"),
-        (f"greedy {args.new_tokens} tokens", " ".join(map(str, seq[0, ids.shape[1]:].tolist()))),
-        ("greedy time (s)", f"{t_gen - t_fwd:.2f}"),
-    ], "r1v2 smoke: init -> save released -> load_pretrained -> forward"))
+    print(
+        _table(
+            [
+                ("preset", args.preset),
+                ("devices", f"{len(jax.devices())} x {jax.devices()[0].platform}"),
+                ("parameters", f"{model.num_params:,}"),
+                (
+                    "ViT / adapter / LLM",
+                    " / ".join(
+                        f"{r1v2_jax.count_params(model.params[k]):,}"
+                        for k in ("vision_model", "mlp1", "language_model")
+                    ),
+                ),
+                ("released checkpoint", ckpt),
+                ("save + load (s)", f"{t_save - t0:.2f} + {t_load - t_save:.2f}"),
+                ("prompt tokens (image)", f"{ids.shape[1]} ({n_img})"),
+                ("logits", f"{list(b.shape)}"),
+                ("reload max |diff|", f"{diff:.3g}"),
+                ("forward (s, incl. compile)", f"{t_fwd - t_load:.2f}"),
+                (f"greedy {args.new_tokens} tokens", " ".join(map(str, seq[0, ids.shape[1] :].tolist()))),
+                ("greedy time (s)", f"{t_gen - t_fwd:.2f}"),
+            ],
+            "r1v2 smoke: init -> save released -> load_pretrained -> forward",
+        )
+    )
     if diff != 0.0:
         print(f"error: reloaded model differs from the saved one (max |diff| {diff})", file=sys.stderr)
         return 1
@@ -147,19 +155,33 @@ def cmd_info(args) -> int:
     cfg = read_config(args.model) if args.model else r1v2_jax.model_config(args.preset)
     ap = abstract_params(cfg, boxed=False)
     v, t = cfg.vision, cfg.text
-    print(_table([
-        ("ViT", f"{v.num_layers} layers, hidden {v.hidden_size}, {v.num_heads} heads, mlp {v.intermediate_size}, "
-                f"{v.norm_type}, qk_norm={v.qk_norm}, qkv_bias={v.qkv_bias}"),
-        ("tiles", f"{cfg.tile_size}px, patch {v.patch_size}, {cfg.tokens_per_tile()} tokens/tile, "
-                  f"pixel shuffle {cfg.ps_version}, select_layer {cfg.select_layer}"),
-        ("LLM", f"{t.num_layers} layers, hidden {t.hidden_size}, {t.num_heads}/{t.num_kv_heads} heads, "
-                f"mlp {t.intermediate_size}, vocab {t.vocab_size}, rope θ {t.rope_theta:g}"),
-        ("<IMG_CONTEXT> id", str(cfg.image_token_id)),
-        ("params ViT", f"{r1v2_jax.count_params(ap['vision_model']):,}"),
-        ("params adapter", f"{r1v2_jax.count_params(ap['mlp1']):,}"),
-        ("params LLM", f"{r1v2_jax.count_params(ap['language_model']):,}"),
-        ("params total", f"{r1v2_jax.count_params(ap):,}"),
-    ], f"r1v2 info: {args.model or args.preset}"))
+    print(
+        _table(
+            [
+                (
+                    "ViT",
+                    f"{v.num_layers} layers, hidden {v.hidden_size}, {v.num_heads} heads, mlp {v.intermediate_size}, "
+                    f"{v.norm_type}, qk_norm={v.qk_norm}, qkv_bias={v.qkv_bias}",
+                ),
+                (
+                    "tiles",
+                    f"{cfg.tile_size}px, patch {v.patch_size}, {cfg.tokens_per_tile()} tokens/tile, "
+                    f"pixel shuffle {cfg.ps_version}, select_layer {cfg.select_layer}",
+                ),
+                (
+                    "LLM",
+                    f"{t.num_layers} layers, hidden {t.hidden_size}, {t.num_heads}/{t.num_kv_heads} heads, "
+                    f"mlp {t.intermediate_size}, vocab {t.vocab_size}, rope θ {t.rope_theta:g}",
+                ),
+                ("<IMG_CONTEXT> id", str(cfg.image_token_id)),
+                ("params ViT", f"{r1v2_jax.count_params(ap['vision_model']):,}"),
+                ("params adapter", f"{r1v2_jax.count_params(ap['mlp1']):,}"),
+                ("params LLM", f"{r1v2_jax.count_params(ap['language_model']):,}"),
+                ("params total", f"{r1v2_jax.count_params(ap):,}"),
+            ],
+            f"r1v2 info: {args.model or args.preset}",
+        )
+    )
     return 0
 
 
@@ -174,7 +196,9 @@ class _Spinner:
     def _run(self):
         t0, frames, i = time.perf_counter(), "|/-\\", 0
         while not self._stop.wait(0.2):
-            print(f"\r{self.label} {frames[i % 4]} {time.perf_counter() - t0:5.1f}s", end="", file=sys.stderr, flush=True)
+            print(
+                f"\r{self.label} {frames[i % 4]} {time.perf_counter() - t0:5.1f}s", end="", file=sys.stderr, flush=True
+            )
             i += 1
 
     def __enter__(self):
@@ -191,7 +215,6 @@ class _Spinner:
 
 def cmd_generate(args) -> int:
 
-
     try:
         tokenizer = load_tokenizer(args.model)
     except FileNotFoundError as e:
@@ -202,8 +225,13 @@ def cmd_generate(args) -> int:
         model = r1v2_jax.load_model(args.model, args.dtype)
     cfg = model.config
     pix = load_image(args.image, tile_size=cfg.tile_size, max_num=args.max_tiles) if args.image else None
-    builder = PromptBuilder(tokenizer, cfg.tokens_per_tile(), template=chat_template(args.model),
-                            think=not args.no_think, max_prompt_len=1 << 20)
+    builder = PromptBuilder(
+        tokenizer,
+        cfg.tokens_per_tile(),
+        template=chat_template(args.model),
+        think=not args.no_think,
+        max_prompt_len=1 << 20,
+    )
     try:
         ids = builder.encode_prompt(args.prompt, [len(pix)] if pix is not None else [])
     except ValueError as e:  # e.g. the prompt spells a special token (<|im_end|>, <IMG_CONTEXT>, ...)
@@ -212,25 +240,43 @@ def cmd_generate(args) -> int:
     eos = [i for i in (tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")) if i is not None]
     t1 = time.perf_counter()
     with _Spinner(f"generating up to {args.max_new_tokens} tokens"):
-        out = r1v2_jax.generate(model, [ids], pixel_values=pix, max_new_tokens=args.max_new_tokens,
-                                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                repetition_penalty=args.repetition_penalty, eos_ids=eos, seed=args.seed)
+        out = r1v2_jax.generate(
+            model,
+            [ids],
+            pixel_values=pix,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            repetition_penalty=args.repetition_penalty,
+            eos_ids=eos,
+            seed=args.seed,
+        )
         n = int(out.lengths[0])
-        gen = np.asarray(out.tokens)[0, len(ids):len(ids) + n].tolist()
+        gen = np.asarray(out.tokens)[0, len(ids) : len(ids) + n].tolist()
     t2 = time.perf_counter()
     if gen and gen[-1] in eos:
         gen = gen[:-1]
     print(tokenizer.decode(gen, skip_special_tokens=False))
-    print(f"[{n} tokens in {t2 - t1:.1f}s ({n / max(t2 - t1, 1e-9):.1f} tok/s); load {t1 - t0:.1f}s; "
-          f"{'eos' if bool(out.finished[0]) else 'max_new_tokens reached'}]", file=sys.stderr)
+    print(
+        f"[{n} tokens in {t2 - t1:.1f}s ({n / max(t2 - t1, 1e-9):.1f} tok/s); load {t1 - t0:.1f}s; "
+        f"{'eos' if bool(out.finished[0]) else 'max_new_tokens reached'}]",
+        file=sys.stderr,
+    )
     return 0
 
 
 def cmd_make_data(args) -> int:
 
     try:
-        counts = make_synthetic(args.out, args.n, seed=args.seed, image_size=args.image_size,
-                                test_fraction=args.test_fraction, overwrite=args.overwrite)
+        counts = make_synthetic(
+            args.out,
+            args.n,
+            seed=args.seed,
+            image_size=args.image_size,
+            test_fraction=args.test_fraction,
+            overwrite=args.overwrite,
+        )
     except (FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -261,8 +307,17 @@ def cmd_eval(args, overrides) -> int:
     run = make_run(exp, mc, tok, template, mesh, sampler_mesh, metrics=MetricsLog(exp.run_dir, False))
     e = exp.eval
     try:
-        r = evaluate(run, params, records, k=e.k, temperature=e.temperature, top_p=e.top_p,
-                     max_new_tokens=e.max_new_tokens, batch_size=exp.data.batch_size, skips=skips)
+        r = evaluate(
+            run,
+            params,
+            records,
+            k=e.k,
+            temperature=e.temperature,
+            top_p=e.top_p,
+            max_new_tokens=e.max_new_tokens,
+            batch_size=exp.data.batch_size,
+            skips=skips,
+        )
     except (ValueError, RuntimeError) as err:  # an empty dataset, nothing usable in it
         print(f"error: {args.data}: {err}", file=sys.stderr)
         return 2

@@ -30,11 +30,11 @@ def _segments(kind, b, t):
     seg = np.ones((b, t), np.int32)
     if kind == "padded":  # left padding in row 0, right padding in row 1
         seg[0, : t // 5] = 0
-        seg[1, t - t // 7:] = 0
+        seg[1, t - t // 7 :] = 0
     elif kind == "packed":  # three sequences and a padded tail in row 1
-        seg[1, t // 4: t // 2] = 2
-        seg[1, t // 2:] = 3
-        seg[1, t - 9:] = 0
+        seg[1, t // 4 : t // 2] = 2
+        seg[1, t // 2 :] = 3
+        seg[1, t - 9 :] = 0
     return None if kind == "full" else jnp.asarray(seg)
 
 
@@ -54,13 +54,21 @@ def _check(impl_fn, causal, seg, shapes, seed=0):
 
 
 # chunk 48 does not divide T = 200: the last KV chunk is padded
-@pytest.mark.parametrize("kind,causal,chunk", [("full", True, 64), ("padded", True, 48), ("packed", True, 64),
-                                               ("full", False, 48), ("packed", False, 64)])
+@pytest.mark.parametrize(
+    "kind,causal,chunk",
+    [("full", True, 64), ("padded", True, 48), ("packed", True, 64), ("full", False, 48), ("packed", False, 64)],
+)
 def test_chunked_equals_reference(kind, causal, chunk):
     b, t = 2, 200
     seg = _segments(kind, b, t)
-    fn = lambda q, k, v: A.chunked_attention(q, k, v, jnp.zeros((b, t), jnp.int32) if seg is None else seg,  # noqa: E731
-                                             causal=causal, chunk_size=chunk)
+    fn = lambda q, k, v: A.chunked_attention(
+        q,
+        k,
+        v,
+        jnp.zeros((b, t), jnp.int32) if seg is None else seg,  # noqa: E731
+        causal=causal,
+        chunk_size=chunk,
+    )
     _check(fn, causal, seg, (b, t, 4, 2, 16))
 
 
@@ -68,8 +76,14 @@ def test_chunked_equals_reference(kind, causal, chunk):
 def test_splash_interpret_equals_reference(kind, causal):
     b, t = 2, 136  # padded to 256 inside; head dim 16 padded to 128
     seg = _segments(kind, b, t)
-    fn = lambda q, k, v: A.splash_attention(q, k, v, jnp.zeros((b, t), jnp.int32) if seg is None else seg,  # noqa: E731
-                                            causal=causal, interpret=True)
+    fn = lambda q, k, v: A.splash_attention(
+        q,
+        k,
+        v,
+        jnp.zeros((b, t), jnp.int32) if seg is None else seg,  # noqa: E731
+        causal=causal,
+        interpret=True,
+    )
     _check(fn, causal, seg, (b, t, 4, 2, 16), seed=1)
 
 
@@ -111,10 +125,10 @@ def _tiny_batch(cfg, seed=0, b=2, t=40):
     rng = np.random.default_rng(seed)
     per_tile = cfg.tokens_per_tile()
     ids = rng.integers(0, cfg.image_token_id - 1, (b, t))
-    ids[:, 3:3 + per_tile] = cfg.image_token_id
+    ids[:, 3 : 3 + per_tile] = cfg.image_token_id
     mask = np.ones((b, t), np.int32)
     mask[0, :2] = 0  # left padding (before the image)
-    mask[1, t - 6:] = 0  # right padding
+    mask[1, t - 6 :] = 0  # right padding
     pix = rng.standard_normal((b, 3, cfg.tile_size, cfg.tile_size)).astype(np.float32)
     return jnp.asarray(ids, jnp.int32), jnp.asarray(pix), jnp.asarray(mask)
 
@@ -140,5 +154,6 @@ def test_model_end_to_end_per_impl(impl):
     np.testing.assert_allclose(np.asarray(lg_new)[real], np.asarray(lg_ref)[real], atol=E2E_TOL, rtol=0)
     np.testing.assert_allclose(float(l_new), float(l_ref), atol=E2E_TOL, rtol=1e-6)
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g_new)[0], jax.tree.leaves(g_ref)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=E2E_TOL, rtol=0,
-                                   err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            np.asarray(a), np.asarray(b), atol=E2E_TOL, rtol=0, err_msg=jax.tree_util.keystr(path)
+        )

@@ -38,13 +38,16 @@ def test_38b_preset_sizes():
     assert c.projector_in_features == 12800 and c.tokens_per_tile() == 256
 
 
-@pytest.mark.parametrize("field,value,msg", [
-    ("image_token_id", 10_000, "outside the vocabulary"),
-    ("ps_version", "v3", "ps_version: expected one of"),
-    ("downsample_ratio", 0.3, "downsample_ratio: must be 1/k"),
-    ("select_layer", 0, "select_layer"),
-    ("remat_policy", "sometimes", "remat_policy"),
-])
+@pytest.mark.parametrize(
+    "field,value,msg",
+    [
+        ("image_token_id", 10_000, "outside the vocabulary"),
+        ("ps_version", "v3", "ps_version: expected one of"),
+        ("downsample_ratio", 0.3, "downsample_ratio: must be 1/k"),
+        ("select_layer", 0, "select_layer"),
+        ("remat_policy", "sometimes", "remat_policy"),
+    ],
+)
 def test_inconsistent_model_config_is_refused(field, value, msg):
     with pytest.raises(ConfigError, match=msg):
         model_config("tiny").replace(**{field: value})
@@ -61,27 +64,33 @@ def test_reader_builds_the_same_config():
     assert config_from_dict(released_config_dict(cfg), image_token_id=cfg.image_token_id) == cfg
 
 
-@pytest.mark.parametrize("mutate,msg", [
-    (lambda d: d["vision_config"].update(norm_type="batch_norm"), r"vision_config\.norm_type: expected"),
-    (lambda d: d["vision_config"].update(hidden_act="relu"), r"vision_config\.hidden_act"),
-    (lambda d: d["vision_config"].update(use_moe=True), r"vision_config\.use_moe"),
-    (lambda d: d["vision_config"].update(num_attention_heads=5), r"vision\.hidden_size: 32 is not divisible by num_heads=5"),
-    (lambda d: d["vision_config"].pop("hidden_size"), r"vision_config\.hidden_size: missing"),
-    (lambda d: d["llm_config"].update(rope_scaling={"type": "yarn", "factor": 4.0}), r"llm_config\.rope_scaling"),
-    (lambda d: d["llm_config"].update(use_sliding_window=True), r"llm_config\.use_sliding_window"),
-    (lambda d: d["llm_config"].update(num_key_value_heads=3), r"not a multiple of num_kv_heads=3"),
-    (lambda d: d["llm_config"].update(model_type="llama"), r"llm_config\.model_type: expected 'qwen2'"),
-    (lambda d: d["llm_config"].update(tie_word_embeddings=True), r"tie_word_embeddings"),
-    (lambda d: d["llm_config"].update(vocab_size="big"), r"llm_config\.vocab_size: expected int"),
-    (lambda d: d.update(ps_version="v9"), r"ps_version: expected 'v1' or 'v2'"),
-    (lambda d: d.update(downsample_ratio=0.3), r"downsample_ratio"),
-    (lambda d: d.update(force_image_size=50), r"force_image_size"),
-    (lambda d: d.update(select_layer=-7), r"select_layer"),
-    (lambda d: d.update(model_type="llava"), r"model_type: expected 'internvl_chat'"),
-    (lambda d: d.pop("llm_config"), r"llm_config: missing"),
-    (lambda d: d["llm_config"].update(secret_sauce=1), r"llm_config: unknown key\(s\) \['secret_sauce'\]"),
-    (lambda d: d.update(new_top_level=1), r"<top level>: unknown key\(s\) \['new_top_level'\]"),
-])
+@pytest.mark.parametrize(
+    "mutate,msg",
+    [
+        (lambda d: d["vision_config"].update(norm_type="batch_norm"), r"vision_config\.norm_type: expected"),
+        (lambda d: d["vision_config"].update(hidden_act="relu"), r"vision_config\.hidden_act"),
+        (lambda d: d["vision_config"].update(use_moe=True), r"vision_config\.use_moe"),
+        (
+            lambda d: d["vision_config"].update(num_attention_heads=5),
+            r"vision\.hidden_size: 32 is not divisible by num_heads=5",
+        ),
+        (lambda d: d["vision_config"].pop("hidden_size"), r"vision_config\.hidden_size: missing"),
+        (lambda d: d["llm_config"].update(rope_scaling={"type": "yarn", "factor": 4.0}), r"llm_config\.rope_scaling"),
+        (lambda d: d["llm_config"].update(use_sliding_window=True), r"llm_config\.use_sliding_window"),
+        (lambda d: d["llm_config"].update(num_key_value_heads=3), r"not a multiple of num_kv_heads=3"),
+        (lambda d: d["llm_config"].update(model_type="llama"), r"llm_config\.model_type: expected 'qwen2'"),
+        (lambda d: d["llm_config"].update(tie_word_embeddings=True), r"tie_word_embeddings"),
+        (lambda d: d["llm_config"].update(vocab_size="big"), r"llm_config\.vocab_size: expected int"),
+        (lambda d: d.update(ps_version="v9"), r"ps_version: expected 'v1' or 'v2'"),
+        (lambda d: d.update(downsample_ratio=0.3), r"downsample_ratio"),
+        (lambda d: d.update(force_image_size=50), r"force_image_size"),
+        (lambda d: d.update(select_layer=-7), r"select_layer"),
+        (lambda d: d.update(model_type="llava"), r"model_type: expected 'internvl_chat'"),
+        (lambda d: d.pop("llm_config"), r"llm_config: missing"),
+        (lambda d: d["llm_config"].update(secret_sauce=1), r"llm_config: unknown key\(s\) \['secret_sauce'\]"),
+        (lambda d: d.update(new_top_level=1), r"<top level>: unknown key\(s\) \['new_top_level'\]"),
+    ],
+)
 def test_reader_refuses_unknown_or_inconsistent_values(mutate, msg):
     d = copy.deepcopy(_released())
     mutate(d)
@@ -108,8 +117,9 @@ def test_force_image_size_sets_tile_size_not_position_grid():
 
 def test_token_id_lookup(tmp_path):
     assert find_token_id(tmp_path) is None
-    (tmp_path / "tokenizer.json").write_text(json.dumps(
-        {"added_tokens": [{"id": 151667, "content": "<IMG_CONTEXT>"}], "model": {"vocab": {}}}))
+    (tmp_path / "tokenizer.json").write_text(
+        json.dumps({"added_tokens": [{"id": 151667, "content": "<IMG_CONTEXT>"}], "model": {"vocab": {}}})
+    )
     assert find_token_id(tmp_path) == 151667
     (tmp_path / "config.json").write_text(json.dumps(released_config_dict(model_config("tiny"))))
     with pytest.raises(ConfigError, match="outside the vocabulary"):

@@ -95,8 +95,9 @@ def test_transformers_export_loads_with_from_pretrained(tmp_path, ref_model):
     write_released(ref, cfg, src)
     hf_to_jax(src, str(tmp_path / "ours"))
     jax_to_hf(str(tmp_path / "ours"), str(tmp_path / "tf"), fmt="transformers", max_shard_bytes=50_000)
-    hf = InternVLForConditionalGeneration.from_pretrained(str(tmp_path / "tf"), local_files_only=True,
-                                                          dtype=torch.float32, attn_implementation="eager").eval()
+    hf = InternVLForConditionalGeneration.from_pretrained(
+        str(tmp_path / "tf"), local_files_only=True, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     ours = r1v2_jax.load_checkpoint(str(tmp_path / "ours"))
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.image_token_id - 1, (2, 16))
@@ -113,6 +114,7 @@ def test_transformers_export_loads_with_from_pretrained(tmp_path, ref_model):
 
 
 # --- failures: clear messages, no loadable partial output -----------------------------------
+
 
 def _assert_no_output(out):
     assert not os.path.exists(out) or not os.listdir(out)
@@ -156,7 +158,9 @@ def test_mismatched_config_json(tmp_path, ref_model):
     c = json.load(open(os.path.join(src, "config.json")))
     c["llm_config"]["intermediate_size"] = 128
     json.dump(c, open(os.path.join(src, "config.json"), "w"))
-    with pytest.raises(CheckpointKeyError, match=r"up_proj\.weight: checkpoint has \[96, 48\], model expects \[128, 48\]"):
+    with pytest.raises(
+        CheckpointKeyError, match=r"up_proj\.weight: checkpoint has \[96, 48\], model expects \[128, 48\]"
+    ):
         hf_to_jax(src, str(tmp_path / "out"))
     _assert_no_output(str(tmp_path / "out"))
 
@@ -168,12 +172,25 @@ def test_existing_output_is_refused_then_overwritten(tmp_path, ref_model):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools/convert_weights/hf_to_jax.py"), src, str(out),
-                        "--quiet"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools/convert_weights/hf_to_jax.py"), src, str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "exists and is not empty" in r.stderr and "--overwrite" in r.stderr
     assert (out / "notes.txt").read_text() == "mine"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools/convert_weights/hf_to_jax.py"), src, str(out),
-                        "--quiet", "--overwrite"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools/convert_weights/hf_to_jax.py"),
+            src,
+            str(out),
+            "--quiet",
+            "--overwrite",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert not (out / "notes.txt").exists() and (out / "r1v2_params.json").exists()
 
@@ -187,8 +204,11 @@ def test_killed_half_way_leaves_nothing_loadable(tmp_path):
     r1v2_jax.save_released(model, src, max_shard_bytes=100 * 1000**2)
     del model
     out = str(tmp_path / "out")
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tools/convert_weights/hf_to_jax.py"), src, out,
-                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "tools/convert_weights/hf_to_jax.py"), src, out, "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     partial = None
     deadline = time.time() + 120
     while time.time() < deadline and partial is None:

@@ -37,11 +37,13 @@ def released(tmp_path_factory):
 
 def _chunk_files(ckpt, leaf=LEAF):
     base = os.path.join(ckpt, "params", leaf)
-    return sorted(os.path.relpath(os.path.join(r, f), base) for r, _, fs in os.walk(base) for f in fs
-                  if f != "zarr.json")
+    return sorted(
+        os.path.relpath(os.path.join(r, f), base) for r, _, fs in os.walk(base) for f in fs if f != "zarr.json"
+    )
 
 
 # --- 1. silent weight corruption ------------------------------------------------------------
+
 
 def test_missing_chunk_file_is_refused_naming_the_array(tmp_path, released):
     ours = str(tmp_path / "ours")
@@ -117,21 +119,24 @@ def test_non_finite_weights_are_counted_reported_and_refused_when_strict(tmp_pat
     assert r == 0 and "WARNING: 3 non-finite values in 1 tensors" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("section,key,value,msg", [
-    ("llm_config", "rms_norm_eps", float("nan"), "finite"),
-    ("llm_config", "rms_norm_eps", float("inf"), "finite"),
-    ("llm_config", "rms_norm_eps", -1e-6, "in \\(0, 1\\)"),
-    ("vision_config", "layer_norm_eps", 0.0, "in \\(0, 1\\)"),
-    ("vision_config", "layer_norm_eps", "1e-6", "expected a number"),
-    ("llm_config", "rope_theta", float("inf"), "finite"),
-    ("llm_config", "hidden_size", 10**9, "integer in \\[1, 131072\\]"),
-    ("llm_config", "num_key_value_heads", 2.5, "expected int"),
-    ("llm_config", "head_dim", 0, "integer in \\[1, 4096\\]"),
-    ("llm_config", "max_position_embeddings", 1 << 40, "integer in"),
-    ("vision_config", "num_hidden_layers", 100000, "integer in \\[1, 1024\\]"),
-    ("vision_config", "image_size", -448, "integer in"),
-    (None, "downsample_ratio", float("nan"), "finite positive"),
-])
+@pytest.mark.parametrize(
+    "section,key,value,msg",
+    [
+        ("llm_config", "rms_norm_eps", float("nan"), "finite"),
+        ("llm_config", "rms_norm_eps", float("inf"), "finite"),
+        ("llm_config", "rms_norm_eps", -1e-6, "in \\(0, 1\\)"),
+        ("vision_config", "layer_norm_eps", 0.0, "in \\(0, 1\\)"),
+        ("vision_config", "layer_norm_eps", "1e-6", "expected a number"),
+        ("llm_config", "rope_theta", float("inf"), "finite"),
+        ("llm_config", "hidden_size", 10**9, "integer in \\[1, 131072\\]"),
+        ("llm_config", "num_key_value_heads", 2.5, "expected int"),
+        ("llm_config", "head_dim", 0, "integer in \\[1, 4096\\]"),
+        ("llm_config", "max_position_embeddings", 1 << 40, "integer in"),
+        ("vision_config", "num_hidden_layers", 100000, "integer in \\[1, 1024\\]"),
+        ("vision_config", "image_size", -448, "integer in"),
+        (None, "downsample_ratio", float("nan"), "finite positive"),
+    ],
+)
 def test_config_json_numbers_are_validated(tmp_path, released, section, key, value, msg):
     d = json.load(open(os.path.join(released, "config.json")))
     (d if section is None else d[section])[key] = value
@@ -173,14 +178,16 @@ hf_to_jax(src, out, overwrite=True, dtype="bfloat16")
 """
 
 
-@pytest.mark.parametrize("mode", ["before-exchange", "after-exchange", "during-delete", "fallback-first",
-                                  "fallback-second"])
+@pytest.mark.parametrize(
+    "mode", ["before-exchange", "after-exchange", "during-delete", "fallback-first", "fallback-second"]
+)
 def test_overwrite_killed_at_any_moment_leaves_old_or_new(tmp_path, released, mode):
     out = str(tmp_path / "out")
     hf_to_jax(released, out)  # the old copy: float32
     env = dict(os.environ, PYTHONPATH=ROOT)
-    r = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, released, out, mode], env=env, capture_output=True,
-                       text=True)
+    r = subprocess.run(
+        [sys.executable, "-c", _KILL_SCRIPT, released, out, mode], env=env, capture_output=True, text=True
+    )
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     want = "bfloat16" if mode in ("after-exchange", "during-delete", "fallback-second") else "float32"
     if mode == "fallback-first":  # the fallback's one window: out is absent until the next run restores it
@@ -282,12 +289,15 @@ def _raw_safetensors(path, entries, data_len):
         f.write(struct.pack("<Q", len(header)) + header + b"\0" * data_len)
 
 
-@pytest.mark.parametrize("entries,msg", [
-    ({"a": ([2], [-8, 0])}, "tensor 'a' has invalid data_offsets \\[-8, 0\\]"),
-    ({"a": ([2], [0, 8]), "b": ([2], [4, 12])}, "tensors 'a' \\[0, 8\\] and 'b' \\[4, 12\\] have overlapping"),
-    ({"a": ([2], [0, 8]), "b": ([2], [0, 8])}, "overlapping data_offsets"),
-    ({"a": ([2], [0.0, 8])}, "data_offsets must be two integers"),
-])
+@pytest.mark.parametrize(
+    "entries,msg",
+    [
+        ({"a": ([2], [-8, 0])}, "tensor 'a' has invalid data_offsets \\[-8, 0\\]"),
+        ({"a": ([2], [0, 8]), "b": ([2], [4, 12])}, "tensors 'a' \\[0, 8\\] and 'b' \\[4, 12\\] have overlapping"),
+        ({"a": ([2], [0, 8]), "b": ([2], [0, 8])}, "overlapping data_offsets"),
+        ({"a": ([2], [0.0, 8])}, "data_offsets must be two integers"),
+    ],
+)
 def test_bad_data_offsets_name_the_file(tmp_path, entries, msg):
     _raw_safetensors(tmp_path / "model.safetensors", entries, 16)
     with pytest.raises(CheckpointFormatError, match=rf"model\.safetensors: .*{msg}"):

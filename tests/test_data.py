@@ -17,6 +17,7 @@ from r1v2_jax.data.tokenizer import IMG_CONTEXT, build_qwen2_tokenizer, tiny_tok
 
 # --- the reference algorithm, transcribed from InternVL's inference script --------------------
 
+
 def ref_find_closest_aspect_ratio(aspect_ratio, target_ratios_, width, height, image_size):
     best_ratio_diff = float("inf")
     best_ratio = (1, 1)
@@ -36,8 +37,13 @@ def ref_find_closest_aspect_ratio(aspect_ratio, target_ratios_, width, height, i
 def ref_dynamic_preprocess(image, min_num=1, max_num=12, image_size=448, use_thumbnail=False):
     orig_width, orig_height = image.size
     aspect_ratio = orig_width / orig_height
-    ratios = set((i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
-                 if i * j <= max_num and i * j >= min_num)
+    ratios = set(
+        (i, j)
+        for n in range(min_num, max_num + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if i * j <= max_num and i * j >= min_num
+    )
     ratios = sorted(ratios, key=lambda x: x[0] * x[1])
     ar = ref_find_closest_aspect_ratio(aspect_ratio, ratios, orig_width, orig_height, image_size)
     target_width, target_height = image_size * ar[0], image_size * ar[1]
@@ -45,9 +51,12 @@ def ref_dynamic_preprocess(image, min_num=1, max_num=12, image_size=448, use_thu
     resized_img = image.resize((target_width, target_height), Image.Resampling.BICUBIC)
     out = []
     for i in range(blocks):
-        box = ((i % (target_width // image_size)) * image_size, (i // (target_width // image_size)) * image_size,
-               ((i % (target_width // image_size)) + 1) * image_size,
-               ((i // (target_width // image_size)) + 1) * image_size)
+        box = (
+            (i % (target_width // image_size)) * image_size,
+            (i // (target_width // image_size)) * image_size,
+            ((i % (target_width // image_size)) + 1) * image_size,
+            ((i // (target_width // image_size)) + 1) * image_size,
+        )
         out.append(resized_img.crop(box))
     if use_thumbnail and len(out) != 1:
         out.append(image.resize((image_size, image_size), Image.Resampling.BICUBIC))
@@ -64,10 +73,40 @@ def ref_transform(tile, size):
     return out
 
 
-SIZES = [(448, 448), (900, 448), (448, 900), (1000, 300), (300, 1000), (1344, 896), (2000, 500), (500, 2000),
-         (640, 480), (480, 640), (1920, 1080), (1080, 1920), (800, 800), (1600, 1600), (2240, 448), (448, 2240),
-         (1200, 400), (333, 777), (777, 333), (1024, 768), (768, 1024), (3000, 200), (200, 3000), (1300, 900),
-         (900, 1300), (50, 60), (60, 50), (2500, 2500), (1792, 448), (448, 1344), (700, 1700), (1500, 1100)]
+SIZES = [
+    (448, 448),
+    (900, 448),
+    (448, 900),
+    (1000, 300),
+    (300, 1000),
+    (1344, 896),
+    (2000, 500),
+    (500, 2000),
+    (640, 480),
+    (480, 640),
+    (1920, 1080),
+    (1080, 1920),
+    (800, 800),
+    (1600, 1600),
+    (2240, 448),
+    (448, 2240),
+    (1200, 400),
+    (333, 777),
+    (777, 333),
+    (1024, 768),
+    (768, 1024),
+    (3000, 200),
+    (200, 3000),
+    (1300, 900),
+    (900, 1300),
+    (50, 60),
+    (60, 50),
+    (2500, 2500),
+    (1792, 448),
+    (448, 1344),
+    (700, 1700),
+    (1500, 1100),
+]
 
 
 @pytest.mark.parametrize("max_num", [6, 12])
@@ -109,8 +148,15 @@ def _transparent_images():
     rgb_trns.info["transparency"] = (0, 0, 0)  # tRNS colour
     l_trns = Image.new("L", (14, 14), 0)
     l_trns.info["transparency"] = 0
-    return {"RGBA": Image.new("RGBA", (14, 14), (0, 0, 0, 0)), "LA": Image.new("LA", (14, 14), (0, 0)), "PA": pa,
-            "P+index": p_idx, "P+table": p_tab, "RGB+tRNS": rgb_trns, "L+tRNS": l_trns}
+    return {
+        "RGBA": Image.new("RGBA", (14, 14), (0, 0, 0, 0)),
+        "LA": Image.new("LA", (14, 14), (0, 0)),
+        "PA": pa,
+        "P+index": p_idx,
+        "P+table": p_tab,
+        "RGB+tRNS": rgb_trns,
+        "L+tRNS": l_trns,
+    }
 
 
 def _pixel(x):
@@ -144,8 +190,11 @@ def test_half_alpha_on_white_and_bad_alpha_mode():
     half = Image.new("RGBA", (14, 14), (0, 0, 0, 128))
     y = _pixel(preprocess(half, tile_size=14, max_num=1, alpha="white"))
     np.testing.assert_allclose(y, 127 / 255, atol=1e-6)  # 255 * (1 - 128/255)
-    assert np.allclose(_pixel(preprocess(Image.new("RGB", (14, 14), (9, 9, 9)), tile_size=14, max_num=1,
-                                         alpha="white")), 9 / 255, atol=1e-6)  # no transparency: untouched
+    assert np.allclose(
+        _pixel(preprocess(Image.new("RGB", (14, 14), (9, 9, 9)), tile_size=14, max_num=1, alpha="white")),
+        9 / 255,
+        atol=1e-6,
+    )  # no transparency: untouched
     with pytest.raises(ValueError, match="alpha"):
         preprocess(half, tile_size=14, max_num=1, alpha="black")
     with pytest.raises(ValueError, match="pipeline alpha"):
@@ -154,13 +203,20 @@ def test_half_alpha_on_white_and_bad_alpha_mode():
 
 # --- tokens ----------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def qwen():
     return build_qwen2_tokenizer()
 
 
 def test_real_qwen2_ids(qwen):
-    assert qwen.encode("<|im_start|>user\nhi<|im_end|>", add_special_tokens=False).ids == [151644, 872, 198, 6023, 151645]
+    assert qwen.encode("<|im_start|>user\nhi<|im_end|>", add_special_tokens=False).ids == [
+        151644,
+        872,
+        198,
+        6023,
+        151645,
+    ]
     assert qwen.encode("Hello world", add_special_tokens=False).ids == [9707, 1879]
     assert qwen.token_to_id("<|endoftext|>") == 151643 and qwen.token_to_id("<think>") == 151667
     text = "Solve: 3/4 + 1/8 = ?  数学"
@@ -170,8 +226,9 @@ def test_real_qwen2_ids(qwen):
 def test_prompt_has_256_context_tokens_per_tile_and_mask_covers_completion(qwen):
     b = PromptBuilder(qwen, tokens_per_tile=256, max_prompt_len=10_000)
     ctx = qwen.token_to_id(IMG_CONTEXT)
-    ids, mask, truncated = b.encode_pair("<image>\nCompare with <image>. Which is bigger?", "<think>\nhmm</think> A",
-                                         [3, 1])
+    ids, mask, truncated = b.encode_pair(
+        "<image>\nCompare with <image>. Which is bigger?", "<think>\nhmm</think> A", [3, 1]
+    )
     assert (ids == ctx).sum() == 256 * 4 and not truncated
     # each image's context tokens are contiguous between <img> and </img>
     starts = np.nonzero(ids == qwen.token_to_id("<img>"))[0]
@@ -185,8 +242,10 @@ def test_prompt_has_256_context_tokens_per_tile_and_mask_covers_completion(qwen)
 
 
 def test_chat_template_is_used_when_present(qwen):
-    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     b = PromptBuilder(qwen, 4, template=template)
     assert b.prompt_text("hi", []) == chatml("hi", think=True)
     for own in ("{{ '<think>\\n' }}", "<think>\n"):  # templates that pre-fill <think> themselves
@@ -205,6 +264,7 @@ def test_prompt_too_long_and_completion_truncation():
 
 # --- formats, bad samples, pipelines ------------------------------------------------------------
 
+
 def _write_dataset(root, n=10):
     os.makedirs(root / "img", exist_ok=True)
     recs = []
@@ -216,12 +276,19 @@ def _write_dataset(root, n=10):
 
 def test_bad_samples_are_skipped_and_counted(tmp_path):
     recs = _write_dataset(tmp_path, 4)
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(tmp_path / "img" / "full.jpg")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(
+        tmp_path / "img" / "full.jpg"
+    )
     (tmp_path / "img" / "trunc.jpg").write_bytes(open(tmp_path / "img" / "full.jpg", "rb").read()[:300])
     (tmp_path / "img" / "empty.png").write_bytes(b"")
-    bad = [dict(recs[0], images=["img/missing.png"]), dict(recs[0], images=["img/trunc.jpg"]),
-           dict(recs[0], images=["img/empty.png"]), dict(recs[0], images=["../outside.png"]),
-           dict(recs[0], question="<image>\n" + "x" * 500), {"question": "no answer"}]
+    bad = [
+        dict(recs[0], images=["img/missing.png"]),
+        dict(recs[0], images=["img/trunc.jpg"]),
+        dict(recs[0], images=["img/empty.png"]),
+        dict(recs[0], images=["../outside.png"]),
+        dict(recs[0], question="<image>\n" + "x" * 500),
+        {"question": "no answer"},
+    ]
     lines = [json.dumps(r) for r in recs[:2] + bad + recs[2:]] + ["{not json"]
     (tmp_path / "rl.jsonl").write_text("\n".join(lines) + "\n")
     skips = SkipCounter()
@@ -233,8 +300,15 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
     batches = list(it)
     answers = sorted(a for bt in batches for a in bt["answer"])
     assert answers == ["0", "1", "2", "3"]  # every good sample, the run went on
-    assert skips.as_dict() == {"missing_field": 1, "malformed_json": 1, "missing_image": 1, "unreadable_image": 1,
-                               "empty_image": 1, "path_outside_root": 1, "prompt_too_long": 1}
+    assert skips.as_dict() == {
+        "missing_field": 1,
+        "malformed_json": 1,
+        "missing_image": 1,
+        "unreadable_image": 1,
+        "empty_image": 1,
+        "path_outside_root": 1,
+        "prompt_too_long": 1,
+    }
 
 
 def test_batches_have_static_shapes(tmp_path):
@@ -242,8 +316,15 @@ def test_batches_have_static_shapes(tmp_path):
     (tmp_path / "rl.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
     records = load_records(str(tmp_path / "rl.jsonl"), "rl")
     b = PromptBuilder(tiny_tokenizer(255), tokens_per_tile=4)
-    cfg = PipelineConfig(batch_size=3, num_epochs=1, length_buckets=(64, 128), tiles_bucket=8, max_tiles=2,
-                         process_index=0, process_count=1)
+    cfg = PipelineConfig(
+        batch_size=3,
+        num_epochs=1,
+        length_buckets=(64, 128),
+        tiles_bucket=8,
+        max_tiles=2,
+        process_index=0,
+        process_count=1,
+    )
     for batch in rl_prompt_iterator(records, b, cfg, tile_size=28):
         assert batch["input_ids"].shape == (3, 64) and batch["pixel_values"].shape[0] % 8 == 0
         n_ctx = (batch["input_ids"] == 255).sum()
@@ -258,8 +339,15 @@ def test_resume_and_host_sharding(tmp_path):
     b = PromptBuilder(tiny_tokenizer(255), tokens_per_tile=4)
 
     def make(idx=0, count=1, workers=0):
-        cfg = PipelineConfig(batch_size=2, seed=7, num_epochs=3, length_buckets=(64,), process_index=idx,
-                             process_count=count, worker_count=workers)
+        cfg = PipelineConfig(
+            batch_size=2,
+            seed=7,
+            num_epochs=3,
+            length_buckets=(64,),
+            process_index=idx,
+            process_count=count,
+            worker_count=workers,
+        )
         return rl_prompt_iterator(records, b, cfg, tile_size=28)
 
     full = [bt["answer"] for bt in make()]
@@ -280,8 +368,15 @@ def test_resume_and_host_sharding(tmp_path):
     assert all(len(x) == 1 for x in per_host[0])
     # a partial last global batch: dropped by default, padded by wrapping around when kept
     for drop, want in ((True, 2), (False, 3)):
-        cfg = PipelineConfig(batch_size=4, seed=7, num_epochs=1, length_buckets=(64,), process_index=1,
-                             process_count=2, drop_remainder=drop)
+        cfg = PipelineConfig(
+            batch_size=4,
+            seed=7,
+            num_epochs=1,
+            length_buckets=(64,),
+            process_index=1,
+            process_count=2,
+            drop_remainder=drop,
+        )
         got = [bt["answer"] for bt in rl_prompt_iterator(records, b, cfg, tile_size=28)]
         assert len(got) == want and all(len(x) == 2 for x in got)
     with pytest.raises(ValueError, match="divisible by the 3 hosts"):
@@ -332,14 +427,19 @@ def test_synthetic_task(tmp_path):
 
 def test_preference_and_sft_batches(tmp_path):
     recs = _write_dataset(tmp_path, 4)
-    pref = [{"images": r["images"], "prompt": r["question"], "chosen": f"yes {i}", "rejected": "no"}
-            for i, r in enumerate(recs)]
+    pref = [
+        {"images": r["images"], "prompt": r["question"], "chosen": f"yes {i}", "rejected": "no"}
+        for i, r in enumerate(recs)
+    ]
     (tmp_path / "pref.jsonl").write_text("\n".join(json.dumps(r) for r in pref))
     tok = tiny_tokenizer(255)
     b = PromptBuilder(tok, tokens_per_tile=4)
     cfg = PipelineConfig(batch_size=2, num_epochs=1, length_buckets=(64,), process_index=0, process_count=1)
-    batches = list(sequence_iterator(load_records(str(tmp_path / "pref.jsonl"), "preference"), b, cfg,
-                                     kind="preference", tile_size=28))
+    batches = list(
+        sequence_iterator(
+            load_records(str(tmp_path / "pref.jsonl"), "preference"), b, cfg, kind="preference", tile_size=28
+        )
+    )
     assert len(batches) == 2
     bt = batches[0]
     for n in ("chosen", "rejected"):
@@ -347,8 +447,10 @@ def test_preference_and_sft_batches(tmp_path):
         assert not (bt[f"{n}_loss_mask"] & ~bt[f"{n}_mask"]).any()
     row = bt["chosen_ids"][0][bt["chosen_loss_mask"][0]]
     assert tok.decode(row.tolist(), skip_special_tokens=False).startswith("yes ")
-    assert tok.decode(bt["rejected_ids"][0][bt["rejected_loss_mask"][0]].tolist(), skip_special_tokens=False) == \
-        "no<|im_end|>"
+    assert (
+        tok.decode(bt["rejected_ids"][0][bt["rejected_loss_mask"][0]].tolist(), skip_special_tokens=False)
+        == "no<|im_end|>"
+    )
     sft = [{"images": r["images"], "prompt": r["question"], "response": "ok"} for r in recs]
     (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in sft))
     bt = next(sequence_iterator(load_records(str(tmp_path / "sft.jsonl"), "sft"), b, cfg, kind="sft", tile_size=28))
@@ -363,8 +465,13 @@ def test_image_settings_from_a_released_config(tmp_path):
     c = released_config_dict(model_config("tiny"))
     c.update(force_image_size=84, max_dynamic_patch=6, use_thumbnail=False)
     (tmp_path / "config.json").write_text(json.dumps(c))
-    assert image_settings(str(tmp_path)) == {"tile_size": 84, "dynamic": True, "use_thumbnail": False,
-                                             "min_num": 1, "max_num": 6}
+    assert image_settings(str(tmp_path)) == {
+        "tile_size": 84,
+        "dynamic": True,
+        "use_thumbnail": False,
+        "min_num": 1,
+        "max_num": 6,
+    }
     c.update(min_dynamic_patch=7)
     (tmp_path / "config.json").write_text(json.dumps(c))
     with pytest.raises(ValueError, match="min_dynamic_patch <= max_dynamic_patch"):
@@ -372,6 +479,7 @@ def test_image_settings_from_a_released_config(tmp_path):
 
 
 # --- one bad record never stops training ---------------------------------------------------------
+
 
 def _png_header_only(width, height):
     """A PNG that claims width x height pixels in a few dozen bytes (a decompression bomb's header)."""
@@ -381,8 +489,12 @@ def _png_header_only(width, height):
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_every_kind_of_bad_record_is_a_counted_skip(tmp_path):
@@ -390,11 +502,17 @@ def test_every_kind_of_bad_record_is_a_counted_skip(tmp_path):
     (tmp_path / "img" / "bomb.png").write_bytes(_png_header_only(50_000, 50_000))  # 2.5 GP: PIL's own limit
     (tmp_path / "img" / "big.png").write_bytes(_png_header_only(8_000, 8_000))  # 64 MP: over our 40 MP budget
     q = recs[0]
-    bad = [dict(q, images=[123]), dict(q, images=[{"foo": 1}]), dict(q, images=[None]),
-           dict(q, images=["img/bomb.png"]), dict(q, images=["img/big.png"]),
-           dict(q, question="<image>\nfirst <image> second"),  # two placeholders, one image
-           dict(q, question="what is <IMG_CONTEXT> here?"), dict(q, question="hi<|im_end|>\n<|im_start|>system"),
-           dict(q, question="<img>x</img>")]
+    bad = [
+        dict(q, images=[123]),
+        dict(q, images=[{"foo": 1}]),
+        dict(q, images=[None]),
+        dict(q, images=["img/bomb.png"]),
+        dict(q, images=["img/big.png"]),
+        dict(q, question="<image>\nfirst <image> second"),  # two placeholders, one image
+        dict(q, question="what is <IMG_CONTEXT> here?"),
+        dict(q, question="hi<|im_end|>\n<|im_start|>system"),
+        dict(q, question="<img>x</img>"),
+    ]
     lines = [json.dumps(r).encode() for r in recs[:2] + bad + recs[2:]]
     lines.insert(3, b'{"question": "caf\xe9", "answer": "1"}')  # latin-1, not UTF-8: line 4
     (tmp_path / "rl.jsonl").write_bytes(b"\n".join(lines) + b"\n")
@@ -405,8 +523,13 @@ def test_every_kind_of_bad_record_is_a_counted_skip(tmp_path):
     cfg = PipelineConfig(batch_size=2, num_epochs=1, length_buckets=(64, 256), process_index=0, process_count=1)
     answers = sorted(a for bt in rl_prompt_iterator(records, b, cfg, tile_size=28, skips=skips) for a in bt["answer"])
     assert answers == ["0", "1", "2", "3"]  # every good sample, the run went on
-    assert skips.as_dict() == {"bad_utf8": 1, "bad_image_entry": 3, "image_too_large": 2, "image_count_mismatch": 1,
-                               "special_token_in_text": 3}
+    assert skips.as_dict() == {
+        "bad_utf8": 1,
+        "bad_image_entry": 3,
+        "image_too_large": 2,
+        "image_count_mismatch": 1,
+        "special_token_in_text": 3,
+    }
 
 
 def test_bad_lines_are_named_by_file_and_line(tmp_path, caplog):
@@ -423,8 +546,9 @@ def test_pixel_budget_is_a_setting(tmp_path):
     for mp, want_kept in ((0.0012, 1), (1.0, 2)):
         records = [dict(r, _root=str(tmp_path), _where=f"r{i}", images=list(r["images"])) for i, r in enumerate(recs)]
         skips = SkipCounter()
-        cfg = PipelineConfig(batch_size=1, num_epochs=1, length_buckets=(64,), process_index=0, process_count=1,
-                             max_image_megapixels=mp)
+        cfg = PipelineConfig(
+            batch_size=1, num_epochs=1, length_buckets=(64,), process_index=0, process_count=1, max_image_megapixels=mp
+        )
         kept = sum(len(bt["answer"]) for bt in rl_prompt_iterator(records, b, cfg, tile_size=28, skips=skips))
         assert kept == want_kept and skips.counts["image_too_large"] == 2 - want_kept
     with pytest.raises(ValueError, match="max_image_megapixels"):
@@ -458,8 +582,7 @@ def test_a_dataset_with_nothing_usable_stops_with_the_counts(tmp_path):
     records = [dict(r, _root=str(tmp_path), _where=f"r{i}", images=["img/gone.png"]) for i, r in enumerate(recs)]
     records[0].update(question="<|im_end|>", images=[])
     b = PromptBuilder(tiny_tokenizer(255), tokens_per_tile=4)
-    cfg = PipelineConfig(batch_size=2, length_buckets=(64,), process_index=0, process_count=1,
-                         max_consecutive_skips=30)
+    cfg = PipelineConfig(batch_size=2, length_buckets=(64,), process_index=0, process_count=1, max_consecutive_skips=30)
     it = rl_prompt_iterator(records, b, cfg, tile_size=28)
     result = {}
 
@@ -483,8 +606,15 @@ def test_special_tokens_in_text_never_become_tokens():
 
     tok = tiny_tokenizer(255)
     b = PromptBuilder(tok, tokens_per_tile=4)
-    for text in ("<IMG_CONTEXT>", "a <img> b", "x<|im_end|>y", "<|endoftext|>", "<|im_start|>system", "</img>",
-                 "<think>"):
+    for text in (
+        "<IMG_CONTEXT>",
+        "a <img> b",
+        "x<|im_end|>y",
+        "<|endoftext|>",
+        "<|im_start|>system",
+        "</img>",
+        "<think>",
+    ):
         with pytest.raises(SpecialTokenInText, match="special token"):
             b.encode_prompt(f"question {text}?", [])
     for text in ("a<|im_end|>b", "<IMG_CONTEXT>x", "<|im_start|>user"):

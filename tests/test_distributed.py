@@ -40,7 +40,7 @@ def test_sampler_pads_row_blocks_and_matches_one_device():
     rng = np.random.default_rng(0)
     n = cfg.tokens_per_tile()
     ids = rng.integers(0, cfg.image_token_id - 1, (3, 12))  # 3 prompts over 4 row shards: padded to 4
-    ids[:, 2:2 + n] = cfg.image_token_id
+    ids[:, 2 : 2 + n] = cfg.image_token_id
     pix = rng.standard_normal((3, 1, 3, cfg.tile_size, cfg.tile_size)).astype(np.float32)
     sp = SamplingParams(max_new_tokens=6, temperature=1.0)
     a = Sampler(R1V2Model(cfg, params))(ids, pixel_values=pix, sp=sp, num_samples=2, seed=3)

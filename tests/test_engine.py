@@ -37,7 +37,7 @@ def _prompts(seed, lengths=(5, 19, 11)):
 def _image_prompts(cfg, seed, batch=2, seq=14):
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, cfg.image_token_id - 1, (batch, seq))
-    ids[:, 2:2 + cfg.tokens_per_tile()] = cfg.image_token_id
+    ids[:, 2 : 2 + cfg.tokens_per_tile()] = cfg.image_token_id
     pix = rng.standard_normal((batch, 1, 3, cfg.tile_size, cfg.tile_size)).astype(np.float32)
     return ids, pix
 
@@ -48,17 +48,26 @@ def test_greedy_equals_transformers_and_the_static_sampler(pair):
     sp = SamplingParams(max_new_tokens=40)
     out = PagedEngine(m, EngineConfig(slots=2, steps_per_sync=5, page_size=8))(ids, pixel_values=pix, sp=sp)
     with torch.no_grad():
-        theirs = ref.generate(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pix[:, 0]), do_sample=False,
-                              max_new_tokens=40, min_new_tokens=40).numpy()
+        theirs = ref.generate(
+            input_ids=torch.tensor(ids),
+            pixel_values=torch.tensor(pix[:, 0]),
+            do_sample=False,
+            max_new_tokens=40,
+            min_new_tokens=40,
+        ).numpy()
     np.testing.assert_array_equal(np.asarray(out.tokens), theirs)
     static = Sampler(m)(ids, pixel_values=pix, sp=sp)
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(static.tokens))
     np.testing.assert_allclose(np.asarray(out.ref_logprobs), np.asarray(static.ref_logprobs), atol=1e-5)
 
 
-@pytest.mark.parametrize("sp", [
-    SamplingParams(max_new_tokens=24, temperature=1.0, eos_ids=(3, 7, 11, 13, 17, 19, 23, 29, 31, 37)),
-    SamplingParams(max_new_tokens=16, temperature=0.8, top_k=30, top_p=0.9, repetition_penalty=1.2)])
+@pytest.mark.parametrize(
+    "sp",
+    [
+        SamplingParams(max_new_tokens=24, temperature=1.0, eos_ids=(3, 7, 11, 13, 17, 19, 23, 29, 31, 37)),
+        SamplingParams(max_new_tokens=16, temperature=0.8, top_k=30, top_p=0.9, repetition_penalty=1.2),
+    ],
+)
 def test_sampled_tokens_do_not_depend_on_slots_order_or_pages(pair, sp):
     """Per-sample keys: the same seed gives the same samples (== the static sampler's) whatever
     the slot count, the queue order, the sync interval and the page size."""
@@ -66,9 +75,11 @@ def test_sampled_tokens_do_not_depend_on_slots_order_or_pages(pair, sp):
     prompts = _prompts(2)
     static = Sampler(m)(prompts, sp=sp, num_samples=4, seed=9)
     n = 3 * 4
-    runs = [(EngineConfig(slots=1, steps_per_sync=4, page_size=4), None),
-            (EngineConfig(slots=5, steps_per_sync=3, page_size=8), np.random.default_rng(0).permutation(n)),
-            (EngineConfig(slots=16, steps_per_sync=8, page_size=16), n - 1 - np.arange(n))]
+    runs = [
+        (EngineConfig(slots=1, steps_per_sync=4, page_size=4), None),
+        (EngineConfig(slots=5, steps_per_sync=3, page_size=8), np.random.default_rng(0).permutation(n)),
+        (EngineConfig(slots=16, steps_per_sync=8, page_size=16), n - 1 - np.arange(n)),
+    ]
     for cfg, order in runs:
         eng = PagedEngine(m, cfg)
         out = eng(prompts, sp=sp, num_samples=4, seed=9, order=order)
@@ -87,13 +98,15 @@ def test_logprobs_equal_the_learners_ratio_one_in_a_grpo_step(pair):
     cfg, _, m = pair
     ids, pix = _image_prompts(cfg, 3)
     sp = SamplingParams(max_new_tokens=20, temperature=1.0, eos_ids=(5, 9, 40, 77, 120))
-    out = PagedEngine(m, EngineConfig(slots=3, steps_per_sync=4, page_size=8))(ids, pixel_values=pix, sp=sp,
-                                                                               num_samples=3, seed=1)
+    out = PagedEngine(m, EngineConfig(slots=3, steps_per_sync=4, page_size=8))(
+        ids, pixel_values=pix, sp=sp, num_samples=3, seed=1
+    )
     batch = grpo_batch(out, pix, 3)
     batch["advantages"] = np.linspace(-1, 1, len(batch["tokens"])).astype(np.float32)
     batch = jax.tree.map(jnp.asarray, batch)
-    _, metrics = jax.jit(lambda p, b: grpo_loss_fn(PolicyLossConfig(), R1V2(m.config), p, b, None, None))(m.params,
-                                                                                                         batch)
+    _, metrics = jax.jit(lambda p, b: grpo_loss_fn(PolicyLossConfig(), R1V2(m.config), p, b, None, None))(
+        m.params, batch
+    )
     assert abs(float(metrics["ratio_max"]) - 1) <= 1e-5 and abs(float(metrics["ratio_min"]) - 1) <= 1e-5
 
 
@@ -159,8 +172,12 @@ def test_trainer_rollouts_through_the_engine(pair, tmp_path):
     ids = np.random.default_rng(6).integers(0, 200, (3, 10)).astype(np.int32)
     mask = np.ones_like(ids, bool)
     mask[1, :4] = False
-    batch = {"input_ids": ids, "attention_mask": mask, "num_tiles": np.zeros(3, np.int32),
-             "pixel_values": np.zeros((0, 3, cfg.tile_size, cfg.tile_size), np.float32)}
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "num_tiles": np.zeros(3, np.int32),
+        "pixel_values": np.zeros((0, 3, cfg.tile_size, cfg.tile_size), np.float32),
+    }
     sp = SamplingParams(max_new_tokens=12, temperature=1.0, eos_ids=(5, 9, 40, 77, 120))
     outs = []
     for engine in (EngineConfig(slots=4, steps_per_sync=4, page_size=8), None):
@@ -181,6 +198,7 @@ def test_experiment_config_turns_the_engine_on():
     from r1v2_jax.train.experiment import demo_config
 
     assert experiment_from(demo_config()).rollout_engine.engine() is None  # off by default: the static sampler
-    exp = experiment_from(demo_config(), "test", ["--config.rollout_engine.enabled=true",
-                                                  "--config.rollout_engine.slots=6"])
+    exp = experiment_from(
+        demo_config(), "test", ["--config.rollout_engine.enabled=true", "--config.rollout_engine.slots=6"]
+    )
     assert exp.rollout_engine.engine() == EngineConfig(slots=6, steps_per_sync=8, page_size=16)

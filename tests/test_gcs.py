@@ -45,9 +45,24 @@ class Emulator:
         os.makedirs(os.path.join(root, "data"))
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
-                [str(fake_gcs._get_binary_path()), "-scheme", "http", "-backend", "filesystem", "-filesystem-root",
-                 os.path.join(root, "data"), "-host", "127.0.0.1", "-port", str(self.port), "-external-url", self.url],
-                stdout=log, stderr=log)
+                [
+                    str(fake_gcs._get_binary_path()),
+                    "-scheme",
+                    "http",
+                    "-backend",
+                    "filesystem",
+                    "-filesystem-root",
+                    os.path.join(root, "data"),
+                    "-host",
+                    "127.0.0.1",
+                    "-port",
+                    str(self.port),
+                    "-external-url",
+                    self.url,
+                ],
+                stdout=log,
+                stderr=log,
+            )
         deadline = time.time() + 20
         while True:
             try:
@@ -57,15 +72,21 @@ class Emulator:
                 if self.proc.poll() is not None or time.time() > deadline:
                     raise RuntimeError(f"fake-gcs-server did not start: {open(self.log_path).read()[-2000:]}")
                 time.sleep(0.1)
-        req = urllib.request.Request(f"{self.url}/storage/v1/b", data=json.dumps({"name": BUCKET}).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{self.url}/storage/v1/b",
+            data=json.dumps({"name": BUCKET}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         urllib.request.urlopen(req, timeout=5)
 
     @property
     def env(self) -> dict:
-        return {"TENSORSTORE_GCS_HTTP_URL": self.url, "STORAGE_EMULATOR_HOST": self.url,
-                # gcsfs >= 2026 probes the bucket type over gRPC first (a minute's timeout here)
-                "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+        return {
+            "TENSORSTORE_GCS_HTTP_URL": self.url,
+            "STORAGE_EMULATOR_HOST": self.url,
+            # gcsfs >= 2026 probes the bucket type over gRPC first (a minute's timeout here)
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+        }
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -156,20 +177,41 @@ def test_log_mirroring_and_pull_back(gcs, tmp_path):
     assert (run / "metrics.jsonl").read_text() == ""
 
 
-OVERRIDES = ["--config.stages=('sft',)", "--config.sft.steps=8", "--config.checkpoint.every=2",
-             "--config.data.synthetic_n=16", "--config.data.batch_size=4", "--config.eval.prompts=2",
-             "--config.eval.max_new_tokens=4", "--config.progress=False"]
+OVERRIDES = [
+    "--config.stages=('sft',)",
+    "--config.sft.steps=8",
+    "--config.checkpoint.every=2",
+    "--config.data.synthetic_n=16",
+    "--config.data.batch_size=4",
+    "--config.eval.prompts=2",
+    "--config.eval.max_new_tokens=4",
+    "--config.progress=False",
+]
 
 
 def _env(gcs):
     cache = os.environ.get("R1V2_TEST_JAX_CACHE", os.path.join(ROOT, ".jax_cache"))
-    return dict(os.environ, **gcs.env, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+    return dict(
+        os.environ,
+        **gcs.env,
+        PYTHONPATH=ROOT,
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=cache,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+    )
 
 
 def _cmd(run_dir, ckpt=""):
-    return [sys.executable, "-m", "r1v2_jax.cli", "demo", "--out", str(run_dir), *OVERRIDES,
-            f"--config.checkpoint.dir={ckpt}"]
+    return [
+        sys.executable,
+        "-m",
+        "r1v2_jax.cli",
+        "demo",
+        "--out",
+        str(run_dir),
+        *OVERRIDES,
+        f"--config.checkpoint.dir={ckpt}",
+    ]
 
 
 def _rows(path):
@@ -191,15 +233,17 @@ def test_training_with_bucket_checkpoints_killed_and_resumed_elsewhere(gcs, tmp_
 
     ck = f"gs://{BUCKET}/train/checkpoints"
     first = tmp_path / "first"
-    proc = subprocess.Popen(_cmd(first, ck), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=ROOT)
+    proc = subprocess.Popen(
+        _cmd(first, ck), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
+    )
     remote_logs = epath.Path(ck) / "logs" / "metrics.jsonl"
     deadline = time.time() + 600
     while True:  # wait until a checkpoint and its mirrored log are in the bucket, then kill
         if proc.poll() is not None:
             raise AssertionError(f"run ended early: {proc.stderr.read()[-3000:]}")
-        if remote_logs.exists() and any(x["stage"] == "sft" and x["step"] >= 4
-                                        for x in map(json.loads, remote_logs.read_text().splitlines())):
+        if remote_logs.exists() and any(
+            x["stage"] == "sft" and x["step"] >= 4 for x in map(json.loads, remote_logs.read_text().splitlines())
+        ):
             break
         assert time.time() < deadline, "no checkpoint reached the bucket"
         time.sleep(0.2)
@@ -213,7 +257,7 @@ def test_training_with_bucket_checkpoints_killed_and_resumed_elsewhere(gcs, tmp_
     assert r.returncode == 0, r.stderr[-3000:]
     assert _rows(second / "metrics.jsonl") == _rows(ref / "metrics.jsonl")
     timing = _rows(second / "timing.jsonl")
-    new = [x["step"] for x in timing[len(pulled):] if x["stage"] == "sft"]
+    new = [x["step"] for x in timing[len(pulled) :] if x["stage"] == "sft"]
     assert new and new[0] > 1 and new[-1] == 8, new  # resumed, not restarted
     a, b = SafetensorsDir(str(ref / "export" / "released")), SafetensorsDir(str(second / "export" / "released"))
     assert set(a.keys()) == set(b.keys())
@@ -249,12 +293,14 @@ def test_dataset_read_from_a_bucket(gcs, tmp_path):
     for split in ("train", "test"):
         want = load_records(os.path.join(local, f"{split}.jsonl"), "rl")
         have = load_records(os.path.join(got, f"{split}.jsonl"), "rl")
-        assert [{k: v for k, v in r.items() if not k.startswith("_")} for r in have] == \
-            [{k: v for k, v in r.items() if not k.startswith("_")} for r in want]
+        assert [{k: v for k, v in r.items() if not k.startswith("_")} for r in have] == [
+            {k: v for k, v in r.items() if not k.startswith("_")} for r in want
+        ]
         for a, b in zip(have, want):  # the images resolve to identical local files
             assert a["_root"] == got and b["_root"] == local
-            assert [open(os.path.join(got, p), "rb").read() for p in a["images"]] == \
-                [open(os.path.join(local, p), "rb").read() for p in b["images"]]
+            assert [open(os.path.join(got, p), "rb").read() for p in a["images"]] == [
+                open(os.path.join(local, p), "rb").read() for p in b["images"]
+            ]
     assert pull_dataset(remote, str(tmp_path / "run" / "data_cache")) == got  # copied once, then reused
     with pytest.raises(FileNotFoundError, match="holds no files"):
         pull_dataset(f"gs://{BUCKET}/datasets/none", str(tmp_path / "other"))

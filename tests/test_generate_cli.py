@@ -1,6 +1,5 @@
 """``r1v2 generate`` end to end on a tiny model with a small tokenizer, and the image preprocessing."""
 
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -27,8 +26,23 @@ def tiny_dir(tmp_path_factory):
 
 def test_generate_command_prints_the_greedy_answer(tiny_dir, capsys):
     d, model = tiny_dir
-    rc = main(["generate", "--model", str(d / "model"), "--image", str(d / "img.png"), "--prompt", "How many?",
-               "--temperature", "0", "--max-new-tokens", "12", "--max-tiles", "2"])
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(d / "model"),
+            "--image",
+            str(d / "img.png"),
+            "--prompt",
+            "How many?",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "12",
+            "--max-tiles",
+            "2",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr()
     # The same call through the API:
@@ -39,9 +53,15 @@ def test_generate_command_prints_the_greedy_answer(tiny_dir, capsys):
     text = expand_images("<image>\nHow many?", [3], cfg.tokens_per_tile())
     ids = tok.encode(chatml(text), add_special_tokens=False).ids
     assert ids.count(cfg.image_token_id) == 3 * cfg.tokens_per_tile()
-    out = r1v2_jax.generate(model, [ids], pixel_values=pix, max_new_tokens=12, repetition_penalty=1.05,
-                            eos_ids=[tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")])
-    gen = np.asarray(out.tokens)[0, len(ids):len(ids) + int(out.lengths[0])].tolist()
+    out = r1v2_jax.generate(
+        model,
+        [ids],
+        pixel_values=pix,
+        max_new_tokens=12,
+        repetition_penalty=1.05,
+        eos_ids=[tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")],
+    )
+    gen = np.asarray(out.tokens)[0, len(ids) : len(ids) + int(out.lengths[0])].tolist()
     if bool(out.finished[0]):
         gen = gen[:-1]
     assert printed.out.rstrip("\n") == tok.decode(gen, skip_special_tokens=False)
@@ -60,8 +80,7 @@ def test_generate_from_our_checkpoint(tiny_dir, capsys):
 
     d, _ = tiny_dir
     hf_to_jax(str(d / "model"), str(d / "ours"))
-    rc = main(["generate", "--model", str(d / "ours"), "--prompt", "hi", "--temperature", "0",
-               "--max-new-tokens", "5"])
+    rc = main(["generate", "--model", str(d / "ours"), "--prompt", "hi", "--temperature", "0", "--max-new-tokens", "5"])
     assert rc == 0
 
 
@@ -96,8 +115,23 @@ def test_eval_command_prints_pass_at_1_per_category(tiny_dir, tmp_path, capsys):
 
     d, model = tiny_dir
     make_synthetic(str(tmp_path / "data"), 6, seed=0, image_size=56, test_fraction=0.5)
-    rc = main(["eval", "--model", str(d / "model"), "--data", str(tmp_path / "data" / "test.jsonl"), "--k", "2",
-               "--temperature", "1.0", "--max-new-tokens", "8", "--max-tiles", "1"])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(d / "model"),
+            "--data",
+            str(tmp_path / "data" / "test.jsonl"),
+            "--k",
+            "2",
+            "--temperature",
+            "1.0",
+            "--max-new-tokens",
+            "8",
+            "--max-tiles",
+            "1",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "pass@1 (mean over k=2 samples" in out
@@ -118,8 +152,23 @@ def test_eval_command_reports_skipped_items(tiny_dir, tmp_path, capsys):
     first = __import__("json").loads(good[0])
     extra = [dict(first, images=["gone.png"]), dict(first, question="<IMG_CONTEXT> tell me")]
     path.write_text("\n".join(good + [__import__("json").dumps(r) for r in extra]) + "\n")
-    rc = main(["eval", "--model", str(d / "model"), "--data", str(path), "--k", "1", "--temperature", "0",
-               "--max-new-tokens", "4", "--max-tiles", "1"])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(d / "model"),
+            "--data",
+            str(path),
+            "--k",
+            "1",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "4",
+            "--max-tiles",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert int(next(ln for ln in out.splitlines() if ln.startswith("all")).split("|")[2]) == 3

@@ -28,25 +28,40 @@ def _rollout(**kw):
 def test_grpo_batch_against_a_hand_built_rollout():
     # 2 prompts x group 2, prompt width 4 (left-padded), 3 new tokens; pad id 0, eos 9
     out = _rollout(
-        tokens=[[0, 0, 11, 12, 21, 22, 9],    # prompt of 2, completion of 3 (eos counted)
-                [0, 0, 11, 12, 9, 0, 0],      # same prompt, completion of 1 (eos), then padding
-                [13, 14, 15, 16, 31, 9, 0],   # prompt of 4, completion of 2
-                [13, 14, 15, 16, 41, 42, 43]],  # completion of 3, unfinished
+        tokens=[
+            [0, 0, 11, 12, 21, 22, 9],  # prompt of 2, completion of 3 (eos counted)
+            [0, 0, 11, 12, 9, 0, 0],  # same prompt, completion of 1 (eos), then padding
+            [13, 14, 15, 16, 31, 9, 0],  # prompt of 4, completion of 2
+            [13, 14, 15, 16, 41, 42, 43],
+        ],  # completion of 3, unfinished
         logprobs=np.zeros((4, 3)),  # the sampling distribution's (at temperature != 1): not the learner's
         ref_logprobs=[[-0.1, -0.2, -0.3], [-0.4, 0, 0], [-0.5, -0.6, 0], [-0.7, -0.8, -0.9]],
-        lengths=[3, 1, 2, 3], prompt_lengths=[2, 2, 4, 4])
+        lengths=[3, 1, 2, 3],
+        prompt_lengths=[2, 2, 4, 4],
+    )
     pix = np.arange(2 * 1 * 3 * 2 * 2, dtype=np.float32).reshape(2, 1, 3, 2, 2)  # 2 prompts, 1 tile each
     b = grpo_batch(out, pix, group=2)
     np.testing.assert_array_equal(b["tokens"], out.tokens)
     assert b["tokens"].dtype == np.int32
-    np.testing.assert_array_equal(b["attention_mask"], [[0, 0, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 0, 0],
-                                                        [1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1]])
-    np.testing.assert_array_equal(b["completion_mask"], [[0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 1, 0, 0],
-                                                         [0, 0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1, 1]])
+    np.testing.assert_array_equal(
+        b["attention_mask"],
+        [[0, 0, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1]],
+    )
+    np.testing.assert_array_equal(
+        b["completion_mask"],
+        [[0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1, 1]],
+    )
     # old_logp[t] is the log-prob of tokens[t] (the learner compares it with log p(tokens[t] | tokens[:t]),
     # i.e. next_token_logprobs[:, t - 1], through old_logp[:, 1:]), from the unmodified model
-    np.testing.assert_allclose(b["old_logp"], [[0, 0, 0, 0, -0.1, -0.2, -0.3], [0, 0, 0, 0, -0.4, 0, 0],
-                                               [0, 0, 0, 0, -0.5, -0.6, 0], [0, 0, 0, 0, -0.7, -0.8, -0.9]])
+    np.testing.assert_allclose(
+        b["old_logp"],
+        [
+            [0, 0, 0, 0, -0.1, -0.2, -0.3],
+            [0, 0, 0, 0, -0.4, 0, 0],
+            [0, 0, 0, 0, -0.5, -0.6, 0],
+            [0, 0, 0, 0, -0.7, -0.8, -0.9],
+        ],
+    )
     assert b["old_logp"].dtype == np.float32
     # each prompt's tiles repeated for its group's rows, in row order
     np.testing.assert_array_equal(b["pixel_values"], pix[[0, 0, 1, 1]])
@@ -81,12 +96,15 @@ def test_one_on_policy_grpo_step_has_ratios_of_one_and_no_clipping(image):
     rewards = jnp.asarray(rng.random(b * group), jnp.float32)
     batch["advantages"] = group_advantages(rewards, group)
     opt = make_optimizer(OptimConfig(lr=1e-3, trainable="all"), params)
-    step = make_train_step("grpo", R1V2(cfg), opt, policy_cfg=PolicyLossConfig(clip_low=0.2, clip_high=0.28),
-                           donate=False)
+    step = make_train_step(
+        "grpo", R1V2(cfg), opt, policy_cfg=PolicyLossConfig(clip_low=0.2, clip_high=0.28), donate=False
+    )
     _, m = step(init_state(params, opt, 0), batch, None)
     assert bool(m["step_ok"])
-    assert abs(float(m["ratio_max"]) - 1.0) <= 1e-5 and abs(float(m["ratio_min"]) - 1.0) <= 1e-5, \
-        (float(m["ratio_min"]), float(m["ratio_max"]))
+    assert abs(float(m["ratio_max"]) - 1.0) <= 1e-5 and abs(float(m["ratio_min"]) - 1.0) <= 1e-5, (
+        float(m["ratio_min"]),
+        float(m["ratio_max"]),
+    )
     assert float(m["clip_frac"]) == 0.0 and float(m["dual_clip_frac"]) == 0.0
     # on-policy, the clipped surrogate is -mean(A) per sequence; with seq-mean-token-mean, -mean(A) = 0
     np.testing.assert_allclose(float(m["pg_loss"]), -float(batch["advantages"].mean()), atol=1e-5)

@@ -25,12 +25,22 @@ def _released(cfg, seed=0):
 def test_released_keys_are_the_reference_layout():
     cfg = model_config("tiny")
     keys = set(keymap.iter_keys(cfg))
-    for k in ["vision_model.embeddings.class_embedding", "vision_model.embeddings.patch_embedding.weight",
-              "vision_model.embeddings.position_embedding", "vision_model.encoder.layers.1.attn.qkv.weight",
-              "vision_model.encoder.layers.0.attn.q_norm.weight", "vision_model.encoder.layers.0.ls2",
-              "mlp1.0.bias", "mlp1.1.weight", "mlp1.3.weight", "language_model.model.embed_tokens.weight",
-              "language_model.model.layers.1.self_attn.k_proj.bias", "language_model.model.layers.0.mlp.down_proj.weight",
-              "language_model.model.norm.weight", "language_model.lm_head.weight"]:
+    for k in [
+        "vision_model.embeddings.class_embedding",
+        "vision_model.embeddings.patch_embedding.weight",
+        "vision_model.embeddings.position_embedding",
+        "vision_model.encoder.layers.1.attn.qkv.weight",
+        "vision_model.encoder.layers.0.attn.q_norm.weight",
+        "vision_model.encoder.layers.0.ls2",
+        "mlp1.0.bias",
+        "mlp1.1.weight",
+        "mlp1.3.weight",
+        "language_model.model.embed_tokens.weight",
+        "language_model.model.layers.1.self_attn.k_proj.bias",
+        "language_model.model.layers.0.mlp.down_proj.weight",
+        "language_model.model.norm.weight",
+        "language_model.lm_head.weight",
+    ]:
         assert k in keys
     assert "vision_model.encoder.layers.0.attn.qkv.bias" not in keys  # qkv_bias=False
     assert "vision_model.encoder.layers.0.norm1.bias" not in keys  # RMSNorm has no bias
@@ -58,8 +68,9 @@ def test_stack_layout_conversion_round_trip():
     params, _ = _released(cfg)
     unrolled = keymap.stack_layout(params, cfg, scan=False)
     assert "block_1" in unrolled["language_model"]["layers"]
-    np.testing.assert_array_equal(unrolled["vision_model"]["layers"]["block_1"]["ls1"],
-                                  params["vision_model"]["layers"]["block"]["ls1"][1])
+    np.testing.assert_array_equal(
+        unrolled["vision_model"]["layers"]["block_1"]["ls1"], params["vision_model"]["layers"]["block"]["ls1"][1]
+    )
     back = keymap.stack_layout(unrolled, cfg, scan=True)
     jax.tree.map(np.testing.assert_array_equal, back, params)
 
@@ -90,7 +101,9 @@ def test_load_pretrained_errors_name_key_and_shapes(tmp_path):
     tensors["mlp1.3.weight"] = np.zeros((48, 40), np.float32)
     del d
     save_file(tensors, str(path))
-    with pytest.raises(r1v2_jax.CheckpointKeyError, match=r"mlp1\.3\.weight: checkpoint has \[48, 40\], model expects \[48, 48\]"):
+    with pytest.raises(
+        r1v2_jax.CheckpointKeyError, match=r"mlp1\.3\.weight: checkpoint has \[48, 40\], model expects \[48, 48\]"
+    ):
         r1v2_jax.load_pretrained(str(tmp_path))
 
 

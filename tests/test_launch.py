@@ -22,9 +22,26 @@ def _launcher():
     return mod
 
 
-ARGS = ["--name", "r1v2-grpo", "--zone", "us-east5-a", "--project", "proj", "--accelerator", "v5p-128",
-        "--config", "configs/grpo_38b.py", "--bucket", "gs://bkt/r1v2/", "--data", "gs://bkt/data/rl",
-        "--model", "gs://bkt/ckpt/38b", "--spot", "--dry-run"]
+ARGS = [
+    "--name",
+    "r1v2-grpo",
+    "--zone",
+    "us-east5-a",
+    "--project",
+    "proj",
+    "--accelerator",
+    "v5p-128",
+    "--config",
+    "configs/grpo_38b.py",
+    "--bucket",
+    "gs://bkt/r1v2/",
+    "--data",
+    "gs://bkt/data/rl",
+    "--model",
+    "gs://bkt/ckpt/38b",
+    "--spot",
+    "--dry-run",
+]
 
 
 def _dry(action, *extra):
@@ -39,32 +56,39 @@ def test_dry_run_prints_the_whole_sequence():
     assert rc == 0
     where = ["--zone=us-east5-a", "--project=proj"]
     heads = [c[:5] for c in cmds]
-    assert heads == [["gcloud", "compute", "tpus", "tpu-vm", "describe"],
-                     ["gcloud", "compute", "tpus", "queued-resources", "create"],
-                     ["git", "archive", "--format=tar.gz", "-o", "/tmp/r1v2-grpo-r1v2-jax.tar.gz"],
-                     ["gcloud", "compute", "tpus", "tpu-vm", "scp"],
-                     ["gcloud", "compute", "tpus", "tpu-vm", "ssh"],  # install
-                     ["gcloud", "compute", "tpus", "tpu-vm", "ssh"],  # data + model to local disk
-                     ["gcloud", "compute", "tpus", "tpu-vm", "ssh"],  # start training
-                     ["gcloud", "compute", "tpus", "tpu-vm", "ssh"],  # stream worker 0's log
-                     ["gcloud", "storage", "ls", "gs://bkt/r1v2/r1v2-grpo/checkpoints/logs/summary.json"]]
+    assert heads == [
+        ["gcloud", "compute", "tpus", "tpu-vm", "describe"],
+        ["gcloud", "compute", "tpus", "queued-resources", "create"],
+        ["git", "archive", "--format=tar.gz", "-o", "/tmp/r1v2-grpo-r1v2-jax.tar.gz"],
+        ["gcloud", "compute", "tpus", "tpu-vm", "scp"],
+        ["gcloud", "compute", "tpus", "tpu-vm", "ssh"],  # install
+        ["gcloud", "compute", "tpus", "tpu-vm", "ssh"],  # data + model to local disk
+        ["gcloud", "compute", "tpus", "tpu-vm", "ssh"],  # start training
+        ["gcloud", "compute", "tpus", "tpu-vm", "ssh"],  # stream worker 0's log
+        ["gcloud", "storage", "ls", "gs://bkt/r1v2/r1v2-grpo/checkpoints/logs/summary.json"],
+    ]
     create = cmds[1]
     assert create[5] == "r1v2-grpo" and "--node-id=r1v2-grpo" in create and "--spot" in create
     assert "--accelerator-type=v5p-128" in create and "--runtime-version=v2-alpha-tpuv5" in create
     assert all(w in create for w in where)
     assert cmds[3][-1] == "--worker=all" and cmds[3][6] == "r1v2-grpo:r1v2-jax.tar.gz"
     # the remote commands, as the worker's shell would split them (with $HOME expanded: never single-quoted)
-    remote = [shlex.split(c[-1][len("--command="):].replace("$HOME", "/home/u")) for c in cmds[4:8]]
+    remote = [shlex.split(c[-1][len("--command=") :].replace("$HOME", "/home/u")) for c in cmds[4:8]]
     assert "--worker=all" in cmds[4]
-    assert remote[0][remote[0].index("install"):][:4] == ["install", "-q", "-e", "/home/u/r1v2-jax[tpu]"]
+    assert remote[0][remote[0].index("install") :][:4] == ["install", "-q", "-e", "/home/u/r1v2-jax[tpu]"]
     copy = " ".join(remote[1])
     assert "gcloud storage rsync -r gs://bkt/data/rl /home/u/data" in copy
     assert "gcloud storage rsync -r gs://bkt/ckpt/38b /home/u/model" in copy
     assert "--worker=all" in cmds[6]
-    argv = remote[2][remote[2].index("nohup") + 1:remote[2].index(">")]
+    argv = remote[2][remote[2].index("nohup") + 1 : remote[2].index(">")]
     assert remote[2][remote[2].index(">") + 1] == "/home/u/train.log"
-    assert argv[:5] == ["/home/u/r1v2-venv/bin/r1v2", "train", "--config", "/home/u/r1v2-jax/configs/grpo_38b.py",
-                        "--multihost"]
+    assert argv[:5] == [
+        "/home/u/r1v2-venv/bin/r1v2",
+        "train",
+        "--config",
+        "/home/u/r1v2-jax/configs/grpo_38b.py",
+        "--multihost",
+    ]
     assert "--config.checkpoint.dir=gs://bkt/r1v2/r1v2-grpo/checkpoints" in argv
     assert argv[-2:] == ["--config.grpo.steps=500", "--config.data.batch_size=64"]
     assert cmds[7][-2] == "--worker=0" and "tail" in cmds[7][-1]
@@ -138,26 +162,47 @@ def test_log_follower_returns_when_the_trainer_exits(tmp_path):
 
 # --- user strings reaching the workers' shell ------------------------------------------------
 
+
 def _pod(**kw):
-    args = dict(name="r1v2-grpo", zone="us-east5-a", project="proj", accelerator="v5p-128",
-                config="configs/grpo_38b.py", bucket="gs://bkt/r1v2", data="gs://bkt/data/rl", model="")
+    args = dict(
+        name="r1v2-grpo",
+        zone="us-east5-a",
+        project="proj",
+        accelerator="v5p-128",
+        config="configs/grpo_38b.py",
+        bucket="gs://bkt/r1v2",
+        data="gs://bkt/data/rl",
+        model="",
+    )
     args.update(kw)
     return _launcher().Pod(**args)
 
 
-@pytest.mark.parametrize("field,value,msg", [
-    ("name", "r1v2$(id)", "--name"), ("name", "R1V2_grpo", "--name"), ("name", "a" * 64, "--name"),
-    ("zone", "us-east5-a;reboot", "--zone"), ("project", "p'oj", "--project"),
-    ("accelerator", "v5p-128 --x", "--accelerator"), ("runtime", "v2-alpha-tpuv5 && x", "--runtime"),
-    ("config", "/etc/passwd.py", "--config"), ("config", "../outside.py", "--config"),
-    ("config", "configs/run.sh", "--config"), ("config", "configs/a\nb.py", "--config"),
-    ("bucket", "gs://b$(id)/x", "--bucket"), ("bucket", "/local/dir", "--bucket"), ("data", "gs://bkt/d\n", "--data"),
-    ("model", "http://x/y", "--model"),
-    ("overrides", ("--config.a;b=1",), "KEY dotted"), ("overrides", ("--steps=3",), "only --config.KEY=VALUE"),
-    ("overrides", ("--config.run_dir=/tmp/x",), "set by the launcher"),
-    ("overrides", ("--config.checkpoint.dir=gs://other",), "set by the launcher"),
-    ("overrides", ("--config.grpo.steps=5\nrm -rf ~",), "control characters"),
-])
+@pytest.mark.parametrize(
+    "field,value,msg",
+    [
+        ("name", "r1v2$(id)", "--name"),
+        ("name", "R1V2_grpo", "--name"),
+        ("name", "a" * 64, "--name"),
+        ("zone", "us-east5-a;reboot", "--zone"),
+        ("project", "p'oj", "--project"),
+        ("accelerator", "v5p-128 --x", "--accelerator"),
+        ("runtime", "v2-alpha-tpuv5 && x", "--runtime"),
+        ("config", "/etc/passwd.py", "--config"),
+        ("config", "../outside.py", "--config"),
+        ("config", "configs/run.sh", "--config"),
+        ("config", "configs/a\nb.py", "--config"),
+        ("bucket", "gs://b$(id)/x", "--bucket"),
+        ("bucket", "/local/dir", "--bucket"),
+        ("data", "gs://bkt/d\n", "--data"),
+        ("model", "http://x/y", "--model"),
+        ("overrides", ("--config.a;b=1",), "KEY dotted"),
+        ("overrides", ("--steps=3",), "only --config.KEY=VALUE"),
+        ("overrides", ("--config.run_dir=/tmp/x",), "set by the launcher"),
+        ("overrides", ("--config.checkpoint.dir=gs://other",), "set by the launcher"),
+        ("overrides", ("--config.grpo.steps=5\nrm -rf ~",), "control characters"),
+    ],
+)
 def test_user_strings_are_validated(field, value, msg):
     with pytest.raises(ValueError, match=re.escape(msg)):
         _pod(**{field: value})
@@ -179,8 +224,13 @@ def test_worker_command_passes_user_strings_verbatim_through_a_real_shell(tmp_pa
     config = f"configs/x $(touch {marker}).py"
     overrides = (f"--config.grpo.note=a b\"c'$(touch {marker}) `touch {marker}` $HOME;",)
     pod = _pod(config=config, overrides=overrides)
-    r = subprocess.run(["bash", "-c", pod.train_command()], env=dict(os.environ, HOME=str(home)),
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        ["bash", "-c", pod.train_command()],
+        env=dict(os.environ, HOME=str(home)),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 0 and r.stdout.strip() == "started", r.stderr
     for _ in range(100):
         if (home / "argv.txt").exists() and (home / "argv.txt").read_text().endswith("\n"):
@@ -194,6 +244,7 @@ def test_worker_command_passes_user_strings_verbatim_through_a_real_shell(tmp_pa
 
 
 # --- what is retried -------------------------------------------------------------------------
+
 
 class FakeShell:
     """Answers the launcher's gcloud calls from a script: ``script(kind, n)`` -> (rc, stdout, stderr)
@@ -247,8 +298,13 @@ class FakeShell:
         return rc, out.splitlines()
 
 
-def _script(describe=lambda n: "NOT_FOUND", create=lambda n: (0, "", ""), logs=lambda n: (0, "step 1", ""),
-            finished=lambda n: 1, setup=lambda n: 0):
+def _script(
+    describe=lambda n: "NOT_FOUND",
+    create=lambda n: (0, "", ""),
+    logs=lambda n: (0, "step 1", ""),
+    finished=lambda n: 1,
+    setup=lambda n: 0,
+):
     def answer(kind, n):
         if kind == "describe":
             s = describe(n)
@@ -264,6 +320,7 @@ def _script(describe=lambda n: "NOT_FOUND", create=lambda n: (0, "", ""), logs=l
         if kind == "setup":
             return setup(n), "", "pip: no matching distribution"
         return 0, "", ""
+
     return answer
 
 
@@ -274,8 +331,11 @@ def _run(script, max_restarts=10):
 
 
 def test_training_failure_on_a_healthy_slice_is_not_retried():
-    rc, sh = _run(_script(describe=lambda n: "NOT_FOUND" if n == 0 else "READY",
-                          logs=lambda n: (0, "Traceback\nValueError: boom", "")))
+    rc, sh = _run(
+        _script(
+            describe=lambda n: "NOT_FOUND" if n == 0 else "READY", logs=lambda n: (0, "Traceback\nValueError: boom", "")
+        )
+    )
     assert rc == 1 and sh.calls.count("create") == 1 and "delete" not in sh.calls
     assert "not retried" in sh.out.getvalue() and "ValueError: boom" in sh.out.getvalue()
     # an install that fails on a READY slice is not retried either
@@ -284,20 +344,29 @@ def test_training_failure_on_a_healthy_slice_is_not_retried():
 
 
 def test_preemption_is_retried_and_the_run_finishes():
-    rc, sh = _run(_script(describe=lambda n: "PREEMPTED" if n in (1, 2) else "NOT_FOUND",
-                          logs=lambda n: (255, "step 3", "") if n == 0 else (0, "step 9", ""),
-                          finished=lambda n: 0 if n == 1 else 1))
+    rc, sh = _run(
+        _script(
+            describe=lambda n: "PREEMPTED" if n in (1, 2) else "NOT_FOUND",
+            logs=lambda n: (255, "step 3", "") if n == 0 else (0, "step 9", ""),
+            finished=lambda n: 0 if n == 1 else 1,
+        )
+    )
     assert rc == 0 and sh.calls.count("create") == 2 and sh.calls.count("delete") == 1
     assert sh.calls.count("setup") == 4  # reinstalled on the new slice (install + data, twice)
 
 
 def test_capacity_errors_are_retried_other_create_errors_are_not():
-    no_capacity = (1, "", "ERROR: (gcloud.compute.tpus.queued-resources.create) There is no more capacity in the "
-                          "zone us-east5-a")
+    no_capacity = (
+        1,
+        "",
+        "ERROR: (gcloud.compute.tpus.queued-resources.create) There is no more capacity in the zone us-east5-a",
+    )
     rc, sh = _run(_script(create=lambda n: no_capacity if n == 0 else (0, "", ""), finished=lambda n: 0))
     assert rc == 0 and sh.calls.count("create") == 2
-    for err in ("ERROR: PERMISSION_DENIED: the caller does not have permission",
-                "ERROR: RESOURCE_EXHAUSTED: Quota 'TPUV5P_CHIPS' exceeded. Limit: 8.0"):
+    for err in (
+        "ERROR: PERMISSION_DENIED: the caller does not have permission",
+        "ERROR: RESOURCE_EXHAUSTED: Quota 'TPUV5P_CHIPS' exceeded. Limit: 8.0",
+    ):
         rc, sh = _run(_script(create=lambda n, e=err: (1, "", e)))
         assert rc == 1 and sh.calls.count("create") == 1 and "not retried" in sh.out.getvalue()
 

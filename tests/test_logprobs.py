@@ -35,6 +35,7 @@ def test_chunked_equals_full_with_gradients(chunk):
         def f(h, k):
             lp, ent = fn(h, k)
             return (w1 * lp).sum() + (w2 * ent).sum(), (lp, ent)
+
         return f
 
     full = objective(lambda h, k: full_logprobs(jnp.einsum("bnh,hv->bnv", h, k), targets, with_entropy=True))
@@ -64,7 +65,7 @@ def _model_batch(cfg, t=40):
     rng = np.random.default_rng(2)
     ids = jnp.asarray(rng.integers(0, cfg.image_token_id - 1, (2, t)), jnp.int32)
     mask = np.ones((2, t), np.int32)
-    mask[1, t - 7:] = 0
+    mask[1, t - 7 :] = 0
     return ids, jnp.asarray(mask)
 
 

@@ -23,11 +23,21 @@ import pytest
 from r1v2_jax.convert.safetensors_io import SafetensorsDir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMON = ["--config.stages=('sft','grpo')", "--config.sft.steps=20", "--config.grpo.steps={steps}",
-          "--config.checkpoint.every=2", "--config.data.synthetic_n=40", "--config.eval.prompts=4",
-          "--config.eval.max_new_tokens=8", "--config.grpo.group_size=4", "--config.grpo.max_new_tokens=8",
-          "--config.data.batch_size=8", "--config.progress=False", "--config.grpo.optim.lr=1e-3",
-          "--config.checkpoint.async_save=False"]
+COMMON = [
+    "--config.stages=('sft','grpo')",
+    "--config.sft.steps=20",
+    "--config.grpo.steps={steps}",
+    "--config.checkpoint.every=2",
+    "--config.data.synthetic_n=40",
+    "--config.eval.prompts=4",
+    "--config.eval.max_new_tokens=8",
+    "--config.grpo.group_size=4",
+    "--config.grpo.max_new_tokens=8",
+    "--config.data.batch_size=8",
+    "--config.progress=False",
+    "--config.grpo.optim.lr=1e-3",
+    "--config.checkpoint.async_save=False",
+]
 
 
 pytestmark = pytest.mark.slow  # the fast lane (-m "not slow") skips this module
@@ -35,14 +45,30 @@ pytestmark = pytest.mark.slow  # the fast lane (-m "not slow") skips this module
 
 def _env(devices: int) -> dict:
     cache = os.environ.get("R1V2_TEST_JAX_CACHE", os.path.join(ROOT, ".jax_cache"))
-    return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", TOKENIZERS_PARALLELISM="false")
+    return dict(
+        os.environ,
+        PYTHONPATH=ROOT,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_COMPILATION_CACHE_DIR=cache,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        TOKENIZERS_PARALLELISM="false",
+    )
 
 
 def _cmd(run_dir: str, steps: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "r1v2_jax.cli", "train", "--config", os.path.join(ROOT, "configs", "demo.py"),
-            f"--config.run_dir={run_dir}", *[c.format(steps=steps) for c in COMMON], *extra]
+    return [
+        sys.executable,
+        "-m",
+        "r1v2_jax.cli",
+        "train",
+        "--config",
+        os.path.join(ROOT, "configs", "demo.py"),
+        f"--config.run_dir={run_dir}",
+        *[c.format(steps=steps) for c in COMMON],
+        *extra,
+    ]
 
 
 def _free_port() -> int:
@@ -64,9 +90,17 @@ def _launch(run_dir: str, steps: int) -> tuple[list[int], list[tuple[str, str]]]
     """Both processes; when one fails the other is stopped (it would wait for its peer)."""
     port = _free_port()
     files = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in range(2)]
-    procs = [subprocess.Popen(_cmd(run_dir, steps, f"--coordinator=localhost:{port}", "--num-processes=2",
-                                   f"--process-id={i}"), env=_env(4), cwd=ROOT, stdout=files[i][0],
-                              stderr=files[i][1], text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            _cmd(run_dir, steps, f"--coordinator=localhost:{port}", "--num-processes=2", f"--process-id={i}"),
+            env=_env(4),
+            cwd=ROOT,
+            stdout=files[i][0],
+            stderr=files[i][1],
+            text=True,
+        )
+        for i in range(2)
+    ]
     deadline = time.monotonic() + 900
     try:
         while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
@@ -113,8 +147,9 @@ def _params(run_dir: str) -> dict:
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    r = subprocess.run(_cmd(one, 4, "--config.mesh=(1,8,1)"), env=_env(8), cwd=ROOT, capture_output=True, text=True,
-                       timeout=900)
+    r = subprocess.run(
+        _cmd(one, 4, "--config.mesh=(1,8,1)"), env=_env(8), cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
     assert r.returncode == 0, r.stderr[-4000:]
 
     outs = _two_processes(two, 2)  # stops after GRPO step 2 (a final checkpoint at 2)

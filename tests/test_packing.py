@@ -30,8 +30,11 @@ def _examples(cfg, seed=0, n=5):
     out = []
     for i in range(n):
         tiles = 1 + i % 2
-        prompt = [int(x) for x in rng.integers(0, cfg.image_token_id - 1, 3)] + [cfg.image_token_id] * (
-            tiles * per_tile) + [int(x) for x in rng.integers(0, cfg.image_token_id - 1, 2 + i)]
+        prompt = (
+            [int(x) for x in rng.integers(0, cfg.image_token_id - 1, 3)]
+            + [cfg.image_token_id] * (tiles * per_tile)
+            + [int(x) for x in rng.integers(0, cfg.image_token_id - 1, 2 + i)]
+        )
         resp = [int(x) for x in rng.integers(0, cfg.image_token_id - 1, 3 + 2 * i)]
         ids = np.asarray(prompt + resp, np.int32)
         mask = np.asarray([0] * len(prompt) + [1] * len(resp), bool)
@@ -78,8 +81,9 @@ def test_packed_without_segments_would_differ():
     ex = _examples(cfg)
     pipe = PipelineConfig(batch_size=len(ex), length_buckets=(64,), tiles_bucket=1, pack_length=96)
     packed = collate_packed(ex, pipe, cfg.tile_size, ("response",))
-    b = {k: jnp.asarray(packed[k]) for k in ("response_ids", "response_mask", "response_loss_mask",
-                                             "response_positions")}
+    b = {
+        k: jnp.asarray(packed[k]) for k in ("response_ids", "response_mask", "response_loss_mask", "response_positions")
+    }
     b["pixel_values"] = jnp.asarray(per_row_tiles(packed, 8))
     merged = dict(b, response_mask=(b["response_mask"] > 0).astype(jnp.int32))
     a, c = (float(sft_loss(model.module, model.params, x)[0].value) for x in (b, merged))

@@ -47,7 +47,7 @@ def _inputs(cfg, rng, batch=2, seq=24, tiles=(1, 1), tile_size=None):
     ids = rng.integers(0, cfg.image_token_id - 1, (batch, seq))
     for b, n in enumerate(tiles):
         start = 1 + b
-        ids[b, start:start + n * per_tile] = cfg.image_token_id
+        ids[b, start : start + n * per_tile] = cfg.image_token_id
     pix = rng.standard_normal((sum(tiles), 3, tile_size, tile_size)).astype(np.float32)
     return ids, pix
 
@@ -71,7 +71,8 @@ def test_vision_embeddings_block(released):
     cfg, ref, m, _, seed = released
     pix = np.random.default_rng(seed).standard_normal((3, 3, 56, 56)).astype(np.float32)
     ours = VisionEmbeddings(cfg.vision, jnp.float32, jnp.float32).apply(
-        {"params": m.params["vision_model"]["embeddings"]}, pix)
+        {"params": m.params["vision_model"]["embeddings"]}, pix
+    )
     with torch.no_grad():
         theirs = ref.model.vision_tower.embeddings(_t(pix)).numpy()
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=BLOCK_TOL, rtol=0)
@@ -82,7 +83,8 @@ def test_vision_block(released, layer):
     cfg, ref, m, _, seed = released
     x = np.random.default_rng(seed + 10).standard_normal((2, 17, cfg.vision.hidden_size)).astype(np.float32)
     ours, _ = VisionBlock(cfg.vision, jnp.float32, jnp.float32).apply(
-        {"params": m.params["vision_model"]["layers"][f"block_{layer}"]}, x, None)
+        {"params": m.params["vision_model"]["layers"][f"block_{layer}"]}, x, None
+    )
     with torch.no_grad():
         theirs = ref.model.vision_tower.encoder.layer[layer](_t(x)).numpy()
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=BLOCK_TOL, rtol=0)
@@ -108,14 +110,16 @@ def test_decoder_layer(released, layer):
     cos, sin = rope_tables(jnp.asarray(pos), cfg.text.resolved_head_dim, cfg.text.rope_theta)
     mask = causal_mask(jnp.asarray(pos), None)
     (ours, _), _ = DecoderLayer(cfg.text, jnp.float32, jnp.float32).apply(
-        {"params": m.params["language_model"]["layers"][f"block_{layer}"]}, (x, None), None, cos, sin, mask, None)
+        {"params": m.params["language_model"]["layers"][f"block_{layer}"]}, (x, None), None, cos, sin, mask, None
+    )
     lm = ref.model.language_model
     with torch.no_grad():
         hx = _t(x)
         pe = lm.rotary_emb(hx, torch.tensor(pos, dtype=torch.long))
         am = torch.full((t, t), torch.finfo(torch.float32).min).triu(1)[None, None]
-        out = lm.layers[layer](hx, attention_mask=am, position_embeddings=pe,
-                               position_ids=torch.tensor(pos, dtype=torch.long))
+        out = lm.layers[layer](
+            hx, attention_mask=am, position_embeddings=pe, position_ids=torch.tensor(pos, dtype=torch.long)
+        )
         theirs = (out[0] if isinstance(out, tuple) else out).numpy()
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=BLOCK_TOL, rtol=0)
 
@@ -175,9 +179,19 @@ def test_non_pretrained_tile_size(tmp_path):
 
 def test_layer_norm_vit_with_qkv_bias(tmp_path):
     """The other InternViT variant (LayerNorm, qkv bias, no qk-norm) also matches end to end."""
-    cfg = _tiny().replace(vision=VisionConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-                                              image_size=56, patch_size=14, norm_type="layer_norm",
-                                              qkv_bias=True, qk_norm=False))
+    cfg = _tiny().replace(
+        vision=VisionConfig(
+            hidden_size=32,
+            num_layers=2,
+            num_heads=4,
+            intermediate_size=64,
+            image_size=56,
+            patch_size=14,
+            norm_type="layer_norm",
+            qkv_bias=True,
+            qk_norm=False,
+        )
+    )
     ref = internvl_reference(cfg, seed=7)
     write_released(ref, cfg, str(tmp_path))
     m = _load(str(tmp_path))
@@ -228,8 +242,17 @@ def test_bfloat16_compute(tmp_path):
     m = _load(str(tmp_path), dtype="bfloat16")
     ours = np.asarray(m(ids, pix).astype(jnp.float32))
     err_ours, err_torch = np.abs(ours - exact), np.abs(torch_bf - exact)
-    print("bf16 errors vs fp32: ours max %.4g mean %.4g, torch max %.4g mean %.4g, ours-torch %.4g, scale %.3g" % (
-        err_ours.max(), err_ours.mean(), err_torch.max(), err_torch.mean(), np.abs(ours - torch_bf).max(), np.abs(exact).max()))
+    print(
+        "bf16 errors vs fp32: ours max %.4g mean %.4g, torch max %.4g mean %.4g, ours-torch %.4g, scale %.3g"
+        % (
+            err_ours.max(),
+            err_ours.mean(),
+            err_torch.max(),
+            err_torch.mean(),
+            np.abs(ours - torch_bf).max(),
+            np.abs(exact).max(),
+        )
+    )
     assert err_ours.max() <= 2 * err_torch.max(), (err_ours.max(), err_torch.max())
     assert err_ours.mean() <= 1.5 * err_torch.mean(), (err_ours.mean(), err_torch.mean())
     assert np.abs(ours - torch_bf).mean() <= 2 * err_torch.mean()

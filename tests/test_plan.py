@@ -25,8 +25,18 @@ def test_plan_tiny_on_a_small_tpu_slice(tmp_path, capsys):
     pytest.importorskip("libtpu")
     out = tmp_path / "plan.json"
     # XLA's estimate (its extra compiles) is checked with MPO below and in its own test
-    rc = main(["plan", "--config", "configs/demo.py", "--topology", "v5p-8", "--json", str(out),
-               "--config.plan.xla_estimate=False"])
+    rc = main(
+        [
+            "plan",
+            "--config",
+            "configs/demo.py",
+            "--topology",
+            "v5p-8",
+            "--json",
+            str(out),
+            "--config.plan.xla_estimate=False",
+        ]
+    )
     assert rc == 0
     r = json.loads(out.read_text())
     assert r["algorithm"] == "grpo" and r["chips"] == 4 and r["fits"] and r["remat_policy"] == "full"
@@ -60,8 +70,18 @@ def test_plan_tiny_on_a_small_tpu_slice(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "fits" in text and "decode" in text and "step time (roofline" in text and "XLA's cost model" not in text
     # the same programs on a chip with almost no memory: exit status 1, the largest buffers named
-    rc = main(["plan", "--config", "configs/demo.py", "--topology", "v5p-8", "--hbm-gib", "0.001",
-               "--config.plan.xla_estimate=False"])
+    rc = main(
+        [
+            "plan",
+            "--config",
+            "configs/demo.py",
+            "--topology",
+            "v5p-8",
+            "--hbm-gib",
+            "0.001",
+            "--config.plan.xla_estimate=False",
+        ]
+    )
     assert rc == 1
     text = capsys.readouterr().out
     assert "DOES NOT FIT" in text and "['mlp']" in text
@@ -70,8 +90,19 @@ def test_plan_tiny_on_a_small_tpu_slice(tmp_path, capsys):
 def test_plan_mpo_and_a_separate_sampler_mesh(tmp_path, capsys):
     pytest.importorskip("libtpu")
     out = tmp_path / "plan.json"
-    rc = main(["plan", "--config", "configs/demo.py", "--topology", "v5p-8", "--json", str(out),
-               "--config.stages=('sft','mpo')", "--config.mpo.micro_batches=4"])
+    rc = main(
+        [
+            "plan",
+            "--config",
+            "configs/demo.py",
+            "--topology",
+            "v5p-8",
+            "--json",
+            str(out),
+            "--config.stages=('sft','mpo')",
+            "--config.mpo.micro_batches=4",
+        ]
+    )
     assert rc == 0
     r = json.loads(out.read_text())
     assert r["algorithm"] == "mpo" and set(r["programs"]) == {"train"}
@@ -88,8 +119,19 @@ def test_plan_mpo_and_a_separate_sampler_mesh(tmp_path, capsys):
     assert "kernel FLOPs at 50% of peak" in text and "train program, before -> now" in text
     # 8 pairs / 4 micro-batches = 2 rows per micro-batch over 4 devices: reported
     assert any("micro-batch" in n for n in r["notes"]) and "note: mpo micro-batch" in text
-    rc = main(["plan", "--config", "configs/demo.py", "--topology", "v5p-8", "--json", str(out),
-               "--config.plan.sampler_mesh=(1,2,2)", "--config.plan.xla_estimate=False"])
+    rc = main(
+        [
+            "plan",
+            "--config",
+            "configs/demo.py",
+            "--topology",
+            "v5p-8",
+            "--json",
+            str(out),
+            "--config.plan.sampler_mesh=(1,2,2)",
+            "--config.plan.xla_estimate=False",
+        ]
+    )
     r = json.loads(out.read_text())
     assert rc == 0 and r["sampler_mesh"] == {"data": 1, "fsdp": 2, "tensor": 2} != r["mesh"]
 
@@ -100,14 +142,28 @@ def test_compiler_out_of_memory_is_a_report_not_a_crash(tmp_path, capsys):
     pytest.importorskip("libtpu")
     from r1v2_jax.plan.programs import OutOfMemory, memory_report
 
-    oom = OutOfMemory("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. ... the total memory required "
-                       "for HLO temporaries (100.21G) exceeds available HBM (95.74G).")
+    oom = OutOfMemory(
+        "RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. ... the total memory required "
+        "for HLO temporaries (100.21G) exceeds available HBM (95.74G)."
+    )
     m = memory_report(oom, hbm=95 * 1024**3, resident=10)
     assert not m["fits"] and m["temp_bytes"] == int(100.21 * 1024**3) and m["total_bytes"] == m["temp_bytes"] + 10
     out = tmp_path / "plan.json"
-    rc = main(["plan", "--config", "configs/demo.py", "--topology", "v5p-8", "--json", str(out),
-               "--config.data.max_prompt_len=32768", "--config.grpo.max_new_tokens=32",
-               "--config.model.attention_impl=xla", "--config.plan.xla_estimate=False"])
+    rc = main(
+        [
+            "plan",
+            "--config",
+            "configs/demo.py",
+            "--topology",
+            "v5p-8",
+            "--json",
+            str(out),
+            "--config.data.max_prompt_len=32768",
+            "--config.grpo.max_new_tokens=32",
+            "--config.model.attention_impl=xla",
+            "--config.plan.xla_estimate=False",
+        ]
+    )
     text = capsys.readouterr().out
     r = json.loads(out.read_text())
     assert rc == 1 and not r["fits"] and "compiler_error" in r["programs"]["train"], text
@@ -137,8 +193,15 @@ def test_xla_estimate_counts_every_layer_and_loop_trip():
     from r1v2_jax.train.experiment import model_config_from
 
     with no_compile_cache_writes():
-        cfg = load_experiment("configs/demo.py", ["--config.model.text_layers=6", "--config.model.vision_layers=5",
-                                              "--config.grpo.group_size=2", "--config.grpo.max_new_tokens=16"])
+        cfg = load_experiment(
+            "configs/demo.py",
+            [
+                "--config.model.text_layers=6",
+                "--config.model.vision_layers=5",
+                "--config.grpo.group_size=2",
+                "--config.grpo.max_new_tokens=16",
+            ],
+        )
         devices = devices_for(parse_topology("v5p-8"))
         job = Job(cfg, "grpo", tiles=1)
         mesh = make_mesh(1, 4, 1, devices=devices)

@@ -115,19 +115,24 @@ def test_training_scores_through_the_bounded_pool(tmp_path):
     from r1v2_jax.train.run import Run
 
     tok = tiny_tokenizer(255)
-    texts = ["ok</think>\\boxed{\\frac{1}{2}}<|im_end|>", "ok</think>\\boxed{9^{9^{9^{9^{9^{9}}}}}}<|im_end|>",
-             "ok</think>\\boxed{1.0}<|im_end|>", "ok</think>\\boxed{2}<|im_end|>"]
+    texts = [
+        "ok</think>\\boxed{\\frac{1}{2}}<|im_end|>",
+        "ok</think>\\boxed{9^{9^{9^{9^{9^{9}}}}}}<|im_end|>",
+        "ok</think>\\boxed{1.0}<|im_end|>",
+        "ok</think>\\boxed{2}<|im_end|>",
+    ]
     ids = [tok.encode(t, add_special_tokens=False).ids for t in texts]
     m = max(map(len, ids))
     tokens = np.zeros((4, 3 + m), np.int32)
     for i, x in enumerate(ids):
-        tokens[i, 3:3 + len(x)] = x
+        tokens[i, 3 : 3 + len(x)] = x
     out = SimpleNamespace(tokens=tokens, lengths=np.asarray([len(x) for x in ids]), logprobs=np.zeros((4, m)))
     run = Run(None, tok, None, str(tmp_path), None, verifier=VerifierConfig(timeout=1.5, num_workers=2))
     run.verifier_pool().score([("\\boxed{1}", "1", [])])  # warm (a cold pool is tested above)
     t = time.monotonic()
-    total, rule, got, metrics, _ = score_completions(run, out, ["0.5", "1"], [[], []], 2, HybridConfig(),
-                                                     FormatConfig())
+    total, rule, got, metrics, _ = score_completions(
+        run, out, ["0.5", "1"], [[], []], 2, HybridConfig(), FormatConfig()
+    )
     assert time.monotonic() - t < 1.5 + 3.0
     assert got == texts and rule.tolist() == [1.0, 0.0, 1.0, 0.0]
     assert metrics["verifier_failures"] == 1.0  # this batch's
@@ -137,17 +142,20 @@ def test_training_scores_through_the_bounded_pool(tmp_path):
         VerifierConfig(timeout=float("inf"))
 
 
-@pytest.mark.parametrize("text,prefilled,want", [
-    ("reasoning here</think>The answer is 4<|im_end|>", True, 1.0),
-    ("<think>reasoning</think>The answer is 4", True, 0.0),  # <think> repeated after the pre-fill
-    ("<think>reasoning</think>The answer is 4", False, 1.0),
-    ("reasoning</think>", True, 0.0),  # no answer
-    ("reasoning</think>  <|im_end|>", True, 0.0),
-    ("a</think>b</think>c", True, 0.0),  # two closing tags
-    ("</think>answer", True, 0.0),  # empty reasoning
-    ("no tags at all", True, 0.0),
-    ("reasoning</think>4", False, 0.0),  # without pre-fill the completion must open the block
-])
+@pytest.mark.parametrize(
+    "text,prefilled,want",
+    [
+        ("reasoning here</think>The answer is 4<|im_end|>", True, 1.0),
+        ("<think>reasoning</think>The answer is 4", True, 0.0),  # <think> repeated after the pre-fill
+        ("<think>reasoning</think>The answer is 4", False, 1.0),
+        ("reasoning</think>", True, 0.0),  # no answer
+        ("reasoning</think>  <|im_end|>", True, 0.0),
+        ("a</think>b</think>c", True, 0.0),  # two closing tags
+        ("</think>answer", True, 0.0),  # empty reasoning
+        ("no tags at all", True, 0.0),
+        ("reasoning</think>4", False, 0.0),  # without pre-fill the completion must open the block
+    ],
+)
 def test_format_reward(text, prefilled, want):
     assert format_reward(text, FormatConfig(prefilled=prefilled)) == want
 
@@ -194,7 +202,8 @@ def test_reward_model_bradley_terry_training():
     def step(p, s, pos, neg):
         def loss_fn(p_):
             both = module.apply({"params": p_}, jnp.concatenate([pos, neg]))
-            return bradley_terry_loss(both[: len(pos)], both[len(pos):])[0].value
+            return bradley_terry_loss(both[: len(pos)], both[len(pos) :])[0].value
+
         loss, g = jax.value_and_grad(loss_fn)(p)
         upd, s = opt.update(g, s, p)
         return optax.apply_updates(p, upd), s, loss
@@ -206,12 +215,14 @@ def test_reward_model_bradley_terry_training():
     assert acc >= 0.9 and acc > acc0 + 0.2, (acc0, acc)
     # the backbone slot takes a policy's parameters as they are
     from r1v2_jax.model.vlm import init_params
+
     policy = init_params(cfg, jax.random.key(1))
     rm = init_reward_params(cfg, jax.random.key(2), backbone_params=policy)
     assert rm["backbone"] is policy and rm["value_head"]["kernel"].shape == (cfg.text.hidden_size, 1)
 
 
 # --- remote scorer against a real local server ----------------------------------------------
+
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     mode = "ok"
@@ -230,7 +241,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         scores = [float(len(x["response"])) for x in body["inputs"]]
         out = json.dumps({"scores": scores}).encode()
         if self.mode == "raw":  # a body with one score spelled as given (NaN, Infinity, true...)
-            out = ("{\"scores\": [" + ", ".join([self.raw_scores] + ["1.0"] * (len(scores) - 1)) + "]}").encode()
+            out = ('{"scores": [' + ", ".join([self.raw_scores] + ["1.0"] * (len(scores) - 1)) + "]}").encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(out)))
@@ -253,8 +264,10 @@ def server():
 
 
 def _groups():
-    return [[{"prompt": "p", "response": "a" * k, "images": []} for k in (1, 2, 3)],
-            [{"prompt": "q", "response": "b" * k, "images": []} for k in (4, 5)]]
+    return [
+        [{"prompt": "p", "response": "a" * k, "images": []} for k in (1, 2, 3)],
+        [{"prompt": "q", "response": "b" * k, "images": []} for k in (4, 5)],
+    ]
 
 
 def test_remote_success_batches(server):
@@ -373,8 +386,7 @@ def test_remote_non_finite_or_non_numeric_scores_are_refused(server, bad):
 
 def test_remote_circuit_breaker(server):
     _Handler.mode = "error"
-    sc = RemoteScorer(server, batch_size=1, timeout=2.0, retries=1, backoff=0.01, breaker_after=2,
-                      breaker_cooldown=0.5)
+    sc = RemoteScorer(server, batch_size=1, timeout=2.0, retries=1, backoff=0.01, breaker_after=2, breaker_cooldown=0.5)
     assert sc.score([{"prompt": "p", "response": "r", "images": []}] * 5) == [None] * 5
     # two batches of one item failed (2 attempts each), then the breaker opened: no more calls
     assert _Handler.calls == 4 and sc.stats["short_circuited"] == 3 and sc.breaker_open
@@ -387,6 +399,7 @@ def test_remote_circuit_breaker(server):
 
 # --- calibration ----------------------------------------------------------------------------
 
+
 def _cands(scores, correct):
     return [Candidate(f"r{i}", s, c) for i, (s, c) in enumerate(zip(scores, correct))]
 
@@ -395,7 +408,9 @@ def test_build_pairs_absolute_and_gap():
     g = [_cands([8.0, -3.0, 5.0, -12.0], [1, 0, 1, 0]), _cands([1.0, 2.0], [0, 1])]
     assert build_pairs(g, 0.0, "absolute", 2) == [(0, 0, 3), (0, 2, 1)]
     assert build_pairs(g, 5.0, "absolute") == [(0, 0, 3)]
-    assert build_pairs(g, 15.0, "gap", 2) == [(0, 0, 3), ]
+    assert build_pairs(g, 15.0, "gap", 2) == [
+        (0, 0, 3),
+    ]
     assert build_pairs(g, 1.0, "gap", 2) == [(0, 0, 3), (0, 2, 1), (1, 1, 0)]
 
 
@@ -421,8 +436,9 @@ def test_contradiction_check():
 @pytest.mark.parametrize("action", ["raise_threshold", "stop"])
 def test_monitor_triggers_at_the_right_step(action):
     facts = [[{"kind": "count", "color": "red", "shape": "circle", "count": 2}]] * 10
-    mon = HallucinationMonitor(MonitorConfig(max_contradiction_rate=0.25, patience=2, action=action,
-                                             threshold_step=2.5), threshold=10.0)
+    mon = HallucinationMonitor(
+        MonitorConfig(max_contradiction_rate=0.25, patience=2, action=action, threshold_step=2.5), threshold=10.0
+    )
     decisions = []
     for step, n_bad in enumerate([0, 1, 2, 3, 4, 5, 6]):  # rising contradiction rate: 0%..60%
         answers = ["3 red circles"] * n_bad + ["2 red circles"] * (10 - n_bad)

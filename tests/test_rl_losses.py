@@ -15,6 +15,7 @@ jax.config.update("jax_enable_x64", False)
 
 # --- advantages ----------------------------------------------------------------------------
 
+
 def test_grpo_advantages_hand_computed():
     r = jnp.array([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
     a = np.asarray(group_advantages(r, 4, mode="grpo", std_ddof=1, eps=0.0))
@@ -27,8 +28,9 @@ def test_grpo_advantages_hand_computed():
     np.testing.assert_allclose(b[:4], [1, -1, -1, 1], rtol=1e-6)  # biased std 0.5
     np.testing.assert_allclose(np.asarray(group_advantages(r, 4, mode="drgrpo"))[:4], [0.5, -0.5, -0.5, 0.5])
     # RLOO: r_i - mean(others): 1 - 1/3 = 0.6667, 0 - 2/3 = -0.6667
-    np.testing.assert_allclose(np.asarray(group_advantages(r, 4, mode="rloo"))[:4], [2 / 3, -2 / 3, -2 / 3, 2 / 3],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(group_advantages(r, 4, mode="rloo"))[:4], [2 / 3, -2 / 3, -2 / 3, 2 / 3], rtol=1e-6
+    )
     v = 0.5 / (np.sqrt(1 / 3) + 1.0)  # eps enters the denominator
     np.testing.assert_allclose(np.asarray(group_advantages(r, 4, mode="grpo", eps=1.0))[:4], [v, -v, -v, v], rtol=1e-6)
 
@@ -44,6 +46,7 @@ def test_dynamic_sampling_filter_and_selection():
 
 
 # --- policy loss ---------------------------------------------------------------------------
+
 
 def _loss(logp, old, adv, mask, **kw):
     cfg = PolicyLossConfig(**kw)
@@ -87,8 +90,14 @@ def test_dual_clip_bounds_negative_advantage_loss():
 
 
 def test_log_ratio_clamp():
-    loss, m = _loss(jnp.array([[100.0]]), jnp.array([[0.0]]), jnp.array([-1.0]), jnp.ones((1, 1)),
-                    log_ratio_clamp=2.0, clip_high=1e9)
+    loss, m = _loss(
+        jnp.array([[100.0]]),
+        jnp.array([[0.0]]),
+        jnp.array([-1.0]),
+        jnp.ones((1, 1)),
+        log_ratio_clamp=2.0,
+        clip_high=1e9,
+    )
     np.testing.assert_allclose(float(m["ratio_max"]), np.exp(2.0), rtol=1e-6)
 
 
@@ -96,12 +105,17 @@ def test_log_ratio_clamp():
 def test_aggregation_hand_values_and_micro_batches_exact(agg):
     x = jnp.array([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [5.0, 6.0, 0.0], [7.0, 8.0, 9.0]])
     mask = jnp.array([[1, 1, 1], [1, 0, 0], [1, 1, 0], [0, 0, 0]], jnp.float32)
-    expected = {"seq-mean-token-mean": (2.0 + 4.0 + 5.5) / 3, "token-mean": 21.0 / 6,
-                "seq-mean-token-sum": (6.0 + 4.0 + 11.0) / 3,  # the empty 4th sequence is not counted
-                "seq-mean-token-sum-norm": (6.0 + 4.0 + 11.0) / 4 / 3}[agg]
+    expected = {
+        "seq-mean-token-mean": (2.0 + 4.0 + 5.5) / 3,
+        "token-mean": 21.0 / 6,
+        "seq-mean-token-sum": (6.0 + 4.0 + 11.0) / 3,  # the empty 4th sequence is not counted
+        "seq-mean-token-sum-norm": (6.0 + 4.0 + 11.0) / 4 / 3,
+    }[agg]
     whole = aggregate(x, mask, agg, norm_tokens=4)
     np.testing.assert_allclose(float(whole.value), expected, rtol=1e-6)
-    parts = aggregate(x[:1], mask[:1], agg, 4) + aggregate(x[1:3], mask[1:3], agg, 4) + aggregate(x[3:], mask[3:], agg, 4)
+    parts = (
+        aggregate(x[:1], mask[:1], agg, 4) + aggregate(x[1:3], mask[1:3], agg, 4) + aggregate(x[3:], mask[3:], agg, 4)
+    )
     np.testing.assert_allclose(float(parts.value), float(whole.value), rtol=1e-7)
 
 
@@ -128,8 +142,14 @@ def test_kl_estimators_hand_values():
     np.testing.assert_allclose(np.asarray(kl_penalty(lp, ref, "k3")), [np.exp(-0.5) + 0.5 - 1, 0.0], rtol=1e-6)
     # with the penalty on, loss = pg + coef * k3
     old = jnp.zeros((1, 2))
-    loss, m = policy_loss(jnp.zeros((1, 2)), old, jnp.array([0.0]), jnp.ones((1, 2)),
-                          PolicyLossConfig(kl_coef=0.5), ref_logp=jnp.array([[-0.5, 0.0]]))
+    loss, m = policy_loss(
+        jnp.zeros((1, 2)),
+        old,
+        jnp.array([0.0]),
+        jnp.ones((1, 2)),
+        PolicyLossConfig(kl_coef=0.5),
+        ref_logp=jnp.array([[-0.5, 0.0]]),
+    )
     np.testing.assert_allclose(float(loss.value), 0.5 * (np.exp(-0.5) + 0.5 - 1) / 2, rtol=1e-6)
 
 
@@ -151,8 +171,9 @@ def test_kl_at_padding_cannot_make_the_loss_nan():
     # d/dlogp of 0.5 * k3 / 2 with k3 = exp(x) - x - 1, x = ref - logp: 0.25 * (1 - exp(x))
     np.testing.assert_allclose(g[0, :2], [0.25 * (1 - np.exp(-0.5)), 0.0], rtol=1e-5, atol=1e-8)
     # the policy ratio at padding too: an old log-prob 100 away at a masked position
-    loss, _ = policy_loss(logp, logp.at[0, 2].set(-100.0), jnp.array([1.0]), mask,
-                          PolicyLossConfig(log_ratio_clamp=1e9))
+    loss, _ = policy_loss(
+        logp, logp.at[0, 2].set(-100.0), jnp.array([1.0]), mask, PolicyLossConfig(log_ratio_clamp=1e9)
+    )
     np.testing.assert_allclose(float(loss.value), -1.0, rtol=1e-6)
 
 
@@ -162,8 +183,11 @@ def test_k3_is_clamped_like_verl():
     want = [10.0, min(np.exp(2.5) - 2.5 - 1, 10.0), np.exp(-20.0) + 20.0 - 1]
     want[2] = min(want[2], 10.0)
     np.testing.assert_allclose(np.asarray(kl_penalty(lp, ref, "k3")), want, rtol=1e-6)
-    np.testing.assert_allclose(float(kl_penalty(lp[:1], jnp.array([1.0]), "k3", log_ratio_clamp=0.5, k3_max=100.0)[0]),
-                               np.exp(0.5) - 0.5 - 1, rtol=1e-6)
+    np.testing.assert_allclose(
+        float(kl_penalty(lp[:1], jnp.array([1.0]), "k3", log_ratio_clamp=0.5, k3_max=100.0)[0]),
+        np.exp(0.5) - 0.5 - 1,
+        rtol=1e-6,
+    )
     np.testing.assert_allclose(float(kl_penalty(lp[:1], jnp.array([3.0]), "k3", k3_max=2.0)[0]), 2.0)
     with pytest.raises(ValueError, match="kl_max"):
         PolicyLossConfig(kl_max=0.0)
@@ -174,6 +198,7 @@ def test_entropy_of_uniform():
 
 
 # --- MPO -----------------------------------------------------------------------------------
+
 
 def _np_logsig(x):
     return -np.logaddexp(0.0, -x)
@@ -198,8 +223,15 @@ def test_mpo_matches_numpy_and_finite_differences(seed):
     cfg = MPOConfig()
 
     def f(pc_, pr_):
-        return mpo_loss(pc_, pr_, jnp.asarray(rc, jnp.float32), jnp.asarray(rr, jnp.float32), jnp.asarray(ntok),
-                        jnp.float32(delta), cfg)[0].value
+        return mpo_loss(
+            pc_,
+            pr_,
+            jnp.asarray(rc, jnp.float32),
+            jnp.asarray(rr, jnp.float32),
+            jnp.asarray(ntok),
+            jnp.float32(delta),
+            cfg,
+        )[0].value
 
     val = float(f(jnp.asarray(pc, jnp.float32), jnp.asarray(pr, jnp.float32)))
     ref = _np_mpo(pc, pr, rc, rr, ntok, delta, 0.1, 0.8, 0.2, 1.0)
@@ -252,8 +284,10 @@ def test_bco_delta_is_exact_from_the_first_batch():
         np.testing.assert_allclose(float(d), m / (1 - 0.9**t), rtol=1e-5)
     np.testing.assert_allclose(ds[:2], [0.125, (0.9 * 0.0125 - 0.05) / 0.19], rtol=1e-5)  # 0.125, -0.2039474
     # the loss uses the δ it is given: at δ = 0.125 vs the EMA-from-zero 0.00125 the BCO term differs
-    q = [float(mpo_loss(pc, pr, rc, rr, jnp.array([3.0, 3.0]), jnp.float32(v), cfg)[1]["quality_loss"])
-         for v in (0.125, 0.00125)]
+    q = [
+        float(mpo_loss(pc, pr, rc, rr, jnp.array([3.0, 3.0]), jnp.float32(v), cfg)[1]["quality_loss"])
+        for v in (0.125, 0.00125)
+    ]
     assert abs(q[0] - q[1]) > 1e-3
 
 
@@ -267,8 +301,10 @@ def test_mpo_nll_is_one_token_mean_over_the_batch():
     seq = MPOConfig(w_pref=0.0, w_quality=0.0, w_gen=1.0, gen_norm="seq-mean")
     np.testing.assert_allclose(float(mpo_loss(pc, z, z, z, ntok, jnp.float32(0), seq)[0].value), 3.0, rtol=1e-6)
     # micro-batches given the whole batch's tokens per pair (5) add up to the whole-batch value
-    parts = [mpo_loss(pc[i:i + 1], z[:1], z[:1], z[:1], ntok[i:i + 1], jnp.float32(0), gen_only, jnp.float32(5.0))[0]
-             for i in range(2)]
+    parts = [
+        mpo_loss(pc[i : i + 1], z[:1], z[:1], z[:1], ntok[i : i + 1], jnp.float32(0), gen_only, jnp.float32(5.0))[0]
+        for i in range(2)
+    ]
     np.testing.assert_allclose(float((parts[0] + parts[1]).value), 1.8, rtol=1e-6)
     with pytest.raises(ValueError, match="gen_norm"):
         MPOConfig(gen_norm="mean")

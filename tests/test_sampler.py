@@ -29,7 +29,7 @@ def _prompt(cfg, rng, batch, seq, image):
     pix = None
     if image:
         n = cfg.tokens_per_tile()
-        ids[:, 2:2 + n] = cfg.image_token_id
+        ids[:, 2 : 2 + n] = cfg.image_token_id
         pix = rng.standard_normal((batch, 3, cfg.tile_size, cfg.tile_size)).astype(np.float32)
     return ids, pix
 
@@ -41,8 +41,9 @@ def test_greedy_equals_transformers_generate(pair, image):
     out = generate(m, ids, pixel_values=pix, max_new_tokens=64)
     kw = {} if pix is None else {"pixel_values": torch.tensor(pix)}
     with torch.no_grad():
-        theirs = ref.generate(input_ids=torch.tensor(ids), do_sample=False, max_new_tokens=64, min_new_tokens=64,
-                              **kw).numpy()
+        theirs = ref.generate(
+            input_ids=torch.tensor(ids), do_sample=False, max_new_tokens=64, min_new_tokens=64, **kw
+        ).numpy()
     np.testing.assert_array_equal(np.asarray(out.tokens), theirs)
     assert np.asarray(out.lengths).tolist() == [64, 64]
 
@@ -56,14 +57,17 @@ def _full_forward_logprobs(m, out, pix=None):
     plen = np.asarray(out.prompt_lengths)
     mask = np.zeros((n, total), np.int32)
     for i in range(n):
-        mask[i, t - plen[i]:t + int(out.lengths[i])] = 1
+        mask[i, t - plen[i] : t + int(out.lengths[i])] = 1
     logits = np.asarray(m(np.where(mask == 1, tokens, 0), pix, attention_mask=mask), np.float64)
-    return logits[:, t - 1:total - 1], tokens[:, t:], mask
+    return logits[:, t - 1 : total - 1], tokens[:, t:], mask
 
 
 def test_logprobs_match_a_full_forward(pair):
     cfg, _, m, seed = pair
-    ids = [list(np.random.default_rng(seed).integers(0, 200, 9)), list(np.random.default_rng(seed + 1).integers(0, 200, 5))]
+    ids = [
+        list(np.random.default_rng(seed).integers(0, 200, 9)),
+        list(np.random.default_rng(seed + 1).integers(0, 200, 5)),
+    ]
     out = generate(m, ids, max_new_tokens=12, temperature=0.8, repetition_penalty=1.3, num_samples=2, seed=seed)
     logits, gen, mask = _full_forward_logprobs(m, out)
     lsm = logits - jax.nn.logsumexp(logits, -1, keepdims=True)
@@ -75,7 +79,7 @@ def test_logprobs_match_a_full_forward(pair):
     t = tokens.shape[1] - gen.shape[1]
     for i in range(tokens.shape[0]):
         for j in range(int(out.lengths[i])):
-            seen = set(tokens[i, t - int(out.prompt_lengths[i]):t + j].tolist())
+            seen = set(tokens[i, t - int(out.prompt_lengths[i]) : t + j].tolist())
             x = logits[i, j].copy()
             for s in seen:
                 x[s] = x[s] / 1.3 if x[s] > 0 else x[s] * 1.3
@@ -95,8 +99,9 @@ def test_cached_decode_equals_uncached(pair):
     # Cached ref log-probs equal the uncached forward's.
     logits, gen, _ = _full_forward_logprobs(m, out, pix)
     lsm = logits - jax.nn.logsumexp(logits, -1, keepdims=True)
-    np.testing.assert_allclose(np.asarray(out.ref_logprobs), np.take_along_axis(lsm, gen[..., None], -1)[..., 0],
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(out.ref_logprobs), np.take_along_axis(lsm, gen[..., None], -1)[..., 0], atol=1e-4
+    )
 
 
 def test_ragged_batch_equals_single_prompts(pair):
@@ -110,8 +115,9 @@ def test_ragged_batch_equals_single_prompts(pair):
 
 
 def _expected(logits, sp, presence=None):
-    x = np.asarray(process_logits(jnp.asarray(logits)[None], None if presence is None else jnp.asarray(presence)[None],
-                                  sp))[0].astype(np.float64)
+    x = np.asarray(
+        process_logits(jnp.asarray(logits)[None], None if presence is None else jnp.asarray(presence)[None], sp)
+    )[0].astype(np.float64)
     p = np.exp(x - x.max())
     return p / p.sum()
 
@@ -137,20 +143,22 @@ def _reference_probs(logits, temperature, top_k, top_p, penalty=1.0, presence=No
     return p
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p,penalty", [
-    (0.7, 5, 1.0, 1.0), (1.3, 0, 0.8, 1.0), (1.0, 6, 0.9, 1.0), (1.0, 0, 1.0, 1.0), (0.6, 0, 0.95, 1.05)])
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p,penalty",
+    [(0.7, 5, 1.0, 1.0), (1.3, 0, 0.8, 1.0), (1.0, 6, 0.9, 1.0), (1.0, 0, 1.0, 1.0), (0.6, 0, 0.95, 1.05)],
+)
 def test_sampling_statistics_chi_square(temperature, top_k, top_p, penalty):
     logits = np.array([2.0, 1.5, 1.2, 1.0, 0.7, 0.5, 0.1, -0.3, -0.8, -1.5, -2.0, -3.0], np.float32)
     presence = np.zeros(12, bool)
     presence[[0, 3, 9]] = True
-    sp = SamplingParams(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p,
-                        repetition_penalty=penalty)
+    sp = SamplingParams(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty)
     expected = _reference_probs(logits, temperature, top_k, top_p, penalty, presence if penalty != 1 else None)
     np.testing.assert_allclose(_expected(logits, sp, presence if penalty != 1 else None), expected, atol=1e-6)
     n = 40_000
     keys = jax.random.split(jax.random.key(123), n)
-    draw = jax.jit(lambda k: sample_step(jnp.broadcast_to(logits, (n, 12)),
-                                         jnp.broadcast_to(presence, (n, 12)), k, sp)[0])
+    draw = jax.jit(
+        lambda k: sample_step(jnp.broadcast_to(logits, (n, 12)), jnp.broadcast_to(presence, (n, 12)), k, sp)[0]
+    )
     counts = np.bincount(np.asarray(draw(keys)), minlength=12)
     support = expected > 0
     assert counts[~support].sum() == 0  # truncated tokens are never drawn
@@ -168,9 +176,9 @@ def test_group_sampling_prefills_once_and_samples_differ(pair):
     tokens = np.asarray(out.tokens)
     assert tokens.shape == (16, 12 + 16)
     for b in range(2):
-        group = {tuple(r) for r in tokens[b * 8:(b + 1) * 8, 12:]}
+        group = {tuple(r) for r in tokens[b * 8 : (b + 1) * 8, 12:]}
         assert len(group) == 8
-        np.testing.assert_array_equal(tokens[b * 8:(b + 1) * 8, :12], np.repeat(ids[b:b + 1], 8, 0))
+        np.testing.assert_array_equal(tokens[b * 8 : (b + 1) * 8, :12], np.repeat(ids[b : b + 1], 8, 0))
     again = sampler(ids, pixel_values=pix, sp=sp, num_samples=8, seed=3)
     np.testing.assert_array_equal(np.asarray(again.tokens), tokens)  # reproducible per seed
     assert sampler.num_compiles == 2  # one prefill and one decode program, compiled once
@@ -185,8 +193,8 @@ def test_eos_stops_and_pads(pair):
     out = generate(m, ids, max_new_tokens=12, eos_ids=[stop, 9999 % cfg.text.vocab_size], pad_id=0)
     assert int(out.lengths[0]) == k + 1 and bool(out.finished[0])
     gen = np.asarray(out.tokens)[0, 8:]
-    np.testing.assert_array_equal(gen[:k + 1], free[:k + 1])
-    assert (gen[k + 1:] == 0).all() and (np.asarray(out.ref_logprobs)[0, k + 1:] == 0).all()
+    np.testing.assert_array_equal(gen[: k + 1], free[: k + 1])
+    assert (gen[k + 1 :] == 0).all() and (np.asarray(out.ref_logprobs)[0, k + 1 :] == 0).all()
 
 
 def test_bucketing_reuses_compilations(pair):
@@ -225,8 +233,9 @@ def test_sharded_sampling_equals_single_device(pair):
         pytest.skip("needs 8 devices")
     cfg, _, m, seed = pair
     mesh = make_mesh(2, 2, 2)
-    sharded = r1v2_jax.R1V2Model(cfg, jax.tree.map(lambda x, s: jax.device_put(x, s), m.params,
-                                                   r1v2_jax.param_shardings(cfg, mesh)), mesh)
+    sharded = r1v2_jax.R1V2Model(
+        cfg, jax.tree.map(lambda x, s: jax.device_put(x, s), m.params, r1v2_jax.param_shardings(cfg, mesh)), mesh
+    )
     ids, pix = _prompt(cfg, np.random.default_rng(seed + 13), batch=2, seq=12, image=True)
     a = generate(m, ids, pixel_values=pix, max_new_tokens=12, temperature=0.9, num_samples=2, seed=1)
     b = generate(sharded, ids, pixel_values=pix, max_new_tokens=12, temperature=0.9, num_samples=2, seed=1)
@@ -251,17 +260,34 @@ def _stacked_weight_copies(sampler, m, layer_loop):
 
     sp = SamplingParams(max_new_tokens=4)
     ids, mask, _ = _left_pad(np.ones((2, 8), np.int32), None, sampler.bucket, 0)
-    logits, cache, kv_valid, rep = sampler._prefill(m.params, jnp.asarray(ids), jnp.asarray(mask), None,
-                                                    cache_len=64, num_samples=1)
-    hlo = sampler.lower_decode(sampler.decode_params(), logits, cache, kv_valid, rep, jnp.uint32(0),
-                               jnp.arange(2, dtype=jnp.int32), num_samples=1, sp=sp).compile().as_text()
+    logits, cache, kv_valid, rep = sampler._prefill(
+        m.params, jnp.asarray(ids), jnp.asarray(mask), None, cache_len=64, num_samples=1
+    )
+    hlo = (
+        sampler.lower_decode(
+            sampler.decode_params(),
+            logits,
+            cache,
+            kv_valid,
+            rep,
+            jnp.uint32(0),
+            jnp.arange(2, dtype=jnp.int32),
+            num_samples=1,
+            sp=sp,
+        )
+        .compile()
+        .as_text()
+    )
     block = m.params["language_model"]["layers"]["block"]
     shapes = {",".join(map(str, a.shape[1:])) for a in jax.tree.leaves(block) if a.ndim == 3}
     found = []
     for line in hlo.splitlines():
         hit = re.search(r"= f32\[([0-9,]+)\]\{[^}]*\} (\S+)\(", line)
-        if hit and hit.group(1) in shapes and hit.group(2) not in ("parameter", "get-tuple-element", "bitcast",
-                                                                  "dot", "tuple"):
+        if (
+            hit
+            and hit.group(1) in shapes
+            and hit.group(2) not in ("parameter", "get-tuple-element", "bitcast", "dot", "tuple")
+        ):
             found.append(line.strip()[:120])
     return found
 

@@ -24,7 +24,7 @@ def _inputs(cfg, seed=0, batch=2, seq=20):
     ids = rng.integers(0, cfg.image_token_id - 1, (batch, seq))
     n = cfg.tokens_per_tile()
     for b in range(batch):
-        ids[b, 2 + b:2 + b + n] = cfg.image_token_id
+        ids[b, 2 + b : 2 + b + n] = cfg.image_token_id
     pix = rng.standard_normal((batch, 3, cfg.tile_size, cfg.tile_size)).astype(np.float32)
     return ids, pix
 
@@ -35,8 +35,13 @@ def tiny():
     params = jax.tree.map(np.asarray, init_params(cfg, jax.random.key(3)))
     # Make norms and layer scales non-trivial so a wrong layout cannot hide behind ones.
     params = jax.tree_util.tree_map_with_path(
-        lambda p, x: x * (1.0 + 0.3 * np.random.default_rng(len(str(p))).standard_normal(x.shape)).astype(x.dtype)
-        if any(getattr(k, "key", None) in ("scale", "ls1", "ls2") for k in p) else x, params)
+        lambda p, x: (
+            x * (1.0 + 0.3 * np.random.default_rng(len(str(p))).standard_normal(x.shape)).astype(x.dtype)
+            if any(getattr(k, "key", None) in ("scale", "ls1", "ls2") for k in p)
+            else x
+        ),
+        params,
+    )
     return cfg, params
 
 
@@ -76,8 +81,9 @@ def test_select_layer_uses_first_layers(scan):
     rel2 = {k: v for k, v in rel.items() if ".layers.2." not in k or not k.startswith("vision_model")}
     p2 = keymap.released_to_params(rel2.__getitem__, {k: v.shape for k, v in rel2.items()}, cfg2)
     ids, pix = _inputs(cfg3)
-    np.testing.assert_allclose(np.asarray(R1V2Model(cfg3, p3)(ids, pix)), np.asarray(R1V2Model(cfg2, p2)(ids, pix)),
-                               atol=TOL, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(R1V2Model(cfg3, p3)(ids, pix)), np.asarray(R1V2Model(cfg2, p2)(ids, pix)), atol=TOL, rtol=0
+    )
 
 
 def test_sharded_forward_on_8_devices_equals_single_device(tiny):
@@ -109,6 +115,7 @@ def test_rules_refuse_a_mesh_axis_twice():
 
 
 # --- the real size, abstractly ------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def abstract_38b():

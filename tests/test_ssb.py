@@ -24,8 +24,7 @@ def _payload(ids):
 
 @functools.lru_cache(maxsize=None)
 def _jitted(cfg):
-    return (jax.jit(functools.partial(ssb_add, cfg=cfg)),
-            jax.jit(functools.partial(ssb_mix, cfg=cfg)))
+    return (jax.jit(functools.partial(ssb_add, cfg=cfg)), jax.jit(functools.partial(ssb_mix, cfg=cfg)))
 
 
 class RefBuffer:
@@ -45,14 +44,21 @@ class RefBuffer:
             pool.sort(key=lambda kv: (-abs(np.float32(kv[1]["adv"])), kv[0]))
         else:
             pool.sort(key=lambda kv: (kv[1]["age"], kv[0]))
-        self.items = [it for _, it in pool[:c.capacity]]
+        self.items = [it for _, it in pool[: c.capacity]]
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.sampled_from(["lowest_abs_adv", "oldest"]), st.integers(1, 12),
-       st.lists(st.lists(st.sampled_from([0.0, 0.0, 0.5, -0.5, 1.0, -1.5, 2.0, 0.25]), min_size=N, max_size=N),
-                min_size=1, max_size=6),
-       st.integers(1, 3), st.integers(1, 5))
+@given(
+    st.sampled_from(["lowest_abs_adv", "oldest"]),
+    st.integers(1, 12),
+    st.lists(
+        st.lists(st.sampled_from([0.0, 0.0, 0.5, -0.5, 1.0, -1.5, 2.0, 0.25]), min_size=N, max_size=N),
+        min_size=1,
+        max_size=6,
+    ),
+    st.integers(1, 3),
+    st.integers(1, 5),
+)
 def test_add_matches_reference_model(eviction, capacity, batches, max_age, reuse_limit):
     cfg = SSBConfig(capacity=capacity, threshold=0.3, eviction=eviction, max_age=max_age, reuse_limit=reuse_limit)
     add, _ = _jitted(cfg)
@@ -72,8 +78,9 @@ def test_add_matches_reference_model(eviction, capacity, batches, max_age, reuse
         stored = sorted(zip(np.asarray(state.payload["id"])[valid].tolist(), stored_adv.tolist()))
         assert stored == sorted((it["id"], np.float32(it["adv"]).item()) for it in ref.items)
         # payload rows stay together with their advantage and reward
-        np.testing.assert_array_equal(np.asarray(state.payload["tokens"])[valid][:, 1],
-                                      2 * np.asarray(state.payload["id"])[valid])
+        np.testing.assert_array_equal(
+            np.asarray(state.payload["tokens"])[valid][:, 1], 2 * np.asarray(state.payload["id"])[valid]
+        )
         np.testing.assert_array_equal(np.asarray(state.reward)[valid], 2 * stored_adv)
 
 

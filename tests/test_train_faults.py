@@ -24,15 +24,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(run_dir, every=2, keep=2):
-    return Run(model_config=None, tokenizer=None, builder=None, run_dir=str(run_dir), metrics=MetricsLog(str(run_dir)),
-               checkpoint_every=every, keep=keep, async_checkpoints=False, progress=False)
+    return Run(
+        model_config=None,
+        tokenizer=None,
+        builder=None,
+        run_dir=str(run_dir),
+        metrics=MetricsLog(str(run_dir)),
+        checkpoint_every=every,
+        keep=keep,
+        async_checkpoints=False,
+        progress=False,
+    )
 
 
 def _state():
-    return TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.arange(4, dtype=jnp.float32)}, opt_state={},
-                      rng=jax.random.key_data(jax.random.key(0)), bco_delta=jnp.zeros((), jnp.float32),
-                      bco_count=jnp.zeros((), jnp.int32),
-                      skipped=jnp.zeros((), jnp.int32))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params={"w": jnp.arange(4, dtype=jnp.float32)},
+        opt_state={},
+        rng=jax.random.key_data(jax.random.key(0)),
+        bco_delta=jnp.zeros((), jnp.float32),
+        bco_count=jnp.zeros((), jnp.int32),
+        skipped=jnp.zeros((), jnp.int32),
+    )
 
 
 @jax.jit
@@ -72,6 +86,7 @@ def _corrupt(step_dir):
 
 
 # --- 4. resume ---------------------------------------------------------------------------------
+
 
 def test_corrupt_latest_checkpoint_falls_back_to_newest_intact(tmp_path, caplog):
     ref = _train(tmp_path / "ref", 6)
@@ -161,6 +176,7 @@ def test_log_truncation_is_an_atomic_rewrite(tmp_path, monkeypatch):
 
 # --- 6. runaway updates ------------------------------------------------------------------------
 
+
 def test_update_that_makes_parameters_non_finite_is_rolled_back():
     params = {"w": jnp.full((3,), 1e30, jnp.float32)}
     opt = optax.sgd(1e9)
@@ -183,8 +199,11 @@ def test_consecutive_skips_stop_with_a_clear_message(tmp_path):
         ok = int(state.step) <= 2
         return state, {"loss": 1.0 if ok else float("nan"), "grad_norm": float("nan"), "step_ok": float(ok)}
 
-    with pytest.raises(TrainingDiverged, match=r"toy: stopped at step 6: the last 4 steps were all skipped .*"
-                                               r"not changed since step 2.*max_consecutive_skips=4"):
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"toy: stopped at step 6: the last 4 steps were all skipped .*"
+        r"not changed since step 2.*max_consecutive_skips=4",
+    ):
         run_loop(run, "toy", _state(), 50, None, skipping, max_consecutive_skips=4)
     assert [r["step"] for r in _rows(tmp_path)] == [1, 2, 3, 4, 5, 6]
     with pytest.raises(ValueError, match="max_consecutive_skips"):
@@ -194,11 +213,25 @@ def test_consecutive_skips_stop_with_a_clear_message(tmp_path):
 def test_lr_1e30_run_stops_instead_of_exiting_0(tmp_path):
     """The issue's reproduction: SFT with lr=1e30 on the demo's tiny model."""
     env = dict(os.environ, PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "r1v2_jax.cli", "demo", "--out", str(tmp_path / "run"), "--config.stages=('sft',)",
-           "--config.sft.optim.lr=1e30", "--config.sft.steps=40", "--config.sft.optim.max_consecutive_skips=3",
-           "--config.data.synthetic_n=16", "--config.data.batch_size=4", "--config.eval.prompts=1",
-           "--config.eval.max_new_tokens=2", "--config.export=False", "--config.progress=False",
-           "--config.checkpoint.every=100"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "r1v2_jax.cli",
+        "demo",
+        "--out",
+        str(tmp_path / "run"),
+        "--config.stages=('sft',)",
+        "--config.sft.optim.lr=1e30",
+        "--config.sft.steps=40",
+        "--config.sft.optim.max_consecutive_skips=3",
+        "--config.data.synthetic_n=16",
+        "--config.data.batch_size=4",
+        "--config.eval.prompts=1",
+        "--config.eval.max_new_tokens=2",
+        "--config.export=False",
+        "--config.progress=False",
+        "--config.checkpoint.every=100",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 3, r.stderr[-3000:]
     assert "sft: stopped at step" in r.stderr and "were all skipped" in r.stderr and "Traceback" not in r.stderr

@@ -14,10 +14,21 @@ import pytest
 from r1v2_jax.convert.safetensors_io import SafetensorsDir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OVERRIDES = ["--config.sft.steps=40", "--config.mpo.pairs.threshold=0.5", "--config.mpo.steps=6", "--config.grpo.steps=6", "--config.checkpoint.every=2",
-             "--config.data.synthetic_n=40", "--config.mpo.pairs.prompts=8", "--config.eval.prompts=4",
-             "--config.grpo.group_size=4", "--config.grpo.max_new_tokens=12", "--config.data.batch_size=4",
-             "--config.eval.max_new_tokens=12", "--config.progress=False"]
+OVERRIDES = [
+    "--config.sft.steps=40",
+    "--config.mpo.pairs.threshold=0.5",
+    "--config.mpo.steps=6",
+    "--config.grpo.steps=6",
+    "--config.checkpoint.every=2",
+    "--config.data.synthetic_n=40",
+    "--config.mpo.pairs.prompts=8",
+    "--config.eval.prompts=4",
+    "--config.grpo.group_size=4",
+    "--config.grpo.max_new_tokens=12",
+    "--config.data.batch_size=4",
+    "--config.eval.max_new_tokens=12",
+    "--config.progress=False",
+]
 
 
 pytestmark = pytest.mark.slow  # the fast lane (-m "not slow") skips this module
@@ -67,7 +78,10 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path):
 
     assert _rows(a) == _rows(b)
     assert {x["stage"] for x in _rows(a)} >= {"sft", "mpo", "grpo", "eval_grpo"}
-    ea, eb = SafetensorsDir(os.path.join(a, "export", "released")), SafetensorsDir(os.path.join(b, "export", "released"))
+    ea, eb = (
+        SafetensorsDir(os.path.join(a, "export", "released")),
+        SafetensorsDir(os.path.join(b, "export", "released")),
+    )
     assert set(ea.keys()) == set(eb.keys())
     for k in ea.keys():
         assert ea.get(k).tobytes() == eb.get(k).tobytes(), k

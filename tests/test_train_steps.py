@@ -26,8 +26,11 @@ def _sft_batch(cfg, n=4, t=12, seed=0):
     loss_mask = np.zeros((n, t), bool)
     loss_mask[:, 6:] = True
     ids[:, 6:] = (np.arange(6) * 7 % 200)[None]  # a fixed continuation to learn
-    return {"response_ids": jnp.asarray(ids), "response_mask": jnp.asarray(mask),
-            "response_loss_mask": jnp.asarray(loss_mask)}
+    return {
+        "response_ids": jnp.asarray(ids),
+        "response_mask": jnp.asarray(mask),
+        "response_loss_mask": jnp.asarray(loss_mask),
+    }
 
 
 def test_sft_learns_and_micro_batching_is_exact(setup):
@@ -54,9 +57,13 @@ def test_nan_batch_is_skipped_and_counted(setup):
     opt = make_optimizer(OptimConfig(lr=1e-3, trainable="all"), params)
     step = make_train_step("grpo", module, opt, policy_cfg=PolicyLossConfig(), donate=False)
     n, t = 4, 10
-    batch = {"tokens": jnp.ones((n, t), jnp.int32), "attention_mask": jnp.ones((n, t), bool),
-             "completion_mask": jnp.ones((n, t), bool).at[:, :5].set(False),
-             "old_logp": jnp.full((n, t), jnp.nan), "advantages": jnp.ones((n,))}
+    batch = {
+        "tokens": jnp.ones((n, t), jnp.int32),
+        "attention_mask": jnp.ones((n, t), bool),
+        "completion_mask": jnp.ones((n, t), bool).at[:, :5].set(False),
+        "old_logp": jnp.full((n, t), jnp.nan),
+        "advantages": jnp.ones((n,)),
+    }
     state = init_state(params, opt, 0)
     new, m = step(state, batch, None)
     assert not bool(m["step_ok"]) and int(new.skipped) == 1 and int(new.step) == 1
@@ -71,17 +78,25 @@ def test_adapter_only_training_freezes_the_towers(setup):
     opt = make_optimizer(OptimConfig(lr=1e-2, trainable="adapter"), params)
     ids = jnp.asarray(np.random.default_rng(1).integers(0, 200, (2, 10)), jnp.int32).at[:, 1:5].set(cfg.image_token_id)
     pix = jnp.asarray(np.random.default_rng(2).normal(size=(2, 1, 3, 56, 56)), jnp.float32)
-    batch = {"response_ids": ids, "response_mask": jnp.ones((2, 10), bool),
-             "response_loss_mask": jnp.ones((2, 10), bool).at[:, :5].set(False), "pixel_values": pix}
+    batch = {
+        "response_ids": ids,
+        "response_mask": jnp.ones((2, 10), bool),
+        "response_loss_mask": jnp.ones((2, 10), bool).at[:, :5].set(False),
+        "pixel_values": pix,
+    }
     new, m_all = make_train_step("sft", module, opt, donate=False)(init_state(params, opt, 0), batch, None)
     changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new.params, params)
     assert all(jax.tree.leaves(changed["mlp1"]))
     assert not any(jax.tree.leaves(changed["language_model"])) and not any(jax.tree.leaves(changed["vision_model"]))
     # the frozen towers under stop_gradient: the same update, without their weight gradients
-    new2, m_ad = make_train_step("sft", module, opt, donate=False, trainable="adapter")(init_state(params, opt, 0),
-                                                                                         batch, None)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7),
-                 new2.params, new.params)
+    new2, m_ad = make_train_step("sft", module, opt, donate=False, trainable="adapter")(
+        init_state(params, opt, 0), batch, None
+    )
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7),
+        new2.params,
+        new.params,
+    )
     assert float(m_all["loss"]) == float(m_ad["loss"]) and 0 < float(m_ad["grad_norm"]) < float(m_all["grad_norm"])
 
 
@@ -99,8 +114,14 @@ def _batch_reward_mean(module, params, ref, b, beta):
     rs = []
     for name in ("chosen", "rejected"):
         ids, m = b[f"{name}_ids"], b[f"{name}_loss_mask"][:, 1:]
-        lp = [jnp.take_along_axis(jax.nn.log_softmax(module.apply({"params": p}, ids, None, b[f"{name}_mask"])[:, :-1]),
-                                  ids[:, 1:, None], -1)[..., 0] for p in (params, ref)]
+        lp = [
+            jnp.take_along_axis(
+                jax.nn.log_softmax(module.apply({"params": p}, ids, None, b[f"{name}_mask"])[:, :-1]),
+                ids[:, 1:, None],
+                -1,
+            )[..., 0]
+            for p in (params, ref)
+        ]
         rs.append(beta * ((lp[0] - lp[1]) * m).sum(axis=1))
     return float(jnp.concatenate(rs).mean())
 
@@ -144,8 +165,9 @@ def test_mpo_nll_is_the_batch_token_mean_in_the_step(setup):
     step = make_train_step("mpo", module, opt, mpo_cfg=MPOConfig(w_pref=0.0, w_quality=0.0), n_micro=2, donate=False)
     _, m = step(init_state(params, opt, 0), b, params)
     ids = b["chosen_ids"]
-    lp = jnp.take_along_axis(jax.nn.log_softmax(module.apply({"params": params}, ids, None, b["chosen_mask"])[:, :-1]),
-                             ids[:, 1:, None], -1)[..., 0]
+    lp = jnp.take_along_axis(
+        jax.nn.log_softmax(module.apply({"params": params}, ids, None, b["chosen_mask"])[:, :-1]), ids[:, 1:, None], -1
+    )[..., 0]
     mask = b["chosen_loss_mask"][:, 1:]
     assert int(mask.sum(axis=1)[0]) == 2 and int(mask.sum(axis=1)[1]) == 8
     np.testing.assert_allclose(float(m["loss"]), float(-(lp * mask).sum() / mask.sum()), rtol=1e-5)
@@ -162,8 +184,12 @@ def test_reward_model_step_trains_the_value_head(setup):
     ids = rng.integers(0, 200, (8, 6))
     pos, neg = ids.copy(), ids.copy()
     pos[:, -1], neg[:, -1] = 210, 230
-    b = {"chosen_ids": jnp.asarray(pos, jnp.int32), "rejected_ids": jnp.asarray(neg, jnp.int32),
-         "chosen_mask": jnp.ones((8, 6), bool), "rejected_mask": jnp.ones((8, 6), bool)}
+    b = {
+        "chosen_ids": jnp.asarray(pos, jnp.int32),
+        "rejected_ids": jnp.asarray(neg, jnp.int32),
+        "chosen_mask": jnp.ones((8, 6), bool),
+        "rejected_mask": jnp.ones((8, 6), bool),
+    }
     state = init_state(params, opt, 0)
     losses = []
     for _ in range(15):

@@ -81,12 +81,24 @@ def test_sampler_on_its_own_mesh_gives_the_same_training(tmp_path):
     import json
 
     def run(name, *extra):
-        c = load_config("configs/demo.py", [f"--config.run_dir={tmp_path / name}", "--config.stages=('grpo',)",
-                                            "--config.grpo.steps=2", "--config.grpo.group_size=4",
-                                            "--config.grpo.max_new_tokens=8", "--config.data.synthetic_n=40",
-                                            "--config.eval.prompts=4", "--config.eval.max_new_tokens=8",
-                                            "--config.progress=False", "--config.export=False",
-                                            "--config.checkpoint.async_save=False", "--config.mesh=(1,8,1)", *extra])
+        c = load_config(
+            "configs/demo.py",
+            [
+                f"--config.run_dir={tmp_path / name}",
+                "--config.stages=('grpo',)",
+                "--config.grpo.steps=2",
+                "--config.grpo.group_size=4",
+                "--config.grpo.max_new_tokens=8",
+                "--config.data.synthetic_n=40",
+                "--config.eval.prompts=4",
+                "--config.eval.max_new_tokens=8",
+                "--config.progress=False",
+                "--config.export=False",
+                "--config.checkpoint.async_save=False",
+                "--config.mesh=(1,8,1)",
+                *extra,
+            ],
+        )
         run_experiment(c)
         with open(tmp_path / name / "metrics.jsonl") as f:
             return [json.loads(line) for line in f]
@@ -101,5 +113,6 @@ def test_sampler_on_its_own_mesh_gives_the_same_training(tmp_path):
                 continue
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), k
     with pytest.raises(ValueError, match="sampler_mesh: set mesh too"):
-        run_experiment(load_config("configs/demo.py", [f"--config.run_dir={tmp_path / 'bad'}",
-                                                       "--config.sampler_mesh=(8,1,1)"]))
+        run_experiment(
+            load_config("configs/demo.py", [f"--config.run_dir={tmp_path / 'bad'}", "--config.sampler_mesh=(8,1,1)"])
+        )

@@ -11,8 +11,9 @@ from r1v2_jax.model.vision import pixel_shuffle
 from r1v2_jax.model.vlm import merge_image_features
 
 
-@pytest.mark.parametrize("src,dst", [((32, 32), (24, 24)), ((32, 32), (40, 40)), ((4, 4), (7, 7)),
-                                     ((5, 7), (3, 11)), ((16, 16), (16, 16))])
+@pytest.mark.parametrize(
+    "src,dst", [((32, 32), (24, 24)), ((32, 32), (40, 40)), ((4, 4), (7, 7)), ((5, 7), (3, 11)), ((16, 16), (16, 16))]
+)
 def test_position_embedding_interpolation_matches_torch_bicubic(src, dst):
     rng = np.random.default_rng(0)
     grid = rng.standard_normal(src + (8,)).astype(np.float32)

@@ -19,9 +19,18 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             r = torch.randn(p.shape, generator=g, dtype=torch.float32)
-            if name.endswith(("norm.weight", "layernorm_before.weight", "layernorm_after.weight",
-                              "input_layernorm.weight", "post_attention_layernorm.weight", "layer_norm.weight",
-                              "q_norm.weight", "k_norm.weight")):
+            if name.endswith(
+                (
+                    "norm.weight",
+                    "layernorm_before.weight",
+                    "layernorm_after.weight",
+                    "input_layernorm.weight",
+                    "post_attention_layernorm.weight",
+                    "layer_norm.weight",
+                    "q_norm.weight",
+                    "k_norm.weight",
+                )
+            ):
                 p.copy_(1.0 + 0.2 * r)
             elif "lambda_" in name:
                 p.copy_(0.1 + 0.3 * r)
@@ -51,8 +60,9 @@ def internvl_reference(config: ModelConfig, seed: int = 0):
     return model
 
 
-def write_released(model: torch.nn.Module, config: ModelConfig, out_dir: str, *, dtype=torch.float32,
-                   num_shards: int = 1) -> str:
+def write_released(
+    model: torch.nn.Module, config: ModelConfig, out_dir: str, *, dtype=torch.float32, num_shards: int = 1
+) -> str:
     """Write ``model`` (native transformers) as a released-format directory: safetensors
     (``num_shards`` files + index when > 1), config.json and a tokenizer_config.json that
     defines <IMG_CONTEXT>."""
@@ -78,6 +88,7 @@ def write_released(model: torch.nn.Module, config: ModelConfig, out_dir: str, *,
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(released_config_dict(config, torch_dtype=str(dtype).replace("torch.", "")), f, indent=2)
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump({"added_tokens_decoder": {str(config.image_token_id): {"content": "<IMG_CONTEXT>",
-                                                                          "special": True}}}, f)
+        json.dump(
+            {"added_tokens_decoder": {str(config.image_token_id): {"content": "<IMG_CONTEXT>", "special": True}}}, f
+        )
     return out_dir

@@ -16,7 +16,7 @@ def _parse_size(text: str) -> int:
     units = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
     t = text.strip().upper()
     num = t.rstrip("KMGIB")
-    unit = t[len(num):]
+    unit = t[len(num) :]
     if unit not in units or not num:
         raise argparse.ArgumentTypeError(f"size {text!r}: expected e.g. 5GB, 500MB or a byte count")
     return int(float(num) * units[unit])
@@ -36,10 +36,19 @@ def main_hf_to_jax(argv=None) -> int:
     p = argparse.ArgumentParser(prog="hf_to_jax.py", description="Released R1V2 safetensors -> r1v2-jax checkpoint.")
     p.add_argument("hf_dir")
     p.add_argument("out_dir")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="target parameter dtype (default: as stored)")
-    p.add_argument("--mesh", type=_parse_mesh, default=None, metavar="DATA,FSDP,TENSOR",
-                   help="align chunks with the shards of this mesh for a sharded restore")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="target parameter dtype (default: as stored)",
+    )
+    p.add_argument(
+        "--mesh",
+        type=_parse_mesh,
+        default=None,
+        metavar="DATA,FSDP,TENSOR",
+        help="align chunks with the shards of this mesh for a sharded restore",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     p.add_argument("--image-token-id", type=int, default=None, help="<IMG_CONTEXT> id if no tokenizer file has it")
     p.add_argument("--no-strict", action="store_true", help="ignore unknown config.json keys")
@@ -49,14 +58,25 @@ def main_hf_to_jax(argv=None) -> int:
     t0 = time.perf_counter()
     report: dict = {}
     try:
-        cfg = hf_to_jax(a.hf_dir, a.out_dir, dtype=a.dtype, mesh_shape=a.mesh, overwrite=a.overwrite,
-                        strict=not a.no_strict, image_token_id=a.image_token_id, quiet=a.quiet,
-                        strict_finite=a.strict_finite, report=report)
+        cfg = hf_to_jax(
+            a.hf_dir,
+            a.out_dir,
+            dtype=a.dtype,
+            mesh_shape=a.mesh,
+            overwrite=a.overwrite,
+            strict=not a.no_strict,
+            image_token_id=a.image_token_id,
+            quiet=a.quiet,
+            strict_finite=a.strict_finite,
+            report=report,
+        )
     except (ValueError, KeyError, OSError) as e:
         print(f"hf_to_jax: error: {e}", file=sys.stderr)
         return 2
-    print(f"hf_to_jax: wrote {a.out_dir} ({cfg.param_dtype}, {len(key_entries(cfg))} tensors{_nonfinite_note(report)}) "
-          f"in {time.perf_counter() - t0:.1f}s; restore with r1v2_jax.load_checkpoint({a.out_dir!r})")
+    print(
+        f"hf_to_jax: wrote {a.out_dir} ({cfg.param_dtype}, {len(key_entries(cfg))} tensors{_nonfinite_note(report)}) "
+        f"in {time.perf_counter() - t0:.1f}s; restore with r1v2_jax.load_checkpoint({a.out_dir!r})"
+    )
     return 0
 
 
@@ -79,11 +99,22 @@ def main_jax_to_hf(argv=None) -> int:
     t0 = time.perf_counter()
     report: dict = {}
     try:
-        names = jax_to_hf(a.ckpt_dir, a.out_dir, fmt=a.fmt, dtype=a.dtype, max_shard_bytes=a.shard_size,
-                          overwrite=a.overwrite, quiet=a.quiet, strict_finite=a.strict_finite, report=report)
+        names = jax_to_hf(
+            a.ckpt_dir,
+            a.out_dir,
+            fmt=a.fmt,
+            dtype=a.dtype,
+            max_shard_bytes=a.shard_size,
+            overwrite=a.overwrite,
+            quiet=a.quiet,
+            strict_finite=a.strict_finite,
+            report=report,
+        )
     except (ValueError, KeyError, OSError) as e:
         print(f"jax_to_hf: error: {e}", file=sys.stderr)
         return 2
-    print(f"jax_to_hf: wrote {a.out_dir} ({a.fmt}, {len(names)} shard(s){_nonfinite_note(report)}) "
-          f"in {time.perf_counter() - t0:.1f}s")
+    print(
+        f"jax_to_hf: wrote {a.out_dir} ({a.fmt}, {len(names)} shard(s){_nonfinite_note(report)}) "
+        f"in {time.perf_counter() - t0:.1f}s"
+    )
     return 0

@@ -60,14 +60,24 @@ from r1v2_jax.parallel.sharding import DEFAULT_RULES, logical_to_pspec
 _SIDE_FILES = (".json", ".py", ".txt", ".model", ".tiktoken", ".md", ".jinja")
 log = logging.getLogger("r1v2_jax.convert")
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
-                    "special_tokens_map.json", "chat_template.json", "chat_template.jinja", "generation_config.json")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "special_tokens_map.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 
 
 def _side_files(src: str) -> list[str]:
     skip = {INDEX_FILE, SINGLE_FILE}
-    return sorted(f for f in os.listdir(src) if f.endswith(_SIDE_FILES) and f not in skip
-                  and os.path.isfile(os.path.join(src, f)))
+    return sorted(
+        f for f in os.listdir(src) if f.endswith(_SIDE_FILES) and f not in skip and os.path.isfile(os.path.join(src, f))
+    )
 
 
 def _progress(total_bytes: int, desc: str, quiet: bool):
@@ -94,9 +104,19 @@ def _report_nonfinite(counts: dict[str, int], where: str, strict: bool) -> None:
     log.warning("%s", msg)
 
 
-def hf_to_jax(hf_dir: str, out_dir: str, *, dtype: str | None = None, mesh_shape: tuple[int, int, int] | None = None,
-              overwrite: bool = False, strict: bool = True, image_token_id: int | None = None,
-              quiet: bool = True, strict_finite: bool = False, report: dict | None = None) -> ModelConfig:
+def hf_to_jax(
+    hf_dir: str,
+    out_dir: str,
+    *,
+    dtype: str | None = None,
+    mesh_shape: tuple[int, int, int] | None = None,
+    overwrite: bool = False,
+    strict: bool = True,
+    image_token_id: int | None = None,
+    quiet: bool = True,
+    strict_finite: bool = False,
+    report: dict | None = None,
+) -> ModelConfig:
     """Convert a released-format directory to our parameter checkpoint at ``out_dir``.
 
     ``dtype``: target parameter dtype (None keeps the checkpoint's, which must be uniform).
@@ -118,8 +138,9 @@ def hf_to_jax(hf_dir: str, out_dir: str, *, dtype: str | None = None, mesh_shape
         if len(stored) != 1 or next(iter(stored)) not in names:
             raise ValueError(f"{hf_dir}: tensors have dtypes {sorted(stored)}; pass dtype= to choose one")
         dtype = names[next(iter(stored))]
-    config = read_config(hf_dir, strict=strict, image_token_id=image_token_id, dtype=dtype, param_dtype=dtype,
-                         scan_layers=True)
+    config = read_config(
+        hf_dir, strict=strict, image_token_id=image_token_id, dtype=dtype, param_dtype=dtype, scan_layers=True
+    )
     check_keys(store.shapes, config, hf_dir)  # every key and shape, before anything is written
     entries = key_entries(config)
     leaves = _plan_leaves(config, dtype, mesh_shape)
@@ -152,15 +173,18 @@ def hf_to_jax(hf_dir: str, out_dir: str, *, dtype: str | None = None, mesh_shape
             os.makedirs(os.path.join(tmp, "hf"))
             for f in _side_files(hf_dir):
                 shutil.copyfile(os.path.join(hf_dir, f), os.path.join(tmp, "hf", f))
-        writer.finish(config, {"source": os.path.abspath(hf_dir), "mesh_shape": list(mesh_shape or ()),
-                               "nonfinite": nonfinite})
+        writer.finish(
+            config, {"source": os.path.abspath(hf_dir), "mesh_shape": list(mesh_shape or ()), "nonfinite": nonfinite}
+        )
         if not remote:
             publish_dir(tmp, out_dir)
     except OSError as e:
         if not remote:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"{out_dir}: writing the checkpoint failed ({e.strerror or e}); nothing was published "
-                          "and an existing copy is untouched") from None
+        raise OutputError(
+            f"{out_dir}: writing the checkpoint failed ({e.strerror or e}); nothing was published "
+            "and an existing copy is untouched"
+        ) from None
     except BaseException:
         if not remote:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -171,10 +195,11 @@ def hf_to_jax(hf_dir: str, out_dir: str, *, dtype: str | None = None, mesh_shape
 def _plan_leaves(config: ModelConfig, dtype: str, mesh_shape) -> dict[str, dict]:
     """Shape, dtype and chunk shape of every leaf (scan layout)."""
 
-
     boxed = abstract_params(config, boxed=True)
     out = {}
-    for kp, x in jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned))[0]:
+    for kp, x in jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned))[
+        0
+    ]:
         path = tuple(k.key for k in kp)
         shape = tuple(x.value.shape)
         stacked = "block" in path
@@ -186,8 +211,11 @@ def _plan_leaves(config: ModelConfig, dtype: str, mesh_shape) -> dict[str, dict]
             for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
                 axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
                 shard.append(dim // int(np.prod([sizes[a] for a in axes])) if axes else dim)
-        out[leaf_name(path)] = {"shape": list(shape), "dtype": dtype,
-                                "chunks": default_chunks(shape, jnp.dtype(dtype), stacked, shard)}
+        out[leaf_name(path)] = {
+            "shape": list(shape),
+            "dtype": dtype,
+            "chunks": default_chunks(shape, jnp.dtype(dtype), stacked, shard),
+        }
     return out
 
 
@@ -198,9 +226,18 @@ class _FakeMesh:
         self.shape = sizes
 
 
-def jax_to_hf(ckpt_dir: str, out_dir: str, *, fmt: str = "released", dtype: str | None = None,
-              max_shard_bytes: int = 5 * 1000**3, overwrite: bool = False, quiet: bool = True,
-              strict_finite: bool = False, report: dict | None = None) -> list[str]:
+def jax_to_hf(
+    ckpt_dir: str,
+    out_dir: str,
+    *,
+    fmt: str = "released",
+    dtype: str | None = None,
+    max_shard_bytes: int = 5 * 1000**3,
+    overwrite: bool = False,
+    quiet: bool = True,
+    strict_finite: bool = False,
+    report: dict | None = None,
+) -> list[str]:
     """Export our checkpoint as ``released`` (InternVL-Chat keys, the source's config and code
     files) or ``transformers`` (native InternVLForConditionalGeneration). Returns shard names.
 
@@ -213,8 +250,9 @@ def jax_to_hf(ckpt_dir: str, out_dir: str, *, fmt: str = "released", dtype: str 
     if fmt not in ("released", "transformers"):
         raise ValueError(f"jax_to_hf: format must be 'released' or 'transformers', got {fmt!r}")
     if "://" in out_dir:
-        raise ValueError(f"jax_to_hf: {out_dir}: the HF formats are written to a local folder (copy it to a bucket "
-                         "afterwards)")
+        raise ValueError(
+            f"jax_to_hf: {out_dir}: the HF formats are written to a local folder (copy it to a bucket afterwards)"
+        )
     check_output_dir(out_dir, overwrite)  # before any work
     meta = read_metadata(ckpt_dir)
     config = ModelConfig.from_config_dict(meta["model_config"]).replace(scan_layers=True)
@@ -225,8 +263,9 @@ def jax_to_hf(ckpt_dir: str, out_dir: str, *, fmt: str = "released", dtype: str 
         shape = tuple(arrays[leaf_name(e.path)].shape)
         ours = shape[1:] if e.layer is not None else shape
         if e.transform.released_shape(ours) != e.shape:
-            raise ValueError(f"{ckpt_dir}: {leaf_name(e.path)} has shape {list(shape)}, which does not give "
-                             f"{e.key} {list(e.shape)}")
+            raise ValueError(
+                f"{ckpt_dir}: {leaf_name(e.path)} has shape {list(shape)}, which does not give {e.key} {list(e.shape)}"
+            )
     plan = []  # (out key, shape, entry, row slice)
     for e in entries:
         parts = [(e.key, e.shape, None)] if fmt == "released" else native_parts(e.key, e.shape)
@@ -259,7 +298,6 @@ def jax_to_hf(ckpt_dir: str, out_dir: str, *, fmt: str = "released", dtype: str 
     side = _side_files(src_hf) if os.path.isdir(src_hf) else []
     if fmt == "released":
         if "config.json" in side:
-
             with open(os.path.join(src_hf, "config.json")) as f:
                 config_json = json.load(f)
             config_json["torch_dtype"] = str(out_dtype)
@@ -274,9 +312,16 @@ def jax_to_hf(ckpt_dir: str, out_dir: str, *, fmt: str = "released", dtype: str 
         extra = {f: os.path.join(src_hf, f) for f in side if f in _TOKENIZER_FILES and f != "config.json"}
         extra_json = None if extra else _img_token_json(config)
     try:
-        names = write_safetensors_dir(specs, arrays_iter(), out_dir, config_json=config_json,
-                                      max_shard_bytes=max_shard_bytes, overwrite=overwrite,
-                                      extra_json=extra_json, extra_files=extra)
+        names = write_safetensors_dir(
+            specs,
+            arrays_iter(),
+            out_dir,
+            config_json=config_json,
+            max_shard_bytes=max_shard_bytes,
+            overwrite=overwrite,
+            extra_json=extra_json,
+            extra_files=extra,
+        )
     finally:
         if bar is not None:
             bar.close()
@@ -289,8 +334,11 @@ def jax_to_hf(ckpt_dir: str, out_dir: str, *, fmt: str = "released", dtype: str 
 
 
 def _img_token_json(config: ModelConfig) -> dict:
-    return {"tokenizer_config.json": {"added_tokens_decoder": {
-        str(config.image_token_id): {"content": "<IMG_CONTEXT>", "special": True}}}}
+    return {
+        "tokenizer_config.json": {
+            "added_tokens_decoder": {str(config.image_token_id): {"content": "<IMG_CONTEXT>", "special": True}}
+        }
+    }
 
 
 __all__ = ["hf_to_jax", "jax_to_hf", "META_FILE"]

@@ -26,44 +26,147 @@ IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 
 # Attributes every transformers PretrainedConfig serialises (generation defaults, bookkeeping).
 _HF_GENERIC = {
-    "_name_or_path", "_attn_implementation_autoset", "_commit_hash", "add_cross_attention", "architectures",
-    "attn_implementation", "auto_map", "bad_words_ids", "begin_suppress_tokens", "bos_token_id",
-    "chunk_size_feed_forward", "cross_attention_hidden_size", "decoder_start_token_id", "diversity_penalty",
-    "do_sample", "dtype", "early_stopping", "encoder_no_repeat_ngram_size", "eos_token_id",
-    "exponential_decay_length_penalty", "finetuning_task", "forced_bos_token_id", "forced_eos_token_id",
-    "id2label", "initializer_range", "is_decoder", "is_encoder_decoder", "label2id", "length_penalty",
-    "max_length", "min_length", "model_type", "no_repeat_ngram_size", "num_beam_groups", "num_beams",
-    "num_return_sequences", "output_attentions", "output_hidden_states", "output_scores", "pad_token_id",
-    "prefix", "problem_type", "pruned_heads", "remove_invalid_values", "repetition_penalty", "return_dict",
-    "return_dict_in_generate", "sep_token_id", "suppress_tokens", "task_specific_params", "temperature",
-    "tf_legacy_loss", "tie_encoder_decoder", "tokenizer_class", "top_k", "top_p", "torch_dtype",
-    "torchscript", "transformers_version", "typical_p", "use_bfloat16", "use_cache", "gradient_checkpointing",
+    "_name_or_path",
+    "_attn_implementation_autoset",
+    "_commit_hash",
+    "add_cross_attention",
+    "architectures",
+    "attn_implementation",
+    "auto_map",
+    "bad_words_ids",
+    "begin_suppress_tokens",
+    "bos_token_id",
+    "chunk_size_feed_forward",
+    "cross_attention_hidden_size",
+    "decoder_start_token_id",
+    "diversity_penalty",
+    "do_sample",
+    "dtype",
+    "early_stopping",
+    "encoder_no_repeat_ngram_size",
+    "eos_token_id",
+    "exponential_decay_length_penalty",
+    "finetuning_task",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "id2label",
+    "initializer_range",
+    "is_decoder",
+    "is_encoder_decoder",
+    "label2id",
+    "length_penalty",
+    "max_length",
+    "min_length",
+    "model_type",
+    "no_repeat_ngram_size",
+    "num_beam_groups",
+    "num_beams",
+    "num_return_sequences",
+    "output_attentions",
+    "output_hidden_states",
+    "output_scores",
+    "pad_token_id",
+    "prefix",
+    "problem_type",
+    "pruned_heads",
+    "remove_invalid_values",
+    "repetition_penalty",
+    "return_dict",
+    "return_dict_in_generate",
+    "sep_token_id",
+    "suppress_tokens",
+    "task_specific_params",
+    "temperature",
+    "tf_legacy_loss",
+    "tie_encoder_decoder",
+    "tokenizer_class",
+    "top_k",
+    "top_p",
+    "torch_dtype",
+    "torchscript",
+    "transformers_version",
+    "typical_p",
+    "use_bfloat16",
+    "use_cache",
+    "gradient_checkpointing",
 }
 # InternViT keys that do not change inference (training-only or kernel choices), and the MoE
 # fields of InternViT variants (accepted only while use_moe is false).
 _VISION_IGNORED = {
-    "dropout", "drop_path_rate", "attention_dropout", "initializer_factor", "use_flash_attn",
-    "capacity_factor", "eval_capacity_factor", "laux_allreduce", "moe_coeff_ratio", "moe_intermediate_size",
-    "moe_output_scale", "noisy_gate_policy", "num_experts", "num_routed_experts", "num_shared_experts",
-    "shared_expert_intermediate_size", "use_residual", "use_rts", "use_weighted_residual", "use_moe",
+    "dropout",
+    "drop_path_rate",
+    "attention_dropout",
+    "initializer_factor",
+    "use_flash_attn",
+    "capacity_factor",
+    "eval_capacity_factor",
+    "laux_allreduce",
+    "moe_coeff_ratio",
+    "moe_intermediate_size",
+    "moe_output_scale",
+    "noisy_gate_policy",
+    "num_experts",
+    "num_routed_experts",
+    "num_shared_experts",
+    "shared_expert_intermediate_size",
+    "use_residual",
+    "use_rts",
+    "use_weighted_residual",
+    "use_moe",
 }
 _VISION_READ = {
-    "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size", "patch_size",
-    "num_channels", "norm_type", "layer_norm_eps", "qkv_bias", "qk_normalization", "hidden_act",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "image_size",
+    "patch_size",
+    "num_channels",
+    "norm_type",
+    "layer_norm_eps",
+    "qkv_bias",
+    "qk_normalization",
+    "hidden_act",
 }
 _TEXT_IGNORED = {
-    "attention_dropout", "max_window_layers", "sliding_window", "use_sliding_window", "rope_scaling",
-    "layer_types", "attn_implementation", "rope_parameters", "bias",
+    "attention_dropout",
+    "max_window_layers",
+    "sliding_window",
+    "use_sliding_window",
+    "rope_scaling",
+    "layer_types",
+    "attn_implementation",
+    "rope_parameters",
+    "bias",
 }
 _TEXT_READ = {
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-    "intermediate_size", "rms_norm_eps", "rope_theta", "max_position_embeddings", "tie_word_embeddings",
-    "hidden_act", "head_dim",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "rms_norm_eps",
+    "rope_theta",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "hidden_act",
+    "head_dim",
 }
 _TOP_IGNORED = {
-    "template", "dynamic_image_size", "use_thumbnail", "max_dynamic_patch", "min_dynamic_patch",
-    "use_backbone_lora", "use_llm_lora", "pad2square", "image_fold", "hidden_size", "system_message",
-    "use_flash_attn", "tie_word_embeddings",
+    "template",
+    "dynamic_image_size",
+    "use_thumbnail",
+    "max_dynamic_patch",
+    "min_dynamic_patch",
+    "use_backbone_lora",
+    "use_llm_lora",
+    "pad2square",
+    "image_fold",
+    "hidden_size",
+    "system_message",
+    "use_flash_attn",
+    "tie_word_embeddings",
 }
 _TOP_READ = {"vision_config", "llm_config", "downsample_ratio", "ps_version", "select_layer", "force_image_size"}
 
@@ -71,9 +174,18 @@ _TOP_READ = {"vision_config", "llm_config", "downsample_ratio", "ps_version", "s
 # Upper bounds on sizes read from config.json: far above any released model (R1V2-38B: widths
 # <= 27648, 64 layers, 40 heads, vocab 152064, 32k positions), far below what would overflow.
 SIZE_BOUNDS = {
-    "hidden_size": 1 << 17, "intermediate_size": 1 << 19, "num_hidden_layers": 1024, "num_attention_heads": 1024,
-    "num_key_value_heads": 1024, "vocab_size": 1 << 22, "max_position_embeddings": 1 << 24, "head_dim": 4096,
-    "image_size": 8192, "patch_size": 8192, "num_channels": 16, "force_image_size": 8192,
+    "hidden_size": 1 << 17,
+    "intermediate_size": 1 << 19,
+    "num_hidden_layers": 1024,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "vocab_size": 1 << 22,
+    "max_position_embeddings": 1 << 24,
+    "head_dim": 4096,
+    "image_size": 8192,
+    "patch_size": 8192,
+    "num_channels": 16,
+    "force_image_size": 8192,
 }
 
 
@@ -118,8 +230,12 @@ def _number(d: Mapping[str, Any], key: str, file: str, where: str, default: floa
 def _check_unknown(d, read, ignored, file, where, strict):
     unknown = sorted(set(d) - read - ignored - _HF_GENERIC)
     if unknown and strict:
-        raise _err(file, where, f"unknown key(s) {unknown}: not part of the InternVL-Chat/Qwen2 format this "
-                   "reader knows; pass strict=False to ignore them")
+        raise _err(
+            file,
+            where,
+            f"unknown key(s) {unknown}: not part of the InternVL-Chat/Qwen2 format this "
+            "reader knows; pass strict=False to ignore them",
+        )
 
 
 def _vision(d: Mapping[str, Any], file: str, strict: bool) -> VisionConfig:
@@ -205,8 +321,9 @@ def _text(d: Mapping[str, Any], file: str, strict: bool) -> TextConfig:
         raise ConfigError(f"{file}: {e}") from None
 
 
-def config_from_dict(d: Mapping[str, Any], *, image_token_id: int, file: str = "config.json",
-                     strict: bool = True, **run_options) -> ModelConfig:
+def config_from_dict(
+    d: Mapping[str, Any], *, image_token_id: int, file: str = "config.json", strict: bool = True, **run_options
+) -> ModelConfig:
     """The ModelConfig described by a parsed InternVL-Chat ``config.json``.
 
     ``run_options`` (dtype, param_dtype, scan_layers, remat_policy) set how the model runs.
@@ -224,10 +341,14 @@ def config_from_dict(d: Mapping[str, Any], *, image_token_id: int, file: str = "
     if ps not in ("v1", "v2"):
         raise _err(file, "ps_version", f"expected 'v1' or 'v2', got {ps!r}")
     force = d.get("force_image_size")
-    if force is not None and (not isinstance(force, int) or isinstance(force, bool)
-                              or not 1 <= force <= SIZE_BOUNDS["force_image_size"]):
-        raise _err(file, "force_image_size", f"expected an integer in [1, {SIZE_BOUNDS['force_image_size']}] "
-                   f"or null, got {force!r}")
+    if force is not None and (
+        not isinstance(force, int) or isinstance(force, bool) or not 1 <= force <= SIZE_BOUNDS["force_image_size"]
+    ):
+        raise _err(
+            file,
+            "force_image_size",
+            f"expected an integer in [1, {SIZE_BOUNDS['force_image_size']}] or null, got {force!r}",
+        )
     select = d.get("select_layer", -1)
     if not isinstance(select, int) or isinstance(select, bool):
         raise _err(file, "select_layer", f"expected an integer, got {select!r}")
@@ -239,9 +360,16 @@ def config_from_dict(d: Mapping[str, Any], *, image_token_id: int, file: str = "
     if force == vision.image_size:
         force = None  # the ViT's own size: nothing forced
     try:
-        return ModelConfig(vision=vision, text=text, image_token_id=image_token_id,
-                           downsample_ratio=float(ratio), ps_version=ps, select_layer=select,
-                           force_image_size=force, **run_options)
+        return ModelConfig(
+            vision=vision,
+            text=text,
+            image_token_id=image_token_id,
+            downsample_ratio=float(ratio),
+            ps_version=ps,
+            select_layer=select,
+            force_image_size=force,
+            **run_options,
+        )
     except ConfigError as e:
         if str(e).startswith(f"{file}: "):  # already names the file (a field checked here)
             raise
@@ -289,8 +417,9 @@ def find_token_id(model_dir: str | os.PathLike, token: str = IMG_CONTEXT_TOKEN) 
     return None
 
 
-def read_config(model_dir: str | os.PathLike, *, image_token_id: int | None = None, strict: bool = True,
-                **run_options) -> ModelConfig:
+def read_config(
+    model_dir: str | os.PathLike, *, image_token_id: int | None = None, strict: bool = True, **run_options
+) -> ModelConfig:
     """Read ``config.json`` (and the ``<IMG_CONTEXT>`` id from the tokenizer files) of a released
     checkpoint directory. ``image_token_id`` overrides the tokenizer lookup."""
     path = os.path.join(os.fspath(model_dir), "config.json")

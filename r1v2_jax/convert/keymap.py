@@ -50,8 +50,9 @@ IDENTITY = Transform("identity", lambda x: x, lambda x: x, lambda s: tuple(s))
 # torch.nn.Linear.weight [out, in] <-> our kernel [in, out]
 LINEAR = Transform("linear", lambda x: x.T, lambda x: x.T, lambda s: tuple(s[::-1]))
 # torch.nn.Conv2d.weight [O, I, kh, kw] <-> our patch kernel [kh, kw, I, O]
-CONV = Transform("conv", lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1),
-                 lambda s: (s[3], s[2], s[0], s[1]))
+CONV = Transform(
+    "conv", lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1), lambda s: (s[3], s[2], s[0], s[1])
+)
 
 # (released key, our path, transform). Paths are relative to the tower; per-layer keys hold {i}.
 _VISION_TOP = [
@@ -194,9 +195,13 @@ def check_keys(available: Mapping[str, tuple[int, ...]], config: ModelConfig, so
     missing = [k for k in expected if k not in available]
     extra = sorted(k for k in available if k not in expected)
     if missing:
-        problems.append(f"missing keys ({len(missing)}): " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
+        problems.append(
+            f"missing keys ({len(missing)}): " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else "")
+        )
     if extra:
-        problems.append(f"unexpected keys ({len(extra)}): " + ", ".join(extra[:20]) + (" ..." if len(extra) > 20 else ""))
+        problems.append(
+            f"unexpected keys ({len(extra)}): " + ", ".join(extra[:20]) + (" ..." if len(extra) > 20 else "")
+        )
     for k, shape in expected.items():
         if k in available and tuple(available[k]) != tuple(shape):
             problems.append(f"wrong shape for {k}: checkpoint has {list(available[k])}, model expects {list(shape)}")
@@ -204,8 +209,13 @@ def check_keys(available: Mapping[str, tuple[int, ...]], config: ModelConfig, so
         raise CheckpointKeyError(f"{source} does not match the model config:\n  " + "\n  ".join(problems))
 
 
-def released_to_params(get: Callable[[str], np.ndarray], available: Mapping[str, tuple[int, ...]],
-                       config: ModelConfig, dtype=None, source: str = "checkpoint") -> dict:
+def released_to_params(
+    get: Callable[[str], np.ndarray],
+    available: Mapping[str, tuple[int, ...]],
+    config: ModelConfig,
+    dtype=None,
+    source: str = "checkpoint",
+) -> dict:
     """Build our (unboxed, numpy) parameter tree from released tensors.
 
     ``get(key)`` returns one released tensor; it is called once per key, so a lazy reader
@@ -242,8 +252,9 @@ def params_to_released(params, config: ModelConfig) -> Iterator[tuple[str, np.nd
         x = x[e.layer] if e.layer is not None else x
         x = e.transform.to_released(np.asarray(jax.device_get(x)))
         if tuple(x.shape) != e.shape:
-            raise CheckpointKeyError(f"{'/'.join(e.path)}: shape {list(x.shape)} gives {e.key} {list(x.shape)}, "
-                                     f"expected {list(e.shape)}")
+            raise CheckpointKeyError(
+                f"{'/'.join(e.path)}: shape {list(x.shape)} gives {e.key} {list(x.shape)}, expected {list(e.shape)}"
+            )
         yield e.key, np.ascontiguousarray(x)
 
 

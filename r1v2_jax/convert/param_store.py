@@ -81,7 +81,6 @@ def _join(*parts: str) -> str:
 
 def _read_text(path: str) -> str:
     if path.startswith("gs://"):
-
         kv = ts.KvStore.open(_kvstore(path.rsplit("/", 1)[0] + "/")).result()
         r = kv.read(path.rsplit("/", 1)[1]).result()
         if r.state != "value":
@@ -105,8 +104,9 @@ def remote_output_dir(out_dir: str, overwrite: bool) -> str:
     kv = _kv_dir(out_dir)
     keys = kv.list().result()
     if keys and not overwrite:
-        raise FileExistsError(f"{out_dir}: holds {len(keys)} object(s) (pass overwrite=True / --overwrite to "
-                              "replace them)")
+        raise FileExistsError(
+            f"{out_dir}: holds {len(keys)} object(s) (pass overwrite=True / --overwrite to replace them)"
+        )
     if keys:
         kv.delete_range(ts.KvStore.KeyRange(META_FILE, META_FILE + "\0")).result()
         kv.delete_range(ts.KvStore.KeyRange()).result()
@@ -137,8 +137,13 @@ def leaf_name(path: tuple[str, ...]) -> str:
     return "/".join(path)
 
 
-def default_chunks(shape: tuple[int, ...], dtype, stacked: bool, shard_shape: tuple[int, ...] | None = None,
-                   max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[int]:
+def default_chunks(
+    shape: tuple[int, ...],
+    dtype,
+    stacked: bool,
+    shard_shape: tuple[int, ...] | None = None,
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> list[int]:
     """Chunk shape of one leaf: one layer per chunk for stacked leaves; the per-device shard
     shape when a target mesh is given; else rows split so a chunk stays under the budget."""
     chunk = list(shard_shape) if shard_shape is not None else list(shape)
@@ -162,8 +167,11 @@ class ParamWriter:
             spec = {
                 "driver": "zarr3",
                 "kvstore": _kvstore(_join(root, "params", name)),
-                "metadata": {"shape": list(info["shape"]), "data_type": info["dtype"],
-                             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(info["chunks"])}}},
+                "metadata": {
+                    "shape": list(info["shape"]),
+                    "data_type": info["dtype"],
+                    "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(info["chunks"])}},
+                },
                 "create": True,
                 "delete_existing": True,
                 # every chunk gets a file, zeros too, so the manifest can list them all
@@ -175,19 +183,26 @@ class ParamWriter:
         arr = self._arrays[name]
         target = arr if layer is None else arr[layer]
         if tuple(target.shape) != tuple(value.shape):
-            raise CheckpointError(f"{name}{'' if layer is None else f'[{layer}]'}: writing shape "
-                                  f"{list(value.shape)} into {list(target.shape)}")
+            raise CheckpointError(
+                f"{name}{'' if layer is None else f'[{layer}]'}: writing shape "
+                f"{list(value.shape)} into {list(target.shape)}"
+            )
         target.write(np.asarray(value, dtype=self.leaves[name]["dtype"])).result()
 
     def finish(self, config: ModelConfig, extra: dict | None = None) -> None:
         """Write the metadata (last): the manifest of every array's files, read back as written."""
         manifest = {name: array_files(self.root, name) for name in self.leaves}
-        meta = {"format": FORMAT, "version": VERSION, "model_config": config.to_config_dict().to_dict(),
-                "leaves": self.leaves, "manifest": manifest, **(extra or {})}
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "model_config": config.to_config_dict().to_dict(),
+            "leaves": self.leaves,
+            "manifest": manifest,
+            **(extra or {}),
+        }
         path = _join(self.root, META_FILE)
         text = json.dumps(meta, indent=1)
         if path.startswith("gs://"):
-
             kv = ts.KvStore.open(_kvstore(self.root + "/")).result()
             kv.write(META_FILE, text.encode()).result()
         else:
@@ -218,19 +233,24 @@ def verify_leaf(ckpt_dir: str, name: str, expected: dict[str, list[int]], verify
     where = f"{ckpt_dir}: parameter array {name}"
     missing = sorted(set(expected) - set(found))
     if missing:
-        raise CheckpointError(f"{where}: file(s) {missing[:5]} of its {len(expected)} are missing (an interrupted "
-                              "copy?); refusing to load it (missing chunks would read as zeros)")
+        raise CheckpointError(
+            f"{where}: file(s) {missing[:5]} of its {len(expected)} are missing (an interrupted "
+            "copy?); refusing to load it (missing chunks would read as zeros)"
+        )
     extra = sorted(set(found) - set(expected))
     if extra:
         raise CheckpointError(f"{where}: unexpected file(s) {extra[:5]} not in the manifest")
     for key, (size, crc) in expected.items():
         got_size, got_crc = found[key]
         if got_size != size:
-            raise CheckpointError(f"{where}: file {key} has {got_size} bytes, the manifest says {size} "
-                                  "(truncated or replaced)")
+            raise CheckpointError(
+                f"{where}: file {key} has {got_size} bytes, the manifest says {size} (truncated or replaced)"
+            )
         if verify == "checksum" and got_crc != crc:
-            raise CheckpointError(f"{where}: file {key} fails its checksum (crc32 {got_crc:#010x}, manifest "
-                                  f"{crc:#010x}): the data changed after it was written")
+            raise CheckpointError(
+                f"{where}: file {key} fails its checksum (crc32 {got_crc:#010x}, manifest "
+                f"{crc:#010x}): the data changed after it was written"
+            )
 
 
 def _verify_all(ckpt_dir: str, meta: dict, verify: str) -> None:
@@ -248,7 +268,6 @@ def _verify_all(ckpt_dir: str, meta: dict, verify: str) -> None:
             raise
         error = str(e)
     if n > 1:
-
         errors = [x for x in allgather_json(error) if x]
         if errors:
             raise CheckpointError(errors[0])
@@ -259,13 +278,16 @@ def read_metadata(ckpt_dir: str) -> dict:
     try:
         meta = json.loads(_read_text(path))
     except FileNotFoundError:
-        raise CheckpointError(f"{ckpt_dir}: no {META_FILE}: not a complete r1v2 parameter checkpoint "
-                              "(a conversion that did not finish leaves no loadable output)") from None
+        raise CheckpointError(
+            f"{ckpt_dir}: no {META_FILE}: not a complete r1v2 parameter checkpoint "
+            "(a conversion that did not finish leaves no loadable output)"
+        ) from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
     if meta.get("format") != FORMAT or meta.get("version") not in READABLE_VERSIONS:
-        raise CheckpointError(f"{path}: format {meta.get('format')!r} v{meta.get('version')!r}, "
-                              f"expected {FORMAT!r} v{VERSION}")
+        raise CheckpointError(
+            f"{path}: format {meta.get('format')!r} v{meta.get('version')!r}, expected {FORMAT!r} v{VERSION}"
+        )
     if meta["version"] >= 2 and set(meta.get("manifest", {})) != set(meta.get("leaves", {})):
         raise CheckpointError(f"{path}: the manifest does not list every parameter array")
     return meta
@@ -289,8 +311,12 @@ def open_leaves(ckpt_dir: str, meta: dict | None = None, verify: str = "checksum
         log.warning("%s: a version-1 checkpoint without a manifest: its files cannot be verified", ckpt_dir)
     bad = {n: c for n, c in meta.get("nonfinite", {}).items() if c}
     if bad:
-        log.warning("%s: the converter found non-finite values in %d array(s): %s", ckpt_dir, len(bad),
-                    ", ".join(f"{n} ({c})" for n, c in sorted(bad.items())[:10]))
+        log.warning(
+            "%s: the converter found non-finite values in %d array(s): %s",
+            ckpt_dir,
+            len(bad),
+            ", ".join(f"{n} ({c})" for n, c in sorted(bad.items())[:10]),
+        )
     if "manifest" in meta:
         _verify_all(os.fspath(ckpt_dir), meta, verify)
     out = {}
@@ -303,8 +329,15 @@ def open_leaves(ckpt_dir: str, meta: dict | None = None, verify: str = "checksum
     return out
 
 
-def load_params(ckpt_dir: str, config: ModelConfig | None = None, *, mesh=None, rules=None,
-                dtype: str | None = None, verify: str = "checksum") -> tuple[ModelConfig, Any]:
+def load_params(
+    ckpt_dir: str,
+    config: ModelConfig | None = None,
+    *,
+    mesh=None,
+    rules=None,
+    dtype: str | None = None,
+    verify: str = "checksum",
+) -> tuple[ModelConfig, Any]:
     """Restore parameters (and the config) from a checkpoint, optionally sharded on ``mesh``.
 
     ``config`` overrides the run options (it must describe the same architecture); by default
@@ -317,18 +350,29 @@ def load_params(ckpt_dir: str, config: ModelConfig | None = None, *, mesh=None, 
     stored = ModelConfig.from_config_dict(meta["model_config"])
     if config is None:
         config = stored if dtype is None else stored.replace(dtype=dtype, param_dtype=dtype)
-    elif config.replace(dtype=stored.dtype, param_dtype=stored.param_dtype, scan_layers=stored.scan_layers,
-                        remat_policy=stored.remat_policy, attention_impl=stored.attention_impl,
-                        attention_chunk_size=stored.attention_chunk_size,
-                        attention_interpret=stored.attention_interpret) != stored:
+    elif (
+        config.replace(
+            dtype=stored.dtype,
+            param_dtype=stored.param_dtype,
+            scan_layers=stored.scan_layers,
+            remat_policy=stored.remat_policy,
+            attention_impl=stored.attention_impl,
+            attention_chunk_size=stored.attention_chunk_size,
+            attention_interpret=stored.attention_interpret,
+        )
+        != stored
+    ):
         raise CheckpointError(f"{ckpt_dir}: the given config's architecture differs from the stored one")
     arrays = open_leaves(ckpt_dir, meta, verify)
     expected = abstract_params(config.replace(scan_layers=True), boxed=False)
     flat = {leaf_name(tuple(k.key for k in kp)): x for kp, x in jax.tree_util.tree_flatten_with_path(expected)[0]}
     problems = [f"missing {n}" for n in flat if n not in arrays]
     problems += [f"unexpected {n}" for n in arrays if n not in flat]
-    problems += [f"{n}: stored {list(arrays[n].shape)}, model expects {list(flat[n].shape)}"
-                 for n in flat if n in arrays and tuple(arrays[n].shape) != tuple(flat[n].shape)]
+    problems += [
+        f"{n}: stored {list(arrays[n].shape)}, model expects {list(flat[n].shape)}"
+        for n in flat
+        if n in arrays and tuple(arrays[n].shape) != tuple(flat[n].shape)
+    ]
     if problems:
         raise CheckpointError(f"{ckpt_dir}: does not match the model: " + "; ".join(problems[:20]))
     want = jnp.dtype(config.param_dtype)
@@ -344,7 +388,7 @@ def load_params(ckpt_dir: str, config: ModelConfig | None = None, *, mesh=None, 
         name, layer = leaf_name(path), None
         for i, p in enumerate(path):  # unrolled layout: .../layers/block_{i}/... -> stacked leaf [i]
             if p.startswith("block_") and path[i - 1] == "layers":
-                name, layer = leaf_name(path[:i] + ("block",) + path[i + 1:]), int(p[6:])
+                name, layer = leaf_name(path[:i] + ("block",) + path[i + 1 :]), int(p[6:])
         read = reader(name, layer)
         if sharding is None:
             return jnp.asarray(read())
@@ -355,6 +399,7 @@ def load_params(ckpt_dir: str, config: ModelConfig | None = None, *, mesh=None, 
     if shardings is None:
         params = jax.tree_util.tree_map_with_path(lambda kp, _: build(tuple(k.key for k in kp), None), target)
     else:
-        params = jax.tree_util.tree_map_with_path(lambda kp, _, s: build(tuple(k.key for k in kp), s), target,
-                                                  shardings)
+        params = jax.tree_util.tree_map_with_path(
+            lambda kp, _, s: build(tuple(k.key for k in kp), s), target, shardings
+        )
     return config, params

@@ -18,9 +18,17 @@ from r1v2_jax.model.vlm import R1V2Model, param_shardings
 from r1v2_jax.parallel.sharding import DEFAULT_RULES
 
 
-def load_pretrained(path: str | os.PathLike, dtype: str = "float32", *, mesh=None, rules=DEFAULT_RULES,
-                    scan_layers: bool = True, remat_policy: str = "none", image_token_id: int | None = None,
-                    strict: bool = True) -> R1V2Model:
+def load_pretrained(
+    path: str | os.PathLike,
+    dtype: str = "float32",
+    *,
+    mesh=None,
+    rules=DEFAULT_RULES,
+    scan_layers: bool = True,
+    remat_policy: str = "none",
+    image_token_id: int | None = None,
+    strict: bool = True,
+) -> R1V2Model:
     """Load a released-format checkpoint (``config.json`` + safetensors, sharded or not).
 
     Args:
@@ -36,11 +44,17 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", *, mesh=Non
     """
     if dtype not in DTYPES:
         raise ConfigError(f"load_pretrained: dtype must be one of {DTYPES}, got {dtype!r}")
-    config = read_config(path, image_token_id=image_token_id, strict=strict, dtype=dtype, param_dtype=dtype,
-                         scan_layers=scan_layers, remat_policy=remat_policy)
+    config = read_config(
+        path,
+        image_token_id=image_token_id,
+        strict=strict,
+        dtype=dtype,
+        param_dtype=dtype,
+        scan_layers=scan_layers,
+        remat_policy=remat_policy,
+    )
     store = SafetensorsDir(path)
-    host = released_to_params(store.get, store.shapes, config, dtype=jnp.dtype(dtype),
-                              source=os.fspath(path))
+    host = released_to_params(store.get, store.shapes, config, dtype=jnp.dtype(dtype), source=os.fspath(path))
     if mesh is None:
         params = jax.tree.map(jnp.asarray, host)
     else:
@@ -49,9 +63,15 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", *, mesh=Non
     return R1V2Model(config, params, mesh, rules)
 
 
-def save_released(model: R1V2Model, out_dir: str | os.PathLike, *, dtype: str | None = None,
-                  max_shard_bytes: int = 5 * 1000**3, overwrite: bool = False,
-                  image_context_token: str = "<IMG_CONTEXT>") -> list[str]:
+def save_released(
+    model: R1V2Model,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    max_shard_bytes: int = 5 * 1000**3,
+    overwrite: bool = False,
+    image_context_token: str = "<IMG_CONTEXT>",
+) -> list[str]:
     """Write ``model`` in the released format (safetensors shards, index, config.json, and a
     tokenizer_config.json naming the ``<IMG_CONTEXT>`` id).
 
@@ -63,15 +83,29 @@ def save_released(model: R1V2Model, out_dir: str | os.PathLike, *, dtype: str | 
     entries = key_entries(model.config)
     specs = [(e.key, e.shape, np_dtype or jnp.dtype(model.config.param_dtype)) for e in entries]
     arrays = (v if np_dtype is None else v.astype(np_dtype) for _, v in params_to_released(model.params, model.config))
-    tokenizer = {"added_tokens_decoder": {str(model.config.image_token_id): {
-        "content": image_context_token, "special": True}}}
-    return write_safetensors_dir(specs, arrays, out_dir, config_json=released_config_dict(model.config, stored),
-                                 max_shard_bytes=max_shard_bytes, overwrite=overwrite,
-                                 extra_json={"tokenizer_config.json": tokenizer})
+    tokenizer = {
+        "added_tokens_decoder": {str(model.config.image_token_id): {"content": image_context_token, "special": True}}
+    }
+    return write_safetensors_dir(
+        specs,
+        arrays,
+        out_dir,
+        config_json=released_config_dict(model.config, stored),
+        max_shard_bytes=max_shard_bytes,
+        overwrite=overwrite,
+        extra_json={"tokenizer_config.json": tokenizer},
+    )
 
 
-def load_checkpoint(ckpt_dir: str | os.PathLike, dtype: str | None = None, *, mesh=None, rules=DEFAULT_RULES,
-                    scan_layers: bool = True, remat_policy: str = "none") -> R1V2Model:
+def load_checkpoint(
+    ckpt_dir: str | os.PathLike,
+    dtype: str | None = None,
+    *,
+    mesh=None,
+    rules=DEFAULT_RULES,
+    scan_layers: bool = True,
+    remat_policy: str = "none",
+) -> R1V2Model:
     """Load our parameter checkpoint (written by ``tools/convert_weights/hf_to_jax.py``), sharded
     on ``mesh`` when given: each device reads only its own shard."""
 

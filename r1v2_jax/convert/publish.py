@@ -34,8 +34,10 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> str:
     ``overwrite``) a non-empty folder there is refused."""
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.islink(out_dir):
-        raise OutputError(f"{out_dir}: is a symbolic link (to {os.readlink(out_dir)!r}); refusing to replace it: "
-                          "give the link's target as the output folder instead")
+        raise OutputError(
+            f"{out_dir}: is a symbolic link (to {os.readlink(out_dir)!r}); refusing to replace it: "
+            "give the link's target as the output folder instead"
+        )
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise FileExistsError(f"{out_dir}: exists and is not a directory")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
@@ -50,7 +52,7 @@ def _umask() -> int:
 
 
 def _dead(name: str, prefix: str) -> bool:
-    pid = name[len(prefix):].split("-")[0]
+    pid = name[len(prefix) :].split("-")[0]
     return pid.isdigit() and not _pid_alive(int(pid))
 
 
@@ -93,8 +95,9 @@ def fresh_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> tuple[str, 
     except OSError as e:
         if isinstance(e, FileExistsError):
             raise
-        raise OutputError(f"{out_dir}: cannot write the output folder ({e.strerror or e}); nothing was "
-                          "written") from None
+        raise OutputError(
+            f"{out_dir}: cannot write the output folder ({e.strerror or e}); nothing was written"
+        ) from None
     return out_dir, tmp
 
 

@@ -28,8 +28,18 @@ class CheckpointFormatError(ValueError):
     """A checkpoint directory is missing files or has a malformed index."""
 
 
-_NP_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64", "I64": "int64",
-              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+_NP_DTYPES = {
+    "F32": "float32",
+    "BF16": "bfloat16",
+    "F16": "float16",
+    "F64": "float64",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 
 
 def _read_header(path: str) -> tuple[dict, int]:
@@ -42,8 +52,10 @@ def _read_header(path: str) -> tuple[dict, int]:
             raise CheckpointFormatError(f"{path}: not a safetensors file (only {size} bytes)")
         n = int.from_bytes(head, "little")
         if n <= 0 or 8 + n > size:
-            raise CheckpointFormatError(f"{path}: not a readable safetensors file (header of {n} bytes in a file "
-                                        f"of {size}; truncated or corrupt?)")
+            raise CheckpointFormatError(
+                f"{path}: not a readable safetensors file (header of {n} bytes in a file "
+                f"of {size}; truncated or corrupt?)"
+            )
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -65,19 +77,23 @@ def _read_header(path: str) -> tuple[dict, int]:
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointFormatError(f"{path}: tensor {k!r} has a malformed header entry ({e})") from None
         if begin < 0 or end < begin:
-            raise CheckpointFormatError(f"{path}: tensor {k!r} has invalid data_offsets [{begin}, {end}] "
-                                        "(negative or reversed)")
+            raise CheckpointFormatError(
+                f"{path}: tensor {k!r} has invalid data_offsets [{begin}, {end}] (negative or reversed)"
+            )
         spans.append((begin, end, k))
         if end - begin != expect:
             raise CheckpointFormatError(f"{path}: tensor {k!r} has {end - begin} bytes for shape {info['shape']}")
         if data_start + end > size:
-            raise CheckpointFormatError(f"{path}: not a readable safetensors file (tensor {k!r} ends at byte "
-                                        f"{data_start + end} but the file has {size}; truncated?)")
+            raise CheckpointFormatError(
+                f"{path}: not a readable safetensors file (tensor {k!r} ends at byte "
+                f"{data_start + end} but the file has {size}; truncated?)"
+            )
     spans.sort()
     for (b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
         if b1 < e0:
-            raise CheckpointFormatError(f"{path}: tensors {k0!r} [{b0}, {e0}] and {k1!r} [{b1}, {e1}] have "
-                                        "overlapping data_offsets")
+            raise CheckpointFormatError(
+                f"{path}: tensors {k0!r} [{b0}, {e0}] and {k1!r} [{b1}, {e1}] have overlapping data_offsets"
+            )
     return header, data_start
 
 
@@ -85,7 +101,6 @@ def _dtype_of(code: str):
     if code not in _NP_DTYPES:
         raise ValueError(f"unsupported safetensors dtype {code!r}")
     if code == "BF16":
-
         return ml_dtypes.bfloat16
     return _NP_DTYPES[code]
 
@@ -118,8 +133,14 @@ class SafetensorsDir:
             weight_map, files = None, [SINGLE_FILE]
         else:
             pickles = [p for p in PICKLE_FILES if os.path.exists(os.path.join(self.path, p))]
-            hint = (f" (found {pickles}: pickle checkpoints are never loaded; convert them to safetensors "
-                    "with a trusted tool first)") if pickles else ""
+            hint = (
+                (
+                    f" (found {pickles}: pickle checkpoints are never loaded; convert them to safetensors "
+                    "with a trusted tool first)"
+                )
+                if pickles
+                else ""
+            )
             raise CheckpointFormatError(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
         self._info: dict[str, tuple[str, int, dict]] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -129,8 +150,9 @@ class SafetensorsDir:
                 if k in self._info:
                     raise CheckpointFormatError(f"{self.path}: key {k!r} is in both {self._info[k][0]} and {fn}")
                 if weight_map is not None and weight_map.get(k) != fn:
-                    raise CheckpointFormatError(f"{index}: key {k!r} is stored in {fn} but the index says "
-                                                f"{weight_map.get(k)!r}")
+                    raise CheckpointFormatError(
+                        f"{index}: key {k!r} is stored in {fn} but the index says {weight_map.get(k)!r}"
+                    )
                 self._info[k] = (fn, start, info)
                 self.shapes[k] = tuple(info["shape"])
         if weight_map is not None:
@@ -155,7 +177,7 @@ class SafetensorsDir:
         try:
             done, view = 0, memoryview(buf)
             while done < len(buf):
-                n = os.preadv(fd, [view[done:done + (1 << 30)]], start + begin + done)
+                n = os.preadv(fd, [view[done : done + (1 << 30)]], start + begin + done)
                 if n <= 0:
                     raise CheckpointFormatError(f"{path}: unexpected end of file reading {key!r}")
                 done += n
@@ -168,8 +190,18 @@ class SafetensorsDir:
             yield k, self.get(k)
 
 
-_ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64", "int64": "I64",
-              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+_ST_DTYPES = {
+    "float32": "F32",
+    "bfloat16": "BF16",
+    "float16": "F16",
+    "float64": "F64",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
 
 
 def plan_shards(specs, max_shard_bytes: int) -> list[list[tuple[str, tuple, np.dtype]]]:
@@ -202,7 +234,9 @@ def _write_shard(path: str, specs, arrays) -> int:
         for key, shape, dtype in specs:
             arr = next(arrays)
             if tuple(arr.shape) != shape or arr.dtype != dtype:
-                raise ValueError(f"{path}: tensor {key}: got {arr.dtype}{list(arr.shape)}, planned {dtype}{list(shape)}")
+                raise ValueError(
+                    f"{path}: tensor {key}: got {arr.dtype}{list(arr.shape)}, planned {dtype}{list(shape)}"
+                )
             f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
             del arr
         f.flush()
@@ -210,10 +244,17 @@ def _write_shard(path: str, specs, arrays) -> int:
     return offset
 
 
-def write_safetensors_dir(specs, arrays, out_dir: str | os.PathLike, *, config_json: dict,
-                          max_shard_bytes: int = 5 * 1000**3, overwrite: bool = False,
-                          extra_json: dict[str, dict] | None = None,
-                          extra_files: dict[str, str] | None = None) -> list[str]:
+def write_safetensors_dir(
+    specs,
+    arrays,
+    out_dir: str | os.PathLike,
+    *,
+    config_json: dict,
+    max_shard_bytes: int = 5 * 1000**3,
+    overwrite: bool = False,
+    extra_json: dict[str, dict] | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> list[str]:
     """Write tensors as an HF safetensors directory, streaming one tensor at a time.
 
     ``specs`` lists ``(key, shape, dtype)`` in order; ``arrays`` yields the matching numpy
@@ -247,8 +288,10 @@ def write_safetensors_dir(specs, arrays, out_dir: str | os.PathLike, *, config_j
         publish_dir(tmp, out_dir)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"{out_dir}: writing the output failed ({e.strerror or e}); nothing was published "
-                          "and an existing copy is untouched") from None
+        raise OutputError(
+            f"{out_dir}: writing the output failed ({e.strerror or e}); nothing was published "
+            "and an existing copy is untouched"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -20,19 +20,31 @@ from r1v2_jax.model.config import ModelConfig
 # (native regex, released template); applied in order, first match wins.
 _RENAMES = [
     (r"model\.vision_tower\.embeddings\.cls_token", "vision_model.embeddings.class_embedding"),
-    (r"model\.vision_tower\.embeddings\.patch_embeddings\.projection\.(weight|bias)",
-     r"vision_model.embeddings.patch_embedding.\1"),
+    (
+        r"model\.vision_tower\.embeddings\.patch_embeddings\.projection\.(weight|bias)",
+        r"vision_model.embeddings.patch_embedding.\1",
+    ),
     (r"model\.vision_tower\.embeddings\.position_embeddings", "vision_model.embeddings.position_embedding"),
-    (r"model\.vision_tower\.encoder\.layer\.(\d+)\.attention\.projection_layer\.(weight|bias)",
-     r"vision_model.encoder.layers.\1.attn.proj.\2"),
-    (r"model\.vision_tower\.encoder\.layer\.(\d+)\.attention\.(q_norm|k_norm)\.(weight|bias)",
-     r"vision_model.encoder.layers.\1.attn.\2.\3"),
-    (r"model\.vision_tower\.encoder\.layer\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)",
-     r"vision_model.encoder.layers.\1.mlp.\2.\3"),
-    (r"model\.vision_tower\.encoder\.layer\.(\d+)\.layernorm_before\.(weight|bias)",
-     r"vision_model.encoder.layers.\1.norm1.\2"),
-    (r"model\.vision_tower\.encoder\.layer\.(\d+)\.layernorm_after\.(weight|bias)",
-     r"vision_model.encoder.layers.\1.norm2.\2"),
+    (
+        r"model\.vision_tower\.encoder\.layer\.(\d+)\.attention\.projection_layer\.(weight|bias)",
+        r"vision_model.encoder.layers.\1.attn.proj.\2",
+    ),
+    (
+        r"model\.vision_tower\.encoder\.layer\.(\d+)\.attention\.(q_norm|k_norm)\.(weight|bias)",
+        r"vision_model.encoder.layers.\1.attn.\2.\3",
+    ),
+    (
+        r"model\.vision_tower\.encoder\.layer\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)",
+        r"vision_model.encoder.layers.\1.mlp.\2.\3",
+    ),
+    (
+        r"model\.vision_tower\.encoder\.layer\.(\d+)\.layernorm_before\.(weight|bias)",
+        r"vision_model.encoder.layers.\1.norm1.\2",
+    ),
+    (
+        r"model\.vision_tower\.encoder\.layer\.(\d+)\.layernorm_after\.(weight|bias)",
+        r"vision_model.encoder.layers.\1.norm2.\2",
+    ),
     (r"model\.vision_tower\.encoder\.layer\.(\d+)\.lambda_1", r"vision_model.encoder.layers.\1.ls1"),
     (r"model\.vision_tower\.encoder\.layer\.(\d+)\.lambda_2", r"vision_model.encoder.layers.\1.ls2"),
     (r"model\.multi_modal_projector\.layer_norm\.(weight|bias)", r"mlp1.0.\1"),
@@ -96,8 +108,14 @@ def native_parts(key: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int,
     m = _RELEASED_QKV.fullmatch(key)
     if m:
         d = shape[0] // 3
-        return [(f"model.vision_tower.encoder.layer.{m.group(1)}.attention.{name}_proj.{m.group(2)}",
-                 (d,) + tuple(shape[1:]), slice(j * d, (j + 1) * d)) for j, name in enumerate("qkv")]
+        return [
+            (
+                f"model.vision_tower.encoder.layer.{m.group(1)}.attention.{name}_proj.{m.group(2)}",
+                (d,) + tuple(shape[1:]),
+                slice(j * d, (j + 1) * d),
+            )
+            for j, name in enumerate("qkv")
+        ]
     new = _rename(key, _INVERSE)
     if new is None:
         raise KeyError(f"released key {key!r} has no native transformers counterpart")

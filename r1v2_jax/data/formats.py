@@ -37,8 +37,10 @@ from r1v2_jax.data.image import DEFAULT_MAX_MEGAPIXELS, pixel_budget_problem
 log = logging.getLogger("r1v2_jax.data")
 
 KINDS = {
-    "rl": ({"question": str, "answer": str}, {"images": (str, list), "choices": list, "category": str,
-                                                "facts": list, "difficulty": (int, float)}),
+    "rl": (
+        {"question": str, "answer": str},
+        {"images": (str, list), "choices": list, "category": str, "facts": list, "difficulty": (int, float)},
+    ),
     "preference": ({"prompt": str, "chosen": str, "rejected": str}, {"images": (str, list), "category": str}),
     "sft": ({"prompt": str, "response": str}, {"images": (str, list), "category": str}),
 }
@@ -78,8 +80,10 @@ class SkipCounter:
         if self.counts[reason] <= self.log_first:
             log.warning("skipping sample (%s): %s", reason, detail)
         if self.max_consecutive and self.consecutive >= self.max_consecutive:
-            raise TooManySkips(f"data: {self.consecutive} samples in a row were unusable, stopping (skipped so far "
-                               f"by reason: {self.as_dict()}; last: {detail})")
+            raise TooManySkips(
+                f"data: {self.consecutive} samples in a row were unusable, stopping (skipped so far "
+                f"by reason: {self.as_dict()}; last: {detail})"
+            )
 
     def kept(self) -> None:
         self.consecutive = 0
@@ -112,7 +116,9 @@ def validate(record: Any, kind: str, where: str) -> dict:
         if k not in record or record[k] is None:
             raise BadSample("missing_field", f"{where}: field {k!r} is missing")
         if not isinstance(record[k], t):
-            raise BadSample("wrong_type", f"{where}: field {k!r} should be {t.__name__}, got {type(record[k]).__name__}")
+            raise BadSample(
+                "wrong_type", f"{where}: field {k!r} should be {t.__name__}, got {type(record[k]).__name__}"
+            )
     out = dict(record)
     for k, t in optional.items():
         if out.get(k) is not None and not isinstance(out[k], t):
@@ -184,12 +190,10 @@ def iter_records(path: str) -> Iterator[tuple[str, Any]]:
             yield from _iter_arrow_tables(tables(), path)
             return
         if parquets:
-
             yield from _iter_arrow_tables((pq.read_table(p) for p in parquets), path)
             return
         raise FileNotFoundError(f"{path}: a folder without *.arrow (HF datasets) or *.parquet files")
     if path.endswith(".parquet"):
-
         yield from _iter_arrow_tables([pq.read_table(path)], path)
         return
     if not os.path.exists(path):
@@ -224,7 +228,6 @@ def open_image(record: dict, image: Any, max_megapixels: float = DEFAULT_MAX_MEG
     than ``max_megapixels`` million pixels (a decompression bomb: a few KB of PNG can claim
     billions) is a ``BadSample("image_too_large")``. PIL's own hard limit (twice
     ``PIL.Image.MAX_IMAGE_PIXELS``, about 179 MP) is reported under the same reason."""
-
 
     where = record.get("_where", "?")
     problem = _image_entry_problem(image)

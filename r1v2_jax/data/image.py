@@ -40,8 +40,13 @@ _ALPHA_IMAGE_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 def target_ratios(min_num: int, max_num: int) -> list[tuple[int, int]]:
     """Grids (cols, rows) with min_num <= cols*rows <= max_num, by increasing tile count."""
-    ratios = {(i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
-              if min_num <= i * j <= max_num}
+    ratios = {
+        (i, j)
+        for n in range(min_num, max_num + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if min_num <= i * j <= max_num
+    }
     return sorted(ratios, key=lambda r: r[0] * r[1])
 
 
@@ -83,8 +88,12 @@ def dynamic_tiles(image, tile_size: int = 448, min_num: int = 1, max_num: int = 
     w, h = image.size
     cols, rows = closest_grid(w, h, target_ratios(min_num, max_num), tile_size)
     resized = image.resize((tile_size * cols, tile_size * rows), Image.Resampling.BICUBIC)
-    tiles = [resized.crop(((i % cols) * tile_size, (i // cols) * tile_size,
-                           (i % cols + 1) * tile_size, (i // cols + 1) * tile_size)) for i in range(cols * rows)]
+    tiles = [
+        resized.crop(
+            ((i % cols) * tile_size, (i // cols) * tile_size, (i % cols + 1) * tile_size, (i // cols + 1) * tile_size)
+        )
+        for i in range(cols * rows)
+    ]
     if use_thumbnail and len(tiles) != 1:
         tiles.append(image.resize((tile_size, tile_size), Image.Resampling.BICUBIC))
     return tiles
@@ -100,8 +109,14 @@ def normalize(tile, tile_size: int) -> np.ndarray:
     return x.transpose(2, 0, 1)
 
 
-def preprocess(image, tile_size: int = 448, max_num: int = 12, use_thumbnail: bool = True,
-               dynamic: bool = True, alpha: str = "drop") -> np.ndarray:
+def preprocess(
+    image,
+    tile_size: int = 448,
+    max_num: int = 12,
+    use_thumbnail: bool = True,
+    dynamic: bool = True,
+    alpha: str = "drop",
+) -> np.ndarray:
     """A PIL image -> pixel_values f32[n_tiles, 3, tile_size, tile_size] (``alpha``: see :func:`to_rgb`)."""
     image = to_rgb(image, alpha)
     tiles = dynamic_tiles(image, tile_size, 1, max_num, use_thumbnail) if dynamic else [image]
@@ -136,10 +151,15 @@ def image_settings(model_dir: str) -> dict:
     vision = c.get("vision_config") or {}
     size = c.get("force_image_size") or vision.get("image_size", 448)
     size = size[0] if isinstance(size, (list, tuple)) else size
-    out = {"tile_size": int(size), "dynamic": bool(c.get("dynamic_image_size", True)),
-           "use_thumbnail": bool(c.get("use_thumbnail", True)), "min_num": int(c.get("min_dynamic_patch", 1)),
-           "max_num": int(c.get("max_dynamic_patch", 12))}
+    out = {
+        "tile_size": int(size),
+        "dynamic": bool(c.get("dynamic_image_size", True)),
+        "use_thumbnail": bool(c.get("use_thumbnail", True)),
+        "min_num": int(c.get("min_dynamic_patch", 1)),
+        "max_num": int(c.get("max_dynamic_patch", 12)),
+    }
     if not 1 <= out["min_num"] <= out["max_num"]:
-        raise ValueError(f"{path}: need 1 <= min_dynamic_patch <= max_dynamic_patch, got {out['min_num']}, "
-                         f"{out['max_num']}")
+        raise ValueError(
+            f"{path}: need 1 <= min_dynamic_patch <= max_dynamic_patch, got {out['min_num']}, {out['max_num']}"
+        )
     return out

@@ -68,8 +68,10 @@ class PipelineConfig:
         if self.max_consecutive_skips < 0:
             raise ValueError(f"data.max_consecutive_skips: must be >= 0, got {self.max_consecutive_skips!r}")
         if self.pack_length < 0 or self.pack_rows_multiple < 1:
-            raise ValueError(f"PipelineConfig: pack_length must be >= 0 and pack_rows_multiple >= 1, got "
-                             f"{self.pack_length} and {self.pack_rows_multiple}")
+            raise ValueError(
+                f"PipelineConfig: pack_length must be >= 0 and pack_rows_multiple >= 1, got "
+                f"{self.pack_length} and {self.pack_rows_multiple}"
+            )
         if self.alpha not in ALPHA_MODES:
             raise ValueError(f"pipeline alpha: expected one of {ALPHA_MODES}, got {self.alpha!r}")
 
@@ -88,12 +90,12 @@ class HostSlice(grain.MapDataset):
     wrapping around (``pad``, so every host gets the same number of batches; callers drop the
     repeats by their ``where``)."""
 
-    def __init__(self, parent: grain.MapDataset, global_batch: int, index: int, count: int, *,
-                 drop_remainder: bool, pad: bool):
+    def __init__(
+        self, parent: grain.MapDataset, global_batch: int, index: int, count: int, *, drop_remainder: bool, pad: bool
+    ):
         super().__init__(parent)
         if global_batch % count:
-            raise ValueError(f"data.batch_size: the global batch {global_batch} must be divisible by the "
-                             f"{count} hosts")
+            raise ValueError(f"data.batch_size: the global batch {global_batch} must be divisible by the {count} hosts")
         self._n, self._big, self._b, self._index = len(parent), global_batch, global_batch // count, index
         full, rem = divmod(self._n, global_batch)
         if drop_remainder or rem == 0:
@@ -118,9 +120,17 @@ class HostSlice(grain.MapDataset):
 
 def load_tiles(record: dict, tile_size: int, cfg: PipelineConfig) -> list[np.ndarray]:
     """Each image of a record as f32[n_tiles, 3, S, S] (raises BadSample for unusable images)."""
-    return [preprocess(open_image(record, im, cfg.max_image_megapixels), tile_size=tile_size, max_num=cfg.max_tiles,
-                       use_thumbnail=cfg.use_thumbnail, dynamic=cfg.dynamic_tiling, alpha=cfg.alpha)
-            for im in record["images"]]
+    return [
+        preprocess(
+            open_image(record, im, cfg.max_image_megapixels),
+            tile_size=tile_size,
+            max_num=cfg.max_tiles,
+            use_thumbnail=cfg.use_thumbnail,
+            dynamic=cfg.dynamic_tiling,
+            alpha=cfg.alpha,
+        )
+        for im in record["images"]
+    ]
 
 
 def _skip(record: dict, e: Exception) -> dict:
@@ -144,10 +154,16 @@ class PreparePrompt(grain.transforms.Map):
         except Exception as e:  # noqa: BLE001 - one bad record never stops training
             return _skip(record, e)
         pix = np.concatenate(tiles) if tiles else np.zeros((0, 3, self.tile_size, self.tile_size), np.float32)
-        return {"input_ids": np.asarray(ids, np.int32), "pixel_values": pix.astype(np.float32),
-                "answer": record["answer"], "choices": list(record.get("choices") or []),
-                "category": record.get("category") or "", "facts": record.get("facts") or [],
-                "where": record["_where"], "pad": bool(record.get("_pad", False))}
+        return {
+            "input_ids": np.asarray(ids, np.int32),
+            "pixel_values": pix.astype(np.float32),
+            "answer": record["answer"],
+            "choices": list(record.get("choices") or []),
+            "category": record.get("category") or "",
+            "facts": record.get("facts") or [],
+            "where": record["_where"],
+            "pad": bool(record.get("_pad", False)),
+        }
 
 
 class PrepareSequences(grain.transforms.Map):
@@ -165,14 +181,19 @@ class PrepareSequences(grain.transforms.Map):
         except Exception as e:  # noqa: BLE001 - one bad record never stops training
             return _skip(record, e)
         pix = np.concatenate(tiles) if tiles else np.zeros((0, 3, self.tile_size, self.tile_size), np.float32)
-        out = {"pixel_values": pix.astype(np.float32), "where": record["_where"], "pad": bool(record.get("_pad", False))}
+        out = {
+            "pixel_values": pix.astype(np.float32),
+            "where": record["_where"],
+            "pad": bool(record.get("_pad", False)),
+        }
         for n, (ids, mask, truncated) in seqs.items():
             out[n] = (ids, mask, truncated)
         return out
 
 
-def collate_sequences(examples: list[dict], cfg: PipelineConfig, tile_size: int, names: tuple[str, ...],
-                      pad_id: int = 0) -> dict[str, Any]:
+def collate_sequences(
+    examples: list[dict], cfg: PipelineConfig, tile_size: int, names: tuple[str, ...], pad_id: int = 0
+) -> dict[str, Any]:
     """Right-padded sequences per name: ``{name}_ids`` i32[B, L], ``{name}_mask`` (1 = real
     token), ``{name}_loss_mask`` (1 = completion token), ``{name}_truncated``; plus the
     tiles as in :func:`collate_prompts` (each example's images serve all its sequences)."""
@@ -186,9 +207,15 @@ def collate_sequences(examples: list[dict], cfg: PipelineConfig, tile_size: int,
         loss = np.zeros((b, length), bool)
         for i, e in enumerate(examples):
             x, m, _ = e[n]
-            ids[i, :len(x)], real[i, :len(x)], loss[i, :len(x)] = x, True, m
-        out.update({f"{n}_ids": ids, f"{n}_mask": real, f"{n}_loss_mask": loss,
-                    f"{n}_truncated": np.asarray([e[n][2] for e in examples])})
+            ids[i, : len(x)], real[i, : len(x)], loss[i, : len(x)] = x, True, m
+        out.update(
+            {
+                f"{n}_ids": ids,
+                f"{n}_mask": real,
+                f"{n}_loss_mask": loss,
+                f"{n}_truncated": np.asarray([e[n][2] for e in examples]),
+            }
+        )
     out.update(_collate_tiles(examples, cfg, tile_size))
     out["where"] = [e["where"] for e in examples]
     out["pad"] = [e["pad"] for e in examples]
@@ -214,8 +241,9 @@ def pack_rows(lengths: list[int], length: int) -> list[list[int]]:
     return [sorted(r) for r in rows]
 
 
-def collate_packed(examples: list[dict], cfg: PipelineConfig, tile_size: int, names: tuple[str, ...],
-                   pad_id: int = 0) -> dict[str, Any]:
+def collate_packed(
+    examples: list[dict], cfg: PipelineConfig, tile_size: int, names: tuple[str, ...], pad_id: int = 0
+) -> dict[str, Any]:
     """Several examples per row of ``cfg.pack_length`` tokens. An example's sequences (``names``:
     ``response``, or ``chosen`` then ``rejected``) sit side by side in one row, each its own
     segment. Keys, with ``p`` = the name for one name (``response_ids`` ...), else ``packed``:
@@ -249,8 +277,14 @@ def collate_packed(examples: list[dict], cfg: PipelineConfig, tile_size: int, na
                 tiles.append(examples[i]["pixel_values"])
         row_tiles[r] = np.concatenate(tiles) if tiles else empty
     p = names[0] if len(names) == 1 else "packed"
-    out = {f"{p}_ids": ids, f"{p}_mask": seg, f"{p}_positions": pos, f"{p}_loss_mask": loss, f"{p}_example": ex,
-           f"{p}_name": nm}
+    out = {
+        f"{p}_ids": ids,
+        f"{p}_mask": seg,
+        f"{p}_positions": pos,
+        f"{p}_loss_mask": loss,
+        f"{p}_example": ex,
+        f"{p}_name": nm,
+    }
     out.update(_collate_tiles([{"pixel_values": t} for t in row_tiles], cfg, tile_size))
     out["where"] = [e["where"] for e in examples]
     out["pad"] = [e["pad"] for e in examples]
@@ -289,11 +323,18 @@ def collate_prompts(examples: list[dict], cfg: PipelineConfig, tile_size: int, p
     mask = np.zeros((b, p), bool)
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
-        ids[i, p - n:], mask[i, p - n:] = e["input_ids"], True
-    return {"input_ids": ids, "attention_mask": mask, **_collate_tiles(examples, cfg, tile_size),
-            "answer": [e["answer"] for e in examples], "choices": [e["choices"] for e in examples],
-            "category": [e["category"] for e in examples], "facts": [e["facts"] for e in examples],
-            "where": [e["where"] for e in examples], "pad": [e["pad"] for e in examples]}
+        ids[i, p - n :], mask[i, p - n :] = e["input_ids"], True
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        **_collate_tiles(examples, cfg, tile_size),
+        "answer": [e["answer"] for e in examples],
+        "choices": [e["choices"] for e in examples],
+        "category": [e["category"] for e in examples],
+        "facts": [e["facts"] for e in examples],
+        "where": [e["where"] for e in examples],
+        "pad": [e["pad"] for e in examples],
+    }
 
 
 class DataIterator:
@@ -323,19 +364,21 @@ def _iterator(records, prepare, collate, cfg: PipelineConfig, skips: SkipCounter
     skips = skips if skips is not None else SkipCounter()
     skips.max_consecutive, skips.consecutive = cfg.max_consecutive_skips, 0
     if not records:
-        raise EmptyDataset(f"data: no usable records to iterate (the dataset is empty or every record was "
-                           f"skipped when reading it; skipped by reason: {skips.as_dict()})")
+        raise EmptyDataset(
+            f"data: no usable records to iterate (the dataset is empty or every record was "
+            f"skipped when reading it; skipped by reason: {skips.as_dict()})"
+        )
     index, count = host_shard(cfg)
     ds = grain.MapDataset.source(records).shuffle(seed=cfg.seed).repeat(cfg.num_epochs)
     if count > 1:
         ds = HostSlice(ds, cfg.batch_size, index, count, drop_remainder=cfg.drop_remainder, pad=True)
     it = ds.to_iter_dataset().map(prepare)
     if cfg.worker_count > 0:
-
         if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
             flags.FLAGS.mark_as_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
-                                                         per_worker_buffer_size=cfg.worker_buffer_size))
+        it = it.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size)
+        )
 
     def keep(e):
         if "_skip" in e:
@@ -344,27 +387,55 @@ def _iterator(records, prepare, collate, cfg: PipelineConfig, skips: SkipCounter
         skips.kept()
         return True
 
-    it = it.filter(keep).batch(cfg.batch_size // count, drop_remainder=cfg.drop_remainder,
-                               batch_fn=lambda xs: collate(list(xs)))
+    it = it.filter(keep).batch(
+        cfg.batch_size // count, drop_remainder=cfg.drop_remainder, batch_fn=lambda xs: collate(list(xs))
+    )
     return DataIterator(it, skips)
 
 
-def rl_prompt_iterator(records: list[dict], builder: PromptBuilder, cfg: PipelineConfig, *, tile_size: int,
-                       pad_id: int = 0, skips: SkipCounter | None = None) -> DataIterator:
+def rl_prompt_iterator(
+    records: list[dict],
+    builder: PromptBuilder,
+    cfg: PipelineConfig,
+    *,
+    tile_size: int,
+    pad_id: int = 0,
+    skips: SkipCounter | None = None,
+) -> DataIterator:
     """Batches of RL prompts (``rl`` records from :func:`r1v2_jax.data.formats.load_records`)."""
-    return _iterator(records, PreparePrompt(builder, tile_size, cfg),
-                     lambda xs: collate_prompts(xs, cfg, tile_size, pad_id), cfg, skips)
+    return _iterator(
+        records,
+        PreparePrompt(builder, tile_size, cfg),
+        lambda xs: collate_prompts(xs, cfg, tile_size, pad_id),
+        cfg,
+        skips,
+    )
 
 
-def sequence_iterator(records: list[dict], builder: PromptBuilder, cfg: PipelineConfig, *, kind: str,
-                      tile_size: int, pad_id: int = 0, skips: SkipCounter | None = None) -> DataIterator:
+def sequence_iterator(
+    records: list[dict],
+    builder: PromptBuilder,
+    cfg: PipelineConfig,
+    *,
+    kind: str,
+    tile_size: int,
+    pad_id: int = 0,
+    skips: SkipCounter | None = None,
+) -> DataIterator:
     """Batches of ``sft`` (``response_*``) or ``preference`` (``chosen_*``, ``rejected_*``) sequences."""
     if kind not in ("sft", "preference"):
         raise ValueError(f"sequence_iterator: kind must be 'sft' or 'preference', got {kind!r}")
     names = ("response",) if kind == "sft" else ("chosen", "rejected")
     if cfg.pack_length and kind != "sft":
-        raise ValueError("data.pack_length: packed preference batches are collated (collate_packed) but the MPO and "
-                         "reward-model losses do not take packed rows yet; pack SFT batches only")
+        raise ValueError(
+            "data.pack_length: packed preference batches are collated (collate_packed) but the MPO and "
+            "reward-model losses do not take packed rows yet; pack SFT batches only"
+        )
     collate = collate_packed if cfg.pack_length else collate_sequences
-    return _iterator(records, PrepareSequences(builder, tile_size, cfg, kind),
-                     lambda xs: collate(xs, cfg, tile_size, names, pad_id), cfg, skips)
+    return _iterator(
+        records,
+        PrepareSequences(builder, tile_size, cfg, kind),
+        lambda xs: collate(xs, cfg, tile_size, names, pad_id),
+        cfg,
+        skips,
+    )

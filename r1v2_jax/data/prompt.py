@@ -81,8 +81,9 @@ def expand_images(text: str, tiles_per_image: list[int], tokens_per_tile: int) -
     + ``</img>``. The number of placeholders must equal the number of images."""
     n = text.count(IMAGE_PLACEHOLDER)
     if n != len(tiles_per_image):
-        raise ImageCountMismatch(f"prompt has {n} {IMAGE_PLACEHOLDER} placeholder(s) for {len(tiles_per_image)} "
-                                 "image(s)")
+        raise ImageCountMismatch(
+            f"prompt has {n} {IMAGE_PLACEHOLDER} placeholder(s) for {len(tiles_per_image)} image(s)"
+        )
     for tiles in tiles_per_image:
         text = text.replace(IMAGE_PLACEHOLDER, IMG_START + IMG_CONTEXT * (tokens_per_tile * tiles) + IMG_END, 1)
     return text
@@ -96,15 +97,15 @@ def chatml(user: str, think: bool = True) -> str:
 def render_template(template: str, user: str) -> str:
     """Render an HF chat template for one user message with the generation prompt."""
 
-
     def raise_exception(msg):
         raise TemplateError(msg)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=[{"role": "user", "content": user}],
-                                            add_generation_prompt=True, bos_token="", eos_token=IM_END)
+    return env.from_string(template).render(
+        messages=[{"role": "user", "content": user}], add_generation_prompt=True, bos_token="", eos_token=IM_END
+    )
 
 
 @dataclasses.dataclass
@@ -149,8 +150,10 @@ class PromptBuilder:
     def encode_prompt(self, question: str, tiles_per_image: list[int]) -> list[int]:
         ids = self.tokenizer.encode(self.prompt_text(question, tiles_per_image), add_special_tokens=False).ids
         if len(ids) > self.max_prompt_len:
-            raise PromptTooLong(f"prompt has {len(ids)} tokens (images included) > max_prompt_len "
-                                f"{self.max_prompt_len}; images are never cut")
+            raise PromptTooLong(
+                f"prompt has {len(ids)} tokens (images included) > max_prompt_len "
+                f"{self.max_prompt_len}; images are never cut"
+            )
         return ids
 
     def completion_special_token(self, completion: str) -> str | None:
@@ -164,7 +167,7 @@ class PromptBuilder:
         already holds it); one trailing ``<|im_end|>`` / ``<|endoftext|>`` (a sampled
         completion's eos) is the closing token itself. Other special tokens are refused."""
         if self.think and completion.startswith(THINK_PREFILL):
-            completion = completion[len(THINK_PREFILL):]
+            completion = completion[len(THINK_PREFILL) :]
         completion = _without_eos(completion)
         token = self.completion_special_token(completion)
         if token is not None:
@@ -180,5 +183,5 @@ class PromptBuilder:
         c, truncated = self.encode_completion(completion)
         ids = np.asarray(p + c, np.int32)
         mask = np.zeros(len(ids), bool)
-        mask[len(p):] = True
+        mask[len(p) :] = True
         return ids, mask, truncated

@@ -82,7 +82,7 @@ def _font(size: int):
 
 def _arith_task(rng, draw, size, difficulty):
     k = 2 if difficulty < 3 else 3
-    hi = 10 ** difficulty
+    hi = 10**difficulty
     nums = [rng.randint(1, hi - 1) for _ in range(k)]
     op = rng.choice(["sum", "difference", "product"] if difficulty > 1 else ["sum", "difference"])
     if op == "difference":
@@ -116,8 +116,10 @@ def _compare_task(rng, draw, size, difficulty):
         _draw_shape(draw, s, pos[0], pos[1], r, COLORS[c])
     larger = "A" if r1 > r2 else "B"
     q = f"Which shape is larger: the {c1} {s1} or the {c2} {s2}?"
-    facts = [{"kind": "size", "color": c1, "shape": s1, "size": round(r1, 1)},
-             {"kind": "size", "color": c2, "shape": s2, "size": round(r2, 1)}]
+    facts = [
+        {"kind": "size", "color": c1, "shape": s1, "size": round(r1, 1)},
+        {"kind": "size", "color": c2, "shape": s2, "size": round(r2, 1)},
+    ]
     return q, larger, [f"the {c1} {s1}", f"the {c2} {s2}"], facts
 
 
@@ -147,13 +149,27 @@ def make_example(rng: random.Random, image_size: int, category: str, difficulty:
     q, ans, choices, facts = _TASKS[category](rng, ImageDraw.Draw(img), image_size, difficulty)
     if choices:
         q = q + "\n" + "\n".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(choices))
-    return img, {"question": "<image>\n" + q, "answer": ans, "choices": choices, "category": category,
-                 "difficulty": difficulty, "facts": facts}
+    return img, {
+        "question": "<image>\n" + q,
+        "answer": ans,
+        "choices": choices,
+        "category": category,
+        "difficulty": difficulty,
+        "facts": facts,
+    }
 
 
-def make_synthetic(out_dir: str, n: int, *, seed: int = 0, image_size: int = 448, test_fraction: float = 0.2,
-                   overwrite: bool = False, categories: tuple[str, ...] = CATEGORIES,
-                   max_difficulty: int = 3) -> dict[str, int]:
+def make_synthetic(
+    out_dir: str,
+    n: int,
+    *,
+    seed: int = 0,
+    image_size: int = 448,
+    test_fraction: float = 0.2,
+    overwrite: bool = False,
+    categories: tuple[str, ...] = CATEGORIES,
+    max_difficulty: int = 3,
+) -> dict[str, int]:
     """Write ``n`` examples (images under ``images/``) split into train.jsonl / test.jsonl."""
     if n < 1:
         raise ValueError(f"n: must be >= 1, got {n}")

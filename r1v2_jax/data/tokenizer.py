@@ -28,15 +28,41 @@ ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 THINK, END_THINK = "<think>", "</think>"
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 
-QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 # Qwen2.5 / QwQ special tokens from 151643 on, then the InternVL image tokens (our placement).
 QWEN2_ADDED_TOKENS = [
-    ENDOFTEXT, IM_START, IM_END, "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
-    "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
-    "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
-    "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", THINK, END_THINK,
-    IMG_START, IMG_END, IMG_CONTEXT,
+    ENDOFTEXT,
+    IM_START,
+    IM_END,
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+    "<tool_response>",
+    "</tool_response>",
+    THINK,
+    END_THINK,
+    IMG_START,
+    IMG_END,
+    IMG_CONTEXT,
 ]
 QWEN2_FIRST_SPECIAL = 151643
 # Tokens that are "special" (skipped when decoding with skip_special_tokens); <think> and the
@@ -96,7 +122,7 @@ def _merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
                     best, best_rank = i, r
             if best is None:
                 break
-            parts = parts[:best] + [parts[best] + parts[best + 1]] + parts[best + 2:]
+            parts = parts[:best] + [parts[best] + parts[best + 1]] + parts[best + 2 :]
         if len(parts) != 2:
             raise ValueError(f"rank {rank}: token {token!r} is not a merge of two lower-ranked tokens")
         merges.append((parts[0], parts[1]))
@@ -112,22 +138,45 @@ def build_qwen2_tokenizer_json(ranks_path: str | None = None) -> dict:
     if len(vocab) != QWEN2_FIRST_SPECIAL:
         raise ValueError(f"expected {QWEN2_FIRST_SPECIAL} BPE ranks, found {len(vocab)}")
     merges = [f"{enc(a)} {enc(b)}" for a, b in _merges(ranks)]
-    added = [{"id": QWEN2_FIRST_SPECIAL + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": t not in _NOT_SPECIAL} for i, t in enumerate(QWEN2_ADDED_TOKENS)]
+    added = [
+        {
+            "id": QWEN2_FIRST_SPECIAL + i,
+            "content": t,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": t not in _NOT_SPECIAL,
+        }
+        for i, t in enumerate(QWEN2_ADDED_TOKENS)
+    ]
     return {
         "version": "1.0",
         "truncation": None,
         "padding": None,
         "added_tokens": added,
         "normalizer": {"type": "NFC"},
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": QWEN2_PATTERN}, "behavior": "Isolated", "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": QWEN2_PATTERN}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+            ],
+        },
         "post_processor": None,
         "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
-                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": vocab, "merges": merges},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": "",
+            "end_of_word_suffix": "",
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": merges,
+        },
     }
 
 
@@ -151,7 +200,6 @@ def build_qwen2_tokenizer(out_path: str | None = None):
             json.dump(build_qwen2_tokenizer_json(ranks_path), f, ensure_ascii=False)
         os.replace(tmp, cached)
     if out_path:
-
         shutil.copyfile(cached, out_path)
     return Tokenizer.from_file(cached)
 

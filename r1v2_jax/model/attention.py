@@ -91,9 +91,17 @@ def resolve_impl(impl: str, seq_len: int) -> str:
     return "chunked" if seq_len >= AUTO_CHUNKED_MIN_LEN else "xla"
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, segment_ids: jax.Array | None = None,
-              mask: jax.Array | None = None, opts: AttentionOptions = AttentionOptions(),
-              prescale: bool = False) -> jax.Array:
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool,
+    segment_ids: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    opts: AttentionOptions = AttentionOptions(),
+    prescale: bool = False,
+) -> jax.Array:
     """q: f[B, T, Hq, d]; k, v: f[B, S, Hkv, d]; segment_ids: i32[B, T] (self-attention, S = T)
     or None (one segment); mask: bool[B, 1, 1, T, S] (broadcastable), exclusive with
     ``causal``/``segment_ids`` and always run by the reference -> f[B, T, Hq, d]."""
@@ -103,8 +111,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, segment
         return reference_attention(q, k, v, mask, prescale=prescale)
     impl = resolve_impl(opts.impl, q.shape[1])
     if impl == "xla":
-        return reference_attention(q, k, v, structural_mask(q.shape[1], k.shape[1], causal, segment_ids),
-                                   prescale=prescale)
+        return reference_attention(
+            q, k, v, structural_mask(q.shape[1], k.shape[1], causal, segment_ids), prescale=prescale
+        )
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"attention ({impl}): self-attention only (T = S), got T={q.shape[1]} S={k.shape[1]}")
     seg = jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
@@ -140,6 +149,7 @@ def reference_attention(q, k, v, mask, *, prescale: bool = False) -> jax.Array:
 
 
 # --- chunked online softmax -------------------------------------------------------------
+
 
 def chunked_attention(q, k, v, segment_ids, *, causal: bool, chunk_size: int = 512) -> jax.Array:
     """Flash-style attention in XLA: q f[B, T, Hq, d], k/v f[B, T, Hkv, d], segment_ids i32[B, T]."""
@@ -190,8 +200,11 @@ def _flash_fwd_impl(q, k, v, seg_q, seg_k, causal, c, s_real):
         pv = jnp.einsum("bkgtc,bckd->bkgtd", p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
         return (o * corr[..., None] + pv, m_new, l_), None
 
-    init = (jnp.zeros((b, hkv, g, t, d), jnp.float32), jnp.full((b, hkv, g, t), NEG_INF, jnp.float32),
-            jnp.zeros((b, hkv, g, t), jnp.float32))
+    init = (
+        jnp.zeros((b, hkv, g, t, d), jnp.float32),
+        jnp.full((b, hkv, g, t), NEG_INF, jnp.float32),
+        jnp.zeros((b, hkv, g, t), jnp.float32),
+    )
     (o, m, l_), _ = jax.lax.scan(body, init, xs)
     safe = jnp.where(l_ > 0, l_, 1.0)
     out = jnp.einsum("bkgtd->btkgd", o / safe[..., None]).astype(q.dtype)
@@ -229,6 +242,7 @@ def _flash_bwd(causal, c, s_real, res, dout):
         return dq, (dk, dv)
 
     dq, (dk, dv) = jax.lax.scan(body, jnp.zeros(q.shape, jnp.float32), xs)
+
     def unchunk(a, like):
         return jnp.moveaxis(a, 0, 1).reshape(like.shape).astype(like.dtype)
 
@@ -240,6 +254,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 # --- splash (Pallas TPU kernel) -----------------------------------------------------------
 
+
 def _largest_divisor(n: int, options: tuple[int, ...]) -> int:
     return next(o for o in options if n % o == 0)
 
@@ -250,8 +265,16 @@ def splash_block_sizes(t: int):
     bq = _largest_divisor(t, (512, 256, 128))
     bkv = _largest_divisor(t, (1024, 512, 256, 128))
     bkc = min(bkv, 512)
-    return sa.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkc, block_q_dkv=bq, block_kv_dkv=bkv,
-                         block_kv_dkv_compute=bkc, block_q_dq=bq, block_kv_dq=bkv)
+    return sa.BlockSizes(
+        block_q=bq,
+        block_kv=bkv,
+        block_kv_compute=bkc,
+        block_q_dkv=bq,
+        block_kv_dkv=bkv,
+        block_kv_dkv_compute=bkc,
+        block_q_dq=bq,
+        block_kv_dq=bkv,
+    )
 
 
 def _splash_local(q, k, v, seg, *, causal: bool, interpret: bool):
@@ -259,8 +282,13 @@ def _splash_local(q, k, v, seg, *, causal: bool, interpret: bool):
 
     h, t = q.shape[1], q.shape[2]
     base = sa.CausalMask((t, t)) if causal else sa.FullMask((t, t))
-    kern = sa.make_splash_mha(sa.MultiHeadMask([base] * h), block_sizes=splash_block_sizes(t), head_shards=1,
-                              q_seq_shards=1, interpret=interpret)
+    kern = sa.make_splash_mha(
+        sa.MultiHeadMask([base] * h),
+        block_sizes=splash_block_sizes(t),
+        head_shards=1,
+        q_seq_shards=1,
+        interpret=interpret,
+    )
     return jax.vmap(lambda q_, k_, v_, s_: kern(q_, k_, v_, segment_ids=sa.SegmentIds(q=s_, kv=s_)))(q, k, v, seg)
 
 
@@ -286,8 +314,9 @@ def splash_attention(q, k, v, segment_ids, *, causal: bool, interpret: bool = Fa
             k, v = (jnp.repeat(a, hq // hkv, axis=2) for a in (k, v))
             kv_spec = q_spec
         seg_spec = P(q_spec[0], None)
-        fn = jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
-                           check_vma=False)
+        fn = jax.shard_map(
+            fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec, check_vma=False
+        )
     out = fn(prep(q) * jnp.asarray(scale, q.dtype), prep(k), prep(v), seg)
     return out.transpose(0, 2, 1, 3)[:, :t, :, :d]
 
@@ -300,5 +329,16 @@ def attention_flops(batch: int, seq: int, heads: int, head_dim: int, causal: boo
     return fwd * (3.5 if backward else 1.0)
 
 
-__all__ = ["IMPLS", "AttentionOptions", "SegmentMask", "attention", "attention_flops", "chunked_attention",
-           "reference_attention", "resolve_impl", "splash_attention", "splash_block_sizes", "structural_mask"]
+__all__ = [
+    "IMPLS",
+    "AttentionOptions",
+    "SegmentMask",
+    "attention",
+    "attention_flops",
+    "chunked_attention",
+    "reference_attention",
+    "resolve_impl",
+    "splash_attention",
+    "splash_block_sizes",
+    "structural_mask",
+]

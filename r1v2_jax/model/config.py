@@ -74,15 +74,31 @@ class VisionConfig:
         return self.grid_size**2 + 1
 
     def validate(self, where: str = "vision") -> None:
-        for f in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "image_size",
-                  "patch_size", "num_channels"):
+        for f in (
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "intermediate_size",
+            "image_size",
+            "patch_size",
+            "num_channels",
+        ):
             _check(int(getattr(self, f)) > 0, f"{where}.{f}", f"must be a positive integer, got {getattr(self, f)!r}")
-        _check(self.hidden_size % self.num_heads == 0, f"{where}.hidden_size",
-               f"{self.hidden_size} is not divisible by num_heads={self.num_heads}")
-        _check(self.image_size % self.patch_size == 0, f"{where}.image_size",
-               f"{self.image_size} is not divisible by patch_size={self.patch_size}")
-        _check(self.norm_type in VISION_NORM_TYPES, f"{where}.norm_type",
-               f"expected one of {VISION_NORM_TYPES}, got {self.norm_type!r}")
+        _check(
+            self.hidden_size % self.num_heads == 0,
+            f"{where}.hidden_size",
+            f"{self.hidden_size} is not divisible by num_heads={self.num_heads}",
+        )
+        _check(
+            self.image_size % self.patch_size == 0,
+            f"{where}.image_size",
+            f"{self.image_size} is not divisible by patch_size={self.patch_size}",
+        )
+        _check(
+            self.norm_type in VISION_NORM_TYPES,
+            f"{where}.norm_type",
+            f"expected one of {VISION_NORM_TYPES}, got {self.norm_type!r}",
+        )
         _check(self.norm_eps > 0, f"{where}.norm_eps", f"must be > 0, got {self.norm_eps}")
 
 
@@ -107,18 +123,34 @@ class TextConfig:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
 
     def validate(self, where: str = "text") -> None:
-        for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                  "intermediate_size", "max_position_embeddings"):
+        for f in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
             _check(int(getattr(self, f)) > 0, f"{where}.{f}", f"must be a positive integer, got {getattr(self, f)!r}")
         if self.head_dim is None:
-            _check(self.hidden_size % self.num_heads == 0, f"{where}.hidden_size",
-                   f"{self.hidden_size} is not divisible by num_heads={self.num_heads}")
-        _check(self.num_heads % self.num_kv_heads == 0, f"{where}.num_heads",
-               f"{self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads} (GQA)")
+            _check(
+                self.hidden_size % self.num_heads == 0,
+                f"{where}.hidden_size",
+                f"{self.hidden_size} is not divisible by num_heads={self.num_heads}",
+            )
+        _check(
+            self.num_heads % self.num_kv_heads == 0,
+            f"{where}.num_heads",
+            f"{self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads} (GQA)",
+        )
         _check(self.rope_theta > 0, f"{where}.rope_theta", f"must be > 0, got {self.rope_theta}")
         _check(self.resolved_head_dim % 2 == 0, f"{where}.head_dim", "RoPE needs an even head_dim")
-        _check(not self.tie_word_embeddings, f"{where}.tie_word_embeddings",
-               "R1V2's lm_head is not tied to the embedding; tied heads are not supported")
+        _check(
+            not self.tie_word_embeddings,
+            f"{where}.tie_word_embeddings",
+            "R1V2's lm_head is not tied to the embedding; tied heads are not supported",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,38 +208,69 @@ class ModelConfig:
         return (grid // self.shuffle_factor) ** 2
 
     def validate(self) -> None:
-        _check(isinstance(self.vision, VisionConfig), "vision", f"expected VisionConfig, got {type(self.vision).__name__}")
+        _check(
+            isinstance(self.vision, VisionConfig), "vision", f"expected VisionConfig, got {type(self.vision).__name__}"
+        )
         _check(isinstance(self.text, TextConfig), "text", f"expected TextConfig, got {type(self.text).__name__}")
         self.vision.validate()
         self.text.validate()
-        _check(0 <= self.image_token_id < self.text.vocab_size, "image_token_id",
-               f"{self.image_token_id} is outside the vocabulary [0, {self.text.vocab_size})")
+        _check(
+            0 <= self.image_token_id < self.text.vocab_size,
+            "image_token_id",
+            f"{self.image_token_id} is outside the vocabulary [0, {self.text.vocab_size})",
+        )
         r = self.downsample_ratio
-        _check(r > 0 and abs(1 / r - round(1 / r)) < 1e-9 and round(1 / r) >= 1, "downsample_ratio",
-               f"must be 1/k for a positive integer k, got {r}")
-        _check(self.vision.grid_size % self.shuffle_factor == 0, "downsample_ratio",
-               f"the {self.vision.grid_size}x{self.vision.grid_size} patch grid is not divisible by "
-               f"1/downsample_ratio={self.shuffle_factor}")
+        _check(
+            r > 0 and abs(1 / r - round(1 / r)) < 1e-9 and round(1 / r) >= 1,
+            "downsample_ratio",
+            f"must be 1/k for a positive integer k, got {r}",
+        )
+        _check(
+            self.vision.grid_size % self.shuffle_factor == 0,
+            "downsample_ratio",
+            f"the {self.vision.grid_size}x{self.vision.grid_size} patch grid is not divisible by "
+            f"1/downsample_ratio={self.shuffle_factor}",
+        )
         if self.force_image_size is not None:
-            _check(self.force_image_size > 0 and self.force_image_size % self.vision.patch_size == 0,
-                   "force_image_size", f"must be a positive multiple of patch_size={self.vision.patch_size}, "
-                   f"got {self.force_image_size}")
-            _check((self.force_image_size // self.vision.patch_size) % self.shuffle_factor == 0, "force_image_size",
-                   f"its patch grid must be divisible by 1/downsample_ratio={self.shuffle_factor}")
+            _check(
+                self.force_image_size > 0 and self.force_image_size % self.vision.patch_size == 0,
+                "force_image_size",
+                f"must be a positive multiple of patch_size={self.vision.patch_size}, got {self.force_image_size}",
+            )
+            _check(
+                (self.force_image_size // self.vision.patch_size) % self.shuffle_factor == 0,
+                "force_image_size",
+                f"its patch grid must be divisible by 1/downsample_ratio={self.shuffle_factor}",
+            )
         _check(self.ps_version in PS_VERSIONS, "ps_version", f"expected one of {PS_VERSIONS}, got {self.ps_version!r}")
         n = self.vision.num_layers
-        _check(-n <= self.select_layer <= n and self.select_layer != 0, "select_layer",
-               f"must be in [-{n}, -1] or [1, {n}] for a {n}-layer ViT, got {self.select_layer}")
+        _check(
+            -n <= self.select_layer <= n and self.select_layer != 0,
+            "select_layer",
+            f"must be in [-{n}, -1] or [1, {n}] for a {n}-layer ViT, got {self.select_layer}",
+        )
         _check(self.dtype in DTYPES, "dtype", f"expected one of {DTYPES}, got {self.dtype!r}")
         _check(self.param_dtype in DTYPES, "param_dtype", f"expected one of {DTYPES}, got {self.param_dtype!r}")
-        _check(self.remat_policy in REMAT_POLICIES, "remat_policy",
-               f"expected one of {tuple(REMAT_POLICIES)}, got {self.remat_policy!r}")
-        _check(self.attention_impl in ATTENTION_IMPLS, "attention_impl",
-               f"expected one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
-        _check(int(self.attention_chunk_size) > 0, "attention_chunk_size",
-               f"must be a positive integer, got {self.attention_chunk_size!r}")
-        _check(int(self.logprob_chunk_size) > 0, "logprob_chunk_size",
-               f"must be a positive integer, got {self.logprob_chunk_size!r}")
+        _check(
+            self.remat_policy in REMAT_POLICIES,
+            "remat_policy",
+            f"expected one of {tuple(REMAT_POLICIES)}, got {self.remat_policy!r}",
+        )
+        _check(
+            self.attention_impl in ATTENTION_IMPLS,
+            "attention_impl",
+            f"expected one of {ATTENTION_IMPLS}, got {self.attention_impl!r}",
+        )
+        _check(
+            int(self.attention_chunk_size) > 0,
+            "attention_chunk_size",
+            f"must be a positive integer, got {self.attention_chunk_size!r}",
+        )
+        _check(
+            int(self.logprob_chunk_size) > 0,
+            "logprob_chunk_size",
+            f"must be a positive integer, got {self.logprob_chunk_size!r}",
+        )
 
     def attention_options(self):
         """The :class:`r1v2_jax.model.attention.AttentionOptions` the towers run with."""
@@ -251,13 +314,22 @@ def _build(cls, d, where: str):
 # Presets
 # ---------------------------------------------------------------------------------------
 
+
 def _tiny() -> ModelConfig:
     """A few-thousand-parameter model for CPU tests: every code path, none of the size."""
     return ModelConfig(
-        vision=VisionConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-                            image_size=56, patch_size=14),
-        text=TextConfig(vocab_size=256, hidden_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
-                        intermediate_size=96, max_position_embeddings=4096),
+        vision=VisionConfig(
+            hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, image_size=56, patch_size=14
+        ),
+        text=TextConfig(
+            vocab_size=256,
+            hidden_size=48,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=96,
+            max_position_embeddings=4096,
+        ),
         image_token_id=255,
     )
 
@@ -265,10 +337,18 @@ def _tiny() -> ModelConfig:
 def _small() -> ModelConfig:
     """~150M parameters with the real vocabulary and tile size: for benchmarks on one host."""
     return ModelConfig(
-        vision=VisionConfig(hidden_size=384, num_layers=6, num_heads=6, intermediate_size=1536,
-                            image_size=448, patch_size=14),
-        text=TextConfig(vocab_size=152064, hidden_size=384, num_layers=8, num_heads=6, num_kv_heads=2,
-                        intermediate_size=1024, max_position_embeddings=32768),
+        vision=VisionConfig(
+            hidden_size=384, num_layers=6, num_heads=6, intermediate_size=1536, image_size=448, patch_size=14
+        ),
+        text=TextConfig(
+            vocab_size=152064,
+            hidden_size=384,
+            num_layers=8,
+            num_heads=6,
+            num_kv_heads=2,
+            intermediate_size=1024,
+            max_position_embeddings=32768,
+        ),
         image_token_id=151667,
     )
 
@@ -280,12 +360,29 @@ def _r1v2_38b() -> ModelConfig:
     values come from its own config.json / tokenizer via :func:`r1v2_jax.convert.hf_config.read_config`.
     """
     return ModelConfig(
-        vision=VisionConfig(hidden_size=3200, num_layers=45, num_heads=25, intermediate_size=12800,
-                            image_size=448, patch_size=14, norm_type="rms_norm", norm_eps=1e-6,
-                            qkv_bias=False, qk_norm=True),
-        text=TextConfig(vocab_size=152064, hidden_size=5120, num_layers=64, num_heads=40, num_kv_heads=8,
-                        intermediate_size=27648, rms_norm_eps=1e-5, rope_theta=1_000_000.0,
-                        max_position_embeddings=32768),
+        vision=VisionConfig(
+            hidden_size=3200,
+            num_layers=45,
+            num_heads=25,
+            intermediate_size=12800,
+            image_size=448,
+            patch_size=14,
+            norm_type="rms_norm",
+            norm_eps=1e-6,
+            qkv_bias=False,
+            qk_norm=True,
+        ),
+        text=TextConfig(
+            vocab_size=152064,
+            hidden_size=5120,
+            num_layers=64,
+            num_heads=40,
+            num_kv_heads=8,
+            intermediate_size=27648,
+            rms_norm_eps=1e-5,
+            rope_theta=1_000_000.0,
+            max_position_embeddings=32768,
+        ),
         image_token_id=151667,
         downsample_ratio=0.5,
         ps_version="v2",

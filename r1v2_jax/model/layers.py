@@ -16,16 +16,18 @@ Initializer = Callable[..., jax.Array]
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 
-def param(module: nn.Module, name: str, init: Initializer, shape: Sequence[int], names: Sequence[str | None],
-          dtype) -> jax.Array:
+def param(
+    module: nn.Module, name: str, init: Initializer, shape: Sequence[int], names: Sequence[str | None], dtype
+) -> jax.Array:
     """Declare a parameter with its logical axis names (the one place that does).
 
     Under a mesh (``use_mesh_rules``) the value is also constrained to its sharding where it is
     used, inside scanned layers too: the per-layer weight and, by transposition, its gradient
     stay FSDP-sharded instead of being left to XLA's propagation (which kept whole stacks of
     layer gradients unsharded when the LLM trains)."""
-    return constrain(module.param(name, nn.with_logical_partitioning(init, tuple(names)), tuple(shape), dtype),
-                     tuple(names))
+    return constrain(
+        module.param(name, nn.with_logical_partitioning(init, tuple(names)), tuple(shape), dtype), tuple(names)
+    )
 
 
 class Embed(nn.Module):
@@ -42,8 +44,9 @@ class Embed(nn.Module):
     @nn.compact
     def __call__(self, ids: jax.Array) -> jax.Array:
         """ids: i32[...] -> f[..., features] (rows gathered, then cast: the same values as casting first)."""
-        table = param(self, "embedding", self.embedding_init, (self.num_embeddings, self.features), self.names,
-                      self.param_dtype)
+        table = param(
+            self, "embedding", self.embedding_init, (self.num_embeddings, self.features), self.names, self.param_dtype
+        )
         return jnp.take(table, ids, axis=0).astype(self.dtype)
 
 

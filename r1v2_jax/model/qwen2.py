@@ -91,8 +91,10 @@ class TextAttention(nn.Module):
         if cache is not None:
             zero = jnp.zeros((), jnp.int32)
             start = (layer, zero, cache_index, zero, zero)
-            cache = tuple(constrain(jax.lax.dynamic_update_slice(c_, new[None].astype(c_.dtype), start), CACHE_AXES)
-                          for c_, new in zip(cache, (k, v)))
+            cache = tuple(
+                constrain(jax.lax.dynamic_update_slice(c_, new[None].astype(c_.dtype), start), CACHE_AXES)
+                for c_, new in zip(cache, (k, v))
+            )
             k, v = (jax.lax.dynamic_index_in_dim(c_, layer, axis=0, keepdims=False) for c_ in cache)
         if isinstance(mask, SegmentMask):
             out = attention(q, k, v, causal=True, segment_ids=mask.segment_ids, opts=self.attn)
@@ -131,8 +133,9 @@ class DecoderLayer(nn.Module):
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
-        h, cache = TextAttention(c, attn=self.attn, name="self_attn", **kw)(h, cos, sin, mask, cache, layer,
-                                                                            cache_index)
+        h, cache = TextAttention(c, attn=self.attn, name="self_attn", **kw)(
+            h, cos, sin, mask, cache, layer, cache_index
+        )
         x = x + h
         h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
         x = x + TextMLP(c, name="mlp", **kw)(h)
@@ -149,8 +152,14 @@ class Qwen2(nn.Module):
         mc, c = self.config, self.config.text
         kw = dict(dtype=jnp.dtype(mc.dtype), param_dtype=jnp.dtype(mc.param_dtype))
         self.embed_tokens = Embed(c.vocab_size, c.hidden_size, ("vocab", "embed"), **kw)
-        self.layers = LayerStack(DecoderLayer, dict(cfg=c, attn=mc.attention_options(), **kw),
-                                 num_layers=c.num_layers, scan=mc.scan_layers, remat=mc.remat_policy, broadcast_args=4)
+        self.layers = LayerStack(
+            DecoderLayer,
+            dict(cfg=c, attn=mc.attention_options(), **kw),
+            num_layers=c.num_layers,
+            scan=mc.scan_layers,
+            remat=mc.remat_policy,
+            broadcast_args=4,
+        )
         self.norm = RMSNorm(c.rms_norm_eps, **kw)
         self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
 

@@ -101,17 +101,32 @@ class VisionEmbeddings(nn.Module):
         n, ch, hgt, wid = pixel_values.shape
         p = c.patch_size
         if ch != c.num_channels or hgt % p or wid % p:
-            raise ValueError(f"pixel_values: expected [n, {c.num_channels}, H, W] with H, W multiples of {p}, "
-                             f"got {tuple(pixel_values.shape)}")
+            raise ValueError(
+                f"pixel_values: expected [n, {c.num_channels}, H, W] with H, W multiples of {p}, "
+                f"got {tuple(pixel_values.shape)}"
+            )
         gh, gw = hgt // p, wid // p
         init = nn.initializers.normal(0.02)
-        cls_tok = param(self, "class_embedding", init, (1, 1, c.hidden_size), (None, None, "vit_embed"),
-                        self.param_dtype)
-        kernel = param(self, "patch_kernel", init, (p, p, c.num_channels, c.hidden_size),
-                       ("patch", "patch", "patch", "vit_embed"), self.param_dtype)
+        cls_tok = param(
+            self, "class_embedding", init, (1, 1, c.hidden_size), (None, None, "vit_embed"), self.param_dtype
+        )
+        kernel = param(
+            self,
+            "patch_kernel",
+            init,
+            (p, p, c.num_channels, c.hidden_size),
+            ("patch", "patch", "patch", "vit_embed"),
+            self.param_dtype,
+        )
         bias = param(self, "patch_bias", nn.initializers.zeros, (c.hidden_size,), ("norm",), self.param_dtype)
-        pos = param(self, "position_embedding", init, (1, c.num_positions, c.hidden_size),
-                    (None, "positions", "vit_embed"), self.param_dtype)
+        pos = param(
+            self,
+            "position_embedding",
+            init,
+            (1, c.num_positions, c.hidden_size),
+            (None, "positions", "vit_embed"),
+            self.param_dtype,
+        )
         # A stride-p conv with a p x p kernel is a matmul over non-overlapping patches.
         x = pixel_values.astype(self.dtype).reshape(n, ch, gh, p, gw, p)
         x = x.transpose(0, 2, 4, 3, 5, 1).reshape(n, gh * gw, p * p * ch)
@@ -139,8 +154,15 @@ class InternViT(nn.Module):
         x = constrain(x, ACT)
         used = mc.vision_layers_used
         active = None if used == c.num_layers else jnp.asarray(np.arange(c.num_layers) < used)
-        x, _ = LayerStack(VisionBlock, dict(cfg=c, attn=mc.attention_options(), **kw), num_layers=c.num_layers,
-                          scan=mc.scan_layers, remat=mc.remat_policy, broadcast_args=0, name="layers")(x, active)
+        x, _ = LayerStack(
+            VisionBlock,
+            dict(cfg=c, attn=mc.attention_options(), **kw),
+            num_layers=c.num_layers,
+            scan=mc.scan_layers,
+            remat=mc.remat_policy,
+            broadcast_args=0,
+            name="layers",
+        )(x, active)
         return x
 
 

@@ -17,8 +17,9 @@ from r1v2_jax.model.vision import Adapter, InternViT
 from r1v2_jax.parallel.sharding import DEFAULT_RULES, constrain, tree_shardings, use_mesh_rules
 
 
-def merge_image_features(text_embeds: jax.Array, input_ids: jax.Array, image_features: jax.Array,
-                         image_token_id: int) -> jax.Array:
+def merge_image_features(
+    text_embeds: jax.Array, input_ids: jax.Array, image_features: jax.Array, image_token_id: int
+) -> jax.Array:
     """Replace the embeddings of ``<IMG_CONTEXT>`` tokens by adapter outputs, in order.
 
     Args:
@@ -44,8 +45,9 @@ def merge_image_features(text_embeds: jax.Array, input_ids: jax.Array, image_fea
     return jnp.where(is_img[..., None], gathered, text_embeds)
 
 
-def merge_image_features_per_row(text_embeds: jax.Array, input_ids: jax.Array, image_features: jax.Array,
-                                 image_token_id: int) -> jax.Array:
+def merge_image_features_per_row(
+    text_embeds: jax.Array, input_ids: jax.Array, image_features: jax.Array, image_token_id: int
+) -> jax.Array:
     """Like :func:`merge_image_features`, but row b's slots take row b's own features.
 
     image_features: f[B, F, H] (row b's tiles' adapter outputs, zero-padded to F). Rows may
@@ -84,17 +86,24 @@ class R1V2(nn.Module):
         if pixel_values is not None and pixel_values.ndim == 5:
             b, k = pixel_values.shape[:2]
             feats = self.encode_images(pixel_values.reshape((b * k,) + pixel_values.shape[2:]))
-            embeds = merge_image_features_per_row(embeds, input_ids, feats.reshape(b, -1, feats.shape[-1]),
-                                                  self.config.image_token_id)
+            embeds = merge_image_features_per_row(
+                embeds, input_ids, feats.reshape(b, -1, feats.shape[-1]), self.config.image_token_id
+            )
             embeds = constrain(embeds, ("act_batch", "act_len", "act_embed"))
         elif pixel_values is not None:
-            embeds = merge_image_features(embeds, input_ids, self.encode_images(pixel_values),
-                                          self.config.image_token_id)
+            embeds = merge_image_features(
+                embeds, input_ids, self.encode_images(pixel_values), self.config.image_token_id
+            )
             embeds = constrain(embeds, ("act_batch", "act_len", "act_embed"))
         return embeds
 
-    def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
-                 attention_mask: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        pixel_values: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
         """input_ids: i32[B, T]; pixel_values: f[n_tiles, 3, H, W] or None; attention_mask:
         [B, T] (1 = real token) or None; positions: i32[B, T] or None -> logits f[B, T, V]."""
         if positions is None:
@@ -103,15 +112,21 @@ class R1V2(nn.Module):
         hidden = self.language_model.decode(embeds, positions, attention_mask)
         return self.language_model.logits(hidden)
 
-    def hidden(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
-               attention_mask: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
+    def hidden(
+        self,
+        input_ids: jax.Array,
+        pixel_values: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
         """Final-normed hidden states f[B, T, H] (what the LM head and a value head read)."""
         if positions is None:
             positions = default_positions(input_ids.shape, attention_mask)
         return self.language_model.decode(self.embed(input_ids, pixel_values), positions, attention_mask)
 
-    def prefill(self, input_ids: jax.Array, pixel_values: jax.Array | None, kv_valid: jax.Array,
-                cache) -> tuple[jax.Array, Any]:
+    def prefill(
+        self, input_ids: jax.Array, pixel_values: jax.Array | None, kv_valid: jax.Array, cache
+    ) -> tuple[jax.Array, Any]:
         """Run the prompt into an empty KV cache.
 
         input_ids: i32[B, P] (left-padded); pixel_values: f[n_tiles, 3, H, W] or None;
@@ -125,8 +140,9 @@ class R1V2(nn.Module):
         hidden, cache = self.language_model.decode_cached(embeds, positions, mask, cache, jnp.int32(0))
         return self.language_model.logits(hidden[:, -1:])[:, 0], cache
 
-    def decode_step(self, tokens: jax.Array, positions: jax.Array, kv_valid: jax.Array, cache,
-                    cache_index: jax.Array) -> tuple[jax.Array, Any]:
+    def decode_step(
+        self, tokens: jax.Array, positions: jax.Array, kv_valid: jax.Array, cache, cache_index: jax.Array
+    ) -> tuple[jax.Array, Any]:
         """One cached step. tokens, positions: i32[B, 1]; kv_valid: bool[B, S] (including the
         slot written now); cache_index: i32[] -> (logits f[B, V], cache)."""
         embeds = self.language_model.embed(tokens)
@@ -138,6 +154,7 @@ class R1V2(nn.Module):
 # ---------------------------------------------------------------------------------------
 # Parameters
 # ---------------------------------------------------------------------------------------
+
 
 def _dummy_inputs(config: ModelConfig):
     v = config.vision
@@ -163,7 +180,9 @@ def abstract_params(config: ModelConfig, *, boxed: bool = True):
 
 def param_shardings(config: ModelConfig, mesh, rules=DEFAULT_RULES):
     """NamedShardings for the (unboxed) parameter tree on ``mesh``."""
-    return nn.unbox(tree_shardings(abstract_params(config, boxed=True), mesh, rules),)
+    return nn.unbox(
+        tree_shardings(abstract_params(config, boxed=True), mesh, rules),
+    )
 
 
 def count_params(tree) -> int:
@@ -173,6 +192,7 @@ def count_params(tree) -> int:
 # ---------------------------------------------------------------------------------------
 # The user-facing model object
 # ---------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class R1V2Model:
@@ -207,29 +227,44 @@ class R1V2Model:
         n_slots = int((ids == self.config.image_token_id).sum())
         if pixel_values is None:
             if n_slots:
-                raise ValueError(f"input_ids: {n_slots} <IMG_CONTEXT> tokens (id {self.config.image_token_id}) "
-                                 "but pixel_values is None")
+                raise ValueError(
+                    f"input_ids: {n_slots} <IMG_CONTEXT> tokens (id {self.config.image_token_id}) "
+                    "but pixel_values is None"
+                )
         else:
             shape = tuple(np.shape(pixel_values))
             v = self.config.vision
             tile = shape[-4:]
-            if len(shape) not in (4, 5) or tile[1] != v.num_channels or tile[2] % v.patch_size or tile[3] % v.patch_size:
-                raise ValueError(f"pixel_values: expected [n_tiles, {v.num_channels}, H, W] or [B, K, "
-                                 f"{v.num_channels}, H, W] with H, W multiples of {v.patch_size}, got {list(shape)}")
+            if (
+                len(shape) not in (4, 5)
+                or tile[1] != v.num_channels
+                or tile[2] % v.patch_size
+                or tile[3] % v.patch_size
+            ):
+                raise ValueError(
+                    f"pixel_values: expected [n_tiles, {v.num_channels}, H, W] or [B, K, "
+                    f"{v.num_channels}, H, W] with H, W multiples of {v.patch_size}, got {list(shape)}"
+                )
             if tile[2] != tile[3]:
-                raise ValueError(f"pixel_values: tiles must be square (InternVL reshapes the patch grid to a "
-                                 f"square), got H={tile[2]} W={tile[3]}")
+                raise ValueError(
+                    f"pixel_values: tiles must be square (InternVL reshapes the patch grid to a "
+                    f"square), got H={tile[2]} W={tile[3]}"
+                )
             per_tile = self.config.tokens_per_tile(tile[2])
             if len(shape) == 5:
                 if shape[0] != ids.shape[0]:
                     raise ValueError(f"pixel_values: {shape[0]} rows of tiles for {ids.shape[0]} sequences")
                 slots = (ids == self.config.image_token_id).sum(axis=1)
                 if (slots > shape[1] * per_tile).any():
-                    raise ValueError(f"input_ids: a row has {int(slots.max())} <IMG_CONTEXT> tokens but only "
-                                     f"{shape[1]} tiles x {per_tile} features")
+                    raise ValueError(
+                        f"input_ids: a row has {int(slots.max())} <IMG_CONTEXT> tokens but only "
+                        f"{shape[1]} tiles x {per_tile} features"
+                    )
             elif n_slots != shape[0] * per_tile:
-                raise ValueError(f"input_ids has {n_slots} <IMG_CONTEXT> tokens but pixel_values gives {shape[0]} "
-                                 f"tiles x {per_tile} tokens = {shape[0] * per_tile} image features")
+                raise ValueError(
+                    f"input_ids has {n_slots} <IMG_CONTEXT> tokens but pixel_values gives {shape[0]} "
+                    f"tiles x {per_tile} tokens = {shape[0] * per_tile} image features"
+                )
         if attention_mask is not None and tuple(np.shape(attention_mask)) != ids.shape:
             raise ValueError(f"attention_mask: expected shape {list(ids.shape)}, got {list(np.shape(attention_mask))}")
 

@@ -35,8 +35,9 @@ log = logging.getLogger("r1v2_jax.parallel.multihost")
 ROW_AXES = ("data", "fsdp")
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-               auto: bool = False) -> bool:
+def initialize(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None, auto: bool = False
+) -> bool:
     """Join the job's processes (call before any other JAX call).
 
     ``coordinator`` ("host:port") with ``num_processes`` and ``process_id`` set everything
@@ -52,8 +53,13 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         jax.distributed.initialize(coordinator, num_processes, process_id)
     else:
         jax.distributed.initialize()
-    log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
-             jax.local_device_count(), jax.device_count())
+    log.info(
+        "process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     return jax.process_count() > 1
 
 
@@ -63,7 +69,6 @@ def is_main() -> bool:
 
 def barrier(name: str) -> None:
     if jax.process_count() > 1:
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -75,9 +80,9 @@ def allgather_json(obj: Any) -> list[Any]:
     data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
     sizes = multihost_utils.process_allgather(np.asarray([data.size], np.int64)).reshape(-1)
     buf = np.zeros((int(sizes.max()),), np.uint8)
-    buf[:data.size] = data
+    buf[: data.size] = data
     allbuf = multihost_utils.process_allgather(buf).reshape(len(sizes), -1)
-    return [json.loads(bytes(allbuf[i, :int(n)]).decode()) for i, n in enumerate(sizes)]
+    return [json.loads(bytes(allbuf[i, : int(n)]).decode()) for i, n in enumerate(sizes)]
 
 
 def agree_max(x: int) -> int:
@@ -97,7 +102,7 @@ def gather_rows(local: np.ndarray) -> tuple[np.ndarray, slice]:
         return local, slice(0, len(local))
     parts = allgather_json({"dtype": local.dtype.str, "shape": list(local.shape), "data": local.ravel().tolist()})
     arrays = [np.asarray(p["data"], np.dtype(p["dtype"])).reshape(p["shape"]) for p in parts]
-    start = sum(len(a) for a in arrays[:jax.process_index()])
+    start = sum(len(a) for a in arrays[: jax.process_index()])
     return np.concatenate(arrays), slice(start, start + len(local))
 
 
@@ -114,8 +119,10 @@ def local_row_shards(mesh) -> int:
     """How many distinct row blocks this host's devices hold on ``mesh`` (the batch axes)."""
     n = batch_shards(mesh)
     if n % jax.process_count():
-        raise ValueError(f"mesh: data*fsdp = {n} must be a multiple of the {jax.process_count()} processes "
-                         "(every host holds whole rows of the batch)")
+        raise ValueError(
+            f"mesh: data*fsdp = {n} must be a multiple of the {jax.process_count()} processes "
+            "(every host holds whole rows of the batch)"
+        )
     return n // jax.process_count()
 
 
@@ -131,9 +138,11 @@ def global_rows(x, mesh) -> jax.Array:
     shards = batch_shards(mesh)
     rows = x.shape[0] * jax.process_count()
     if rows % shards:
-        raise ValueError(f"batch: {rows} rows cannot be split evenly over the mesh's data x fsdp = {shards} "
-                         f"devices; make the rows per step (data.batch_size, x group_size for GRPO) a multiple "
-                         f"of {shards}")
+        raise ValueError(
+            f"batch: {rows} rows cannot be split evenly over the mesh's data x fsdp = {shards} "
+            f"devices; make the rows per step (data.batch_size, x group_size for GRPO) a multiple "
+            f"of {shards}"
+        )
     if jax.process_count() == 1:
         return jax.device_put(x, row_sharding(mesh, x.ndim))
     return jax.make_array_from_process_local_data(row_sharding(mesh, x.ndim), x)
@@ -151,7 +160,7 @@ def local_rows(x) -> np.ndarray:
         out = np.asarray(x)
         if isinstance(x, jax.Array) and not x.is_fully_addressable and jax.process_count() > 1:
             n = out.shape[0] // jax.process_count()  # replicated: this host's equal share of rows
-            return out[jax.process_index() * n:(jax.process_index() + 1) * n]
+            return out[jax.process_index() * n : (jax.process_index() + 1) * n]
         return out
     blocks = {}
     for s in x.addressable_shards:
@@ -161,8 +170,9 @@ def local_rows(x) -> np.ndarray:
             blocks[start] = np.asarray(s.data)
     starts = sorted(blocks)
     if any(a + len(blocks[a]) != b for a, b in itertools.pairwise(starts)):
-        raise ValueError("local_rows: this host's rows are not one contiguous block (mesh devices must be in "
-                         "process order)")
+        raise ValueError(
+            "local_rows: this host's rows are not one contiguous block (mesh devices must be in process order)"
+        )
     return np.concatenate([blocks[s] for s in starts])
 
 

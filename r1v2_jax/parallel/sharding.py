@@ -92,8 +92,12 @@ def _as_tuple(m: MeshAxes) -> tuple[str, ...]:
     return (m,) if isinstance(m, str) else tuple(m)
 
 
-def logical_to_pspec(names: Sequence[str | None], rules: Sequence[tuple[str, MeshAxes]] = DEFAULT_RULES,
-                     shape: Sequence[int] | None = None, mesh: Mesh | None = None) -> P:
+def logical_to_pspec(
+    names: Sequence[str | None],
+    rules: Sequence[tuple[str, MeshAxes]] = DEFAULT_RULES,
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+) -> P:
     """Resolve logical axis names to a PartitionSpec.
 
     With ``shape`` and ``mesh``, mesh axes that do not divide their dimension are dropped.
@@ -117,8 +121,10 @@ def logical_to_pspec(names: Sequence[str | None], rules: Sequence[tuple[str, Mes
             axes = tuple(kept)
         for a in axes:
             if a in used:
-                raise ValueError(f"mesh axis {a!r} is used twice in one spec: by logical axes "
-                                 f"{used[a]!r} and {name!r} (names {tuple(names)})")
+                raise ValueError(
+                    f"mesh axis {a!r} is used twice in one spec: by logical axes "
+                    f"{used[a]!r} and {name!r} (names {tuple(names)})"
+                )
             used[a] = name
         out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return P(*out)

@@ -10,8 +10,11 @@ def _matmul_params(mc) -> int:
     """Weights the LLM multiplies by per token (decoder layers + lm_head)."""
     t = mc.text
     hd = t.resolved_head_dim
-    per_layer = (t.hidden_size * (t.num_heads + 2 * t.num_kv_heads) * hd + t.num_heads * hd * t.hidden_size
-                 + 3 * t.hidden_size * t.intermediate_size)
+    per_layer = (
+        t.hidden_size * (t.num_heads + 2 * t.num_kv_heads) * hd
+        + t.num_heads * hd * t.hidden_size
+        + 3 * t.hidden_size * t.intermediate_size
+    )
     return t.num_layers * per_layer + t.hidden_size * t.vocab_size
 
 

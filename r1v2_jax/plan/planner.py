@@ -67,7 +67,6 @@ def plan(cfg, topology: str, hbm_bytes: int | None = None) -> dict:
 
 def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
 
-
     topo = parse_topology(topology)
     hbm = hbm_bytes or topo.hbm_bytes
     devices = devices_for(topo)
@@ -100,18 +99,25 @@ def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
         # forward-only pass for BCO's δ (r1v2_jax.train.steps.mpo_sequence_logps)
         flops, tokens = train_step_flops(mc, 2 * n * t, t, forwards=3), 2 * n * t
     if (n // n_micro) % shards or n % n_micro:
-        notes.append(f"{algo} micro-batch: {n} rows / {n_micro} micro-batches = {n / n_micro:g} rows over "
-                     f"data x fsdp = {shards}: not a whole number of rows per device (XLA pads or replicates)")
+        notes.append(
+            f"{algo} micro-batch: {n} rows / {n_micro} micro-batches = {n / n_micro:g} rows over "
+            f"data x fsdp = {shards}: not a whole number of rows per device (XLA pads or replicates)"
+        )
     lowered, state, ref = train_program(job, mc, mesh, n, n_micro)
     compiled = compile_program(lowered)
     cost = cost_of(compiled)
     with use_mesh_rules(mesh):
         impl = resolve_impl(mc.attention_impl, t)
-    programs["train"] = {**memory_report(compiled, hbm), "flops": flops, "tokens": tokens,
-                         "seconds": flops / (peak_s * cfg.plan.assumed_mfu),
-                         "xla_flops_scan_body_once": float(cost.get("flops", float("nan"))),
-                         "attention_impl": impl, "logprob_chunk_size": mc.logprob_chunk_size,
-                         "kernel_flops": kernel_flops(job, mc, n, t) if impl == "splash" else 0.0}
+    programs["train"] = {
+        **memory_report(compiled, hbm),
+        "flops": flops,
+        "tokens": tokens,
+        "seconds": flops / (peak_s * cfg.plan.assumed_mfu),
+        "xla_flops_scan_body_once": float(cost.get("flops", float("nan"))),
+        "attention_impl": impl,
+        "logprob_chunk_size": mc.logprob_chunk_size,
+        "kernel_flops": kernel_flops(job, mc, n, t) if impl == "splash" else 0.0,
+    }
     # the same step as before issue 15 (materialised attention, whole-sequence logits), side by side
     before = mc.replace(attention_impl="xla", logprob_chunk_size=t)
     baseline = memory_report(compile_program(train_program(job, before, mesh, n, n_micro)[0]), hbm)
@@ -123,17 +129,27 @@ def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
         pre, (dec,), s_params, cache = sampler_programs(job, mc, sampler_mesh)
         b, p, m = cfg.data.batch_size, cfg.data.max_prompt_len, stage.max_new_tokens
         pre_f = forward_flops(mc, b * p, p)
-        programs["prefill"] = {**memory_report(pre, hbm, opt_bytes), "flops": pre_f, "tokens": b * p,
-                               "seconds": pre_f / (peak_s * cfg.plan.assumed_mfu)}
+        programs["prefill"] = {
+            **memory_report(pre, hbm, opt_bytes),
+            "flops": pre_f,
+            "tokens": b * p,
+            "seconds": pre_f / (peak_s * cfg.plan.assumed_mfu),
+        }
         rows = b * stage.group_size
         # each token step reads every weight of the chip's tensor shard (after FSDP all-gathers)
         # and its rows' whole KV cache
         per_token_bytes = sum(gathered_bytes(x) for x in jax.tree.leaves(s_params)) + per_chip_bytes(cache)
-        per_token_s = max(per_token_bytes / (topo.hbm_bandwidth * cfg.plan.assumed_bandwidth_util),
-                          forward_flops(mc, rows, p + m) / peak_s)
-        programs["decode"] = {**memory_report(dec, hbm, opt_bytes), "flops": forward_flops(mc, rows, p + m) * m,
-                              "tokens": rows * m, "seconds": per_token_s * m,
-                              "bytes_per_token_step": per_token_bytes}
+        per_token_s = max(
+            per_token_bytes / (topo.hbm_bandwidth * cfg.plan.assumed_bandwidth_util),
+            forward_flops(mc, rows, p + m) / peak_s,
+        )
+        programs["decode"] = {
+            **memory_report(dec, hbm, opt_bytes),
+            "flops": forward_flops(mc, rows, p + m) * m,
+            "tokens": rows * m,
+            "seconds": per_token_s * m,
+            "bytes_per_token_step": per_token_bytes,
+        }
     if cfg.plan.xla_estimate:
         for name, s in xla_estimate(job, mc, mesh, sampler_mesh, n_micro, n).items():
             programs[name]["xla_seconds"] = s
@@ -152,18 +168,32 @@ def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
     total_flops = sum(p_["flops"] for p_ in programs.values())
     xla_s = sum(p_["xla_seconds"] for p_ in programs.values()) if cfg.plan.xla_estimate else None
     return {
-        "algorithm": algo, "trainable": stage.optim.trainable, "remat_policy": remat, "topology": topo.name,
+        "algorithm": algo,
+        "trainable": stage.optim.trainable,
+        "remat_policy": remat,
+        "topology": topo.name,
         "topology_name": topo.topology_name,
-        "chips": len(devices), "mesh": {k: int(v) for k, v in mesh.shape.items()},
-        "sampler_mesh": {k: int(v) for k, v in sampler_mesh.shape.items()}, "hbm_per_chip": hbm,
-        "programs": programs, "peak_bytes": peak, "fits": all(p_["fits"] for p_ in programs.values()),
-        "step_seconds": step_s, "flops_per_step": total_flops, "mfu": total_flops / (step_s * peak_s),
-        "xla_step_seconds": xla_s, "xla_mfu": total_flops / (xla_s * peak_s) if xla_s else None,
-        "assumed_mfu": cfg.plan.assumed_mfu, "assumed_bandwidth_util": cfg.plan.assumed_bandwidth_util,
-        "largest_buffers": [(name, b_) for b_, name in leaves[:5]], "notes": notes,
-        "baseline_train": baseline, "kernel_efficiency": cfg.plan.kernel_efficiency,
+        "chips": len(devices),
+        "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "sampler_mesh": {k: int(v) for k, v in sampler_mesh.shape.items()},
+        "hbm_per_chip": hbm,
+        "programs": programs,
+        "peak_bytes": peak,
+        "fits": all(p_["fits"] for p_ in programs.values()),
+        "step_seconds": step_s,
+        "flops_per_step": total_flops,
+        "mfu": total_flops / (step_s * peak_s),
+        "xla_step_seconds": xla_s,
+        "xla_mfu": total_flops / (xla_s * peak_s) if xla_s else None,
+        "assumed_mfu": cfg.plan.assumed_mfu,
+        "assumed_bandwidth_util": cfg.plan.assumed_bandwidth_util,
+        "largest_buffers": [(name, b_) for b_, name in leaves[:5]],
+        "notes": notes,
+        "baseline_train": baseline,
+        "kernel_efficiency": cfg.plan.kernel_efficiency,
         # kept for scripts reading the first version's fields
-        "argument_bytes": programs["train"]["argument_bytes"], "temp_bytes": programs["train"]["temp_bytes"],
+        "argument_bytes": programs["train"]["argument_bytes"],
+        "temp_bytes": programs["train"]["temp_bytes"],
         "total_bytes": peak,
     }
 
@@ -176,37 +206,52 @@ def _secs(x) -> str:
 def format_plan(r: dict) -> str:
     g = lambda b: f"{b / GiB:7.2f}"  # noqa: E731
     mesh = lambda m: "x".join(f"{k}={v}" for k, v in m.items())  # noqa: E731
-    lines = [f"plan: {r['algorithm'].upper()} (trainable: {r['trainable']}, remat: {r['remat_policy']}) "
-             f"on {r['topology']} "
-             f"({r['topology_name']}, {r['chips']} chips); learner mesh {mesh(r['mesh'])}"
-             + (f", sampler mesh {mesh(r['sampler_mesh'])}" if r["sampler_mesh"] != r["mesh"] else ""),
-             f"  per chip, GiB   {'args':>7} {'temps':>7} {'outs':>7} {'alias':>7} {'resident':>8} {'total':>7}"
-             f"  of {r['hbm_per_chip'] / GiB:.0f}  {'roofline s':>10} {'XLA s':>9}"]
+    lines = [
+        f"plan: {r['algorithm'].upper()} (trainable: {r['trainable']}, remat: {r['remat_policy']}) "
+        f"on {r['topology']} "
+        f"({r['topology_name']}, {r['chips']} chips); learner mesh {mesh(r['mesh'])}"
+        + (f", sampler mesh {mesh(r['sampler_mesh'])}" if r["sampler_mesh"] != r["mesh"] else ""),
+        f"  per chip, GiB   {'args':>7} {'temps':>7} {'outs':>7} {'alias':>7} {'resident':>8} {'total':>7}"
+        f"  of {r['hbm_per_chip'] / GiB:.0f}  {'roofline s':>10} {'XLA s':>9}",
+    ]
     for name, p in r["programs"].items():
-        lines.append(f"  {name:<14} {g(p['argument_bytes'])} {g(p['temp_bytes'])} {g(p['output_bytes'])} "
-                     f"{g(p['alias_bytes'])} {g(p['resident_bytes']):>8} {g(p['total_bytes'])}  "
-                     f"{'fits ' if p['fits'] else 'OVER '} {_secs(p['seconds']):>10} {_secs(p.get('xla_seconds')):>9}")
-    lines += [f"  peak {r['peak_bytes'] / GiB:.2f} GiB per chip -> {'fits' if r['fits'] else 'DOES NOT FIT'}",
-              f"  step time (roofline: train/prefill at {r['assumed_mfu']:.0%} MFU, decode at "
-              f"{r['assumed_bandwidth_util']:.0%} of HBM bandwidth): {r['step_seconds']:.1f} s, "
-              f"{r['flops_per_step']:.3e} FLOPs -> MFU {r['mfu']:.1%}"]
+        lines.append(
+            f"  {name:<14} {g(p['argument_bytes'])} {g(p['temp_bytes'])} {g(p['output_bytes'])} "
+            f"{g(p['alias_bytes'])} {g(p['resident_bytes']):>8} {g(p['total_bytes'])}  "
+            f"{'fits ' if p['fits'] else 'OVER '} {_secs(p['seconds']):>10} {_secs(p.get('xla_seconds')):>9}"
+        )
+    lines += [
+        f"  peak {r['peak_bytes'] / GiB:.2f} GiB per chip -> {'fits' if r['fits'] else 'DOES NOT FIT'}",
+        f"  step time (roofline: train/prefill at {r['assumed_mfu']:.0%} MFU, decode at "
+        f"{r['assumed_bandwidth_util']:.0%} of HBM bandwidth): {r['step_seconds']:.1f} s, "
+        f"{r['flops_per_step']:.3e} FLOPs -> MFU {r['mfu']:.1%}",
+    ]
     tr, base = r["programs"]["train"], r.get("baseline_train")
     if base is not None:
-        lines.append(f"  train program, before -> now: temps {base['temp_bytes'] / GiB:.2f} -> "
-                     f"{tr['temp_bytes'] / GiB:.2f} GiB, total {base['total_bytes'] / GiB:.2f} -> "
-                     f"{tr['total_bytes'] / GiB:.2f} GiB per chip "
-                     f"(before: xla attention, whole-sequence logits; now: {tr['attention_impl']} attention, "
-                     f"log-probs in chunks of {tr['logprob_chunk_size']})")
+        lines.append(
+            f"  train program, before -> now: temps {base['temp_bytes'] / GiB:.2f} -> "
+            f"{tr['temp_bytes'] / GiB:.2f} GiB, total {base['total_bytes'] / GiB:.2f} -> "
+            f"{tr['total_bytes'] / GiB:.2f} GiB per chip "
+            f"(before: xla attention, whole-sequence logits; now: {tr['attention_impl']} attention, "
+            f"log-probs in chunks of {tr['logprob_chunk_size']})"
+        )
     if "kernel_seconds" in tr:
-        lines.append(f"  train step (XLA outside the kernels {_secs(tr['xla_seconds_outside_kernels'])} s + "
-                     f"{tr['kernel_flops']:.3e} kernel FLOPs at {r['kernel_efficiency']:.0%} of peak "
-                     f"{_secs(tr['kernel_seconds'])} s): {_secs(tr['xla_seconds'])} s -> train MFU {tr['xla_mfu']:.1%}")
+        lines.append(
+            f"  train step (XLA outside the kernels {_secs(tr['xla_seconds_outside_kernels'])} s + "
+            f"{tr['kernel_flops']:.3e} kernel FLOPs at {r['kernel_efficiency']:.0%} of peak "
+            f"{_secs(tr['kernel_seconds'])} s): {_secs(tr['xla_seconds'])} s -> train MFU {tr['xla_mfu']:.1%}"
+        )
     if r["xla_step_seconds"] is not None:
-        lines.append(f"  step time (XLA's cost model, loops counted by trip count): {_secs(r['xla_step_seconds'])} s"
-                     + (f" -> MFU {r['xla_mfu']:.1%}" if r["xla_mfu"] == r["xla_mfu"] else ""))
+        lines.append(
+            f"  step time (XLA's cost model, loops counted by trip count): {_secs(r['xla_step_seconds'])} s"
+            + (f" -> MFU {r['xla_mfu']:.1%}" if r["xla_mfu"] == r["xla_mfu"] else "")
+        )
     lines.append("  largest per-chip parameter / optimizer buffers:")
     lines += [f"    {b / GiB:8.3f} GiB  {name}" for name, b in r["largest_buffers"]]
     lines += [f"  note: {n}" for n in r["notes"]]
-    lines += [f"  {name}: the TPU compiler ran out of HBM: {p['compiler_error']}"
-              for name, p in r["programs"].items() if "compiler_error" in p]
+    lines += [
+        f"  {name}: the TPU compiler ran out of HBM: {p['compiler_error']}"
+        for name, p in r["programs"].items()
+        if "compiler_error" in p
+    ]
     return "\n".join(lines)

@@ -50,14 +50,33 @@ def compile_program(lowered):
 def memory_report(compiled, hbm: int, resident: int = 0) -> dict:
     if isinstance(compiled, OutOfMemory):
         total = compiled.temp_bytes + resident
-        return {"argument_bytes": 0, "temp_bytes": compiled.temp_bytes, "output_bytes": 0, "alias_bytes": 0,
-                "resident_bytes": resident, "total_bytes": total, "fits": False, "compiler_error": compiled.message}
+        return {
+            "argument_bytes": 0,
+            "temp_bytes": compiled.temp_bytes,
+            "output_bytes": 0,
+            "alias_bytes": 0,
+            "resident_bytes": resident,
+            "total_bytes": total,
+            "fits": False,
+            "compiler_error": compiled.message,
+        }
     mem = compiled.memory_analysis()
-    args, temps, outs, alias = (mem.argument_size_in_bytes, mem.temp_size_in_bytes, mem.output_size_in_bytes,
-                                mem.alias_size_in_bytes)
+    args, temps, outs, alias = (
+        mem.argument_size_in_bytes,
+        mem.temp_size_in_bytes,
+        mem.output_size_in_bytes,
+        mem.alias_size_in_bytes,
+    )
     total = args + temps + outs - alias + resident
-    return {"argument_bytes": args, "temp_bytes": temps, "output_bytes": outs, "alias_bytes": alias,
-            "resident_bytes": resident, "total_bytes": total, "fits": total <= hbm}
+    return {
+        "argument_bytes": args,
+        "temp_bytes": temps,
+        "output_bytes": outs,
+        "alias_bytes": alias,
+        "resident_bytes": resident,
+        "total_bytes": total,
+        "fits": total <= hbm,
+    }
 
 
 def shard_bytes(x, sharding=None) -> int:
@@ -101,6 +120,7 @@ def no_compile_cache_writes():
 @dataclasses.dataclass(frozen=True)
 class Job:
     """What every program of one plan shares."""
+
     cfg: object  # the run config
     algo: str  # "grpo" | "mpo"
     tiles: int  # image tiles per sample
@@ -108,9 +128,9 @@ class Job:
 
 def abstract_param_specs(mc, mesh):
 
-
-    return jax.tree.map(lambda a, s: sds(a.shape, a.dtype, s), abstract_params(mc, boxed=False),
-                        param_shardings(mc, mesh))
+    return jax.tree.map(
+        lambda a, s: sds(a.shape, a.dtype, s), abstract_params(mc, boxed=False), param_shardings(mc, mesh)
+    )
 
 
 def train_program_args(exp, algo: str, mc, mesh, rows: int, tiles: int, n_micro: int | None = None):
@@ -118,7 +138,6 @@ def train_program_args(exp, algo: str, mc, mesh, rows: int, tiles: int, n_micro:
     ShapeDtypeStructs on ``mesh``: (program, (state, batch, ref params or None)). Built by
     :func:`r1v2_jax.train.program.build_program`, the builder training uses; the GRPO state
     carries its SSB buffer when the stage uses one."""
-
 
     params = abstract_param_specs(mc, mesh)
     program = build_program(algo, exp, mc, params, mesh, micro_batches=n_micro)
@@ -149,31 +168,49 @@ def sampler_programs(job: Job, mc, mesh, decode_loops: tuple[int, ...] = (1,)):
     ``decode_loops``, each running the whole loop that many times over the same cache (more
     than once: for costing one trip of the loop body, see :func:`xla_estimate`)."""
 
-
     cfg, stage = job.cfg, job.cfg.grpo
-    params = jax.tree.map(lambda a, s: sds(a.shape, a.dtype, s), abstract_params(mc, boxed=False),
-                          param_shardings(mc, mesh))
+    params = jax.tree.map(
+        lambda a, s: sds(a.shape, a.dtype, s), abstract_params(mc, boxed=False), param_shardings(mc, mesh)
+    )
     row = NamedSharding(mesh, P(("data", "fsdp")))
     b, p, m = cfg.data.batch_size, cfg.data.max_prompt_len, stage.max_new_tokens
     sampler = Sampler(R1V2Model(mc, params, mesh), bucket=1, layer_loop="scan")
     kw = dict(cache_len=p + m, num_samples=stage.group_size)
-    pre_args = (params, sds((b, p), jnp.int32, row), sds((b, p), bool, row),
-                pixels(job, mc, b, row) if job.tiles else None)
+    pre_args = (
+        params,
+        sds((b, p), jnp.int32, row),
+        sds((b, p), bool, row),
+        pixels(job, mc, b, row) if job.tiles else None,
+    )
     pre = compile_program(sampler.lower_prefill(*pre_args, **kw))
     logits, cache, kv_valid, ids = sampler.prefill_shapes(*pre_args, **kw)
     if isinstance(pre, OutOfMemory):  # decode's inputs as the constraints lay them out
-
         cache_sh = NamedSharding(mesh, logical_to_pspec(CACHE_AXES, shape=cache[0].shape, mesh=mesh))
         outs = (row, (cache_sh, cache_sh), row, row)
     else:
         outs = tuple(pre.output_shardings)
-    logits, cache, kv_valid, ids = jax.tree.map(lambda a, s: sds(a.shape, a.dtype, s),
-                                                (logits, cache, kv_valid, ids), outs)
+    logits, cache, kv_valid, ids = jax.tree.map(
+        lambda a, s: sds(a.shape, a.dtype, s), (logits, cache, kv_valid, ids), outs
+    )
     sp = stage.sampling(())
 
-    decs = tuple(compile_program(sampler.lower_decode(params, logits, cache, kv_valid, ids, sds((), jnp.uint32, None),
-                                               sds((b,), jnp.int32, row), num_samples=stage.group_size, sp=sp,
-                                               loops=loops)) for loops in decode_loops)
+    decs = tuple(
+        compile_program(
+            sampler.lower_decode(
+                params,
+                logits,
+                cache,
+                kv_valid,
+                ids,
+                sds((), jnp.uint32, None),
+                sds((b,), jnp.int32, row),
+                num_samples=stage.group_size,
+                sp=sp,
+                loops=loops,
+            )
+        )
+        for loops in decode_loops
+    )
     return pre, decs, params, cache
 
 
@@ -218,13 +255,17 @@ def xla_estimate(job: Job, mc, mesh, sampler_mesh, n_micro: int, rows: int) -> d
     micro_rows = -(-(rows // n_micro) // shards) * shards
 
     def times(v, t):
-        m = mc.replace(scan_layers=False, vision=dataclasses.replace(mc.vision, num_layers=v),
-                       text=dataclasses.replace(mc.text, num_layers=t))
+        m = mc.replace(
+            scan_layers=False,
+            vision=dataclasses.replace(mc.vision, num_layers=v),
+            text=dataclasses.replace(mc.text, num_layers=t),
+        )
         out = {"train": xla_seconds(compile_program(train_program(job, m, mesh, micro_rows, 1)[0]))}
         if job.algo == "grpo":
             pre, (once, twice), _, _ = sampler_programs(job, m, sampler_mesh, decode_loops=(1, 2))
-            out.update(prefill=xla_seconds(pre), decode=xla_seconds(once),
-                       decode_body=xla_seconds(twice) - xla_seconds(once))
+            out.update(
+                prefill=xla_seconds(pre), decode=xla_seconds(once), decode_body=xla_seconds(twice) - xla_seconds(once)
+            )
         return out
 
     base = times(lv, lt)

@@ -66,5 +66,7 @@ def devices_for(topology: Topology):
     try:
         return topologies.get_topology_desc(platform="tpu", topology_name=topology.topology_name).devices
     except Exception as e:  # noqa: BLE001 - no libtpu, or an unknown topology
-        raise RuntimeError(f"cannot describe TPU topology {topology.topology_name} ({e}); "
-                           "install the compiler with: pip install \"jax[tpu]==<jax version>\"") from None
+        raise RuntimeError(
+            f"cannot describe TPU topology {topology.topology_name} ({e}); "
+            'install the compiler with: pip install "jax[tpu]==<jax version>"'
+        ) from None

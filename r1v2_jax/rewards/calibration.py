@@ -28,8 +28,9 @@ class Candidate:
     correct: float | None = None  # None when the prompt has no verifiable answer
 
 
-def build_pairs(groups: Sequence[Sequence[Candidate]], threshold: float, mode: str = "absolute",
-                max_pairs_per_prompt: int = 1) -> list[tuple[int, int, int]]:
+def build_pairs(
+    groups: Sequence[Sequence[Candidate]], threshold: float, mode: str = "absolute", max_pairs_per_prompt: int = 1
+) -> list[tuple[int, int, int]]:
     """(prompt, chosen, rejected) index triples.
 
     ``absolute``: chosen have score >= threshold, rejected < threshold; the best chosen are
@@ -48,8 +49,10 @@ def build_pairs(groups: Sequence[Sequence[Candidate]], threshold: float, mode: s
             lo = [i for i in np.argsort(s, kind="stable") if s[i] < threshold]
             pairs = list(zip(hi, lo))
         else:
-            cand = sorted(((s[i] - s[j], i, j) for i in range(len(s)) for j in range(len(s)) if s[i] - s[j] >= threshold),
-                          key=lambda t: (-t[0], t[1], t[2]))
+            cand = sorted(
+                ((s[i] - s[j], i, j) for i in range(len(s)) for j in range(len(s)) if s[i] - s[j] >= threshold),
+                key=lambda t: (-t[0], t[1], t[2]),
+            )
             used: set[int] = set()
             for _, i, j in cand:
                 if i not in used and j not in used:
@@ -59,8 +62,12 @@ def build_pairs(groups: Sequence[Sequence[Candidate]], threshold: float, mode: s
     return out
 
 
-def threshold_report(groups: Sequence[Sequence[Candidate]], thresholds: Sequence[float], mode: str = "absolute",
-                     max_pairs_per_prompt: int = 1) -> list[dict]:
+def threshold_report(
+    groups: Sequence[Sequence[Candidate]],
+    thresholds: Sequence[float],
+    mode: str = "absolute",
+    max_pairs_per_prompt: int = 1,
+) -> list[dict]:
     """For each candidate threshold: the number of pairs and how often the verifier agrees
     with the preference (chosen correct and rejected wrong), disagrees, or cannot tell."""
     rows = []
@@ -76,26 +83,53 @@ def threshold_report(groups: Sequence[Sequence[Candidate]], thresholds: Sequence
             else:
                 disagree += 1
         decided = agree + disagree
-        rows.append({"threshold": t, "pairs": len(pairs), "agree": agree, "disagree": disagree, "undecided": ties,
-                     "agreement": agree / decided if decided else float("nan")})
+        rows.append(
+            {
+                "threshold": t,
+                "pairs": len(pairs),
+                "agree": agree,
+                "disagree": disagree,
+                "undecided": ties,
+                "agreement": agree / decided if decided else float("nan"),
+            }
+        )
     return rows
 
 
 def format_report(rows: list[dict]) -> str:
-    lines = [f"{'threshold':>9} | {'pairs':>6} | {'agreement':>9} | {'agree':>5} | {'disagree':>8} | {'undecided':>9}",
-             "-" * 62]
+    lines = [
+        f"{'threshold':>9} | {'pairs':>6} | {'agreement':>9} | {'agree':>5} | {'disagree':>8} | {'undecided':>9}",
+        "-" * 62,
+    ]
     for r in rows:
-        lines.append(f"{r['threshold']:9.3g} | {r['pairs']:6d} | {r['agreement']:9.1%} | {r['agree']:5d} | "
-                     f"{r['disagree']:8d} | {r['undecided']:9d}")
+        lines.append(
+            f"{r['threshold']:9.3g} | {r['pairs']:6d} | {r['agreement']:9.1%} | {r['agree']:5d} | "
+            f"{r['disagree']:8d} | {r['undecided']:9d}"
+        )
     return "\n".join(lines)
 
 
 # --- hallucination monitor ------------------------------------------------------------------
 
-_COUNT_CLAIM = re.compile(r"\b(\d+|no|zero|one|two|three|four|five|six|seven|eight|nine|ten)\s+"
-                          r"(red|green|blue|yellow)\s+(circle|square|triangle)s?\b", re.IGNORECASE)
-_WORDS = {"no": 0, "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
-          "eight": 8, "nine": 9, "ten": 10}
+_COUNT_CLAIM = re.compile(
+    r"\b(\d+|no|zero|one|two|three|four|five|six|seven|eight|nine|ten)\s+"
+    r"(red|green|blue|yellow)\s+(circle|square|triangle)s?\b",
+    re.IGNORECASE,
+)
+_WORDS = {
+    "no": 0,
+    "zero": 0,
+    "one": 1,
+    "two": 2,
+    "three": 3,
+    "four": 4,
+    "five": 5,
+    "six": 6,
+    "seven": 7,
+    "eight": 8,
+    "nine": 9,
+    "ten": 10,
+}
 
 
 def contradicts_facts(answer: str, facts: Sequence[dict]) -> bool:
@@ -149,14 +183,24 @@ class HallucinationMonitor:
     or asks to stop, and logs why. ``history`` keeps every decision.
     """
 
-    def __init__(self, cfg: MonitorConfig, threshold: float,
-                 contradicts: Callable[[str, Sequence[dict]], bool] = contradicts_facts):
+    def __init__(
+        self,
+        cfg: MonitorConfig,
+        threshold: float,
+        contradicts: Callable[[str, Sequence[dict]], bool] = contradicts_facts,
+    ):
         self.cfg, self.threshold, self.contradicts = cfg, threshold, contradicts
         self.history: list[Decision] = []
         self._bad_streak = 0
 
-    def evaluate(self, step: int, answers: Sequence[str], facts: Sequence[Sequence[dict]],
-                 correct: Sequence[float] | None = None, rm_scores: Sequence[float] | None = None) -> Decision:
+    def evaluate(
+        self,
+        step: int,
+        answers: Sequence[str],
+        facts: Sequence[Sequence[dict]],
+        correct: Sequence[float] | None = None,
+        rm_scores: Sequence[float] | None = None,
+    ) -> Decision:
         c = self.cfg
         contra = float(np.mean([self.contradicts(a, f) for a, f in zip(answers, facts)])) if answers else 0.0
         rm_wrong = 0.0
@@ -168,8 +212,10 @@ class HallucinationMonitor:
         if contra > c.max_contradiction_rate:
             reasons.append(f"contradiction rate {contra:.1%} > {c.max_contradiction_rate:.1%}")
         if rm_wrong > c.max_rm_high_on_wrong:
-            reasons.append(f"reward model scores {rm_wrong:.1%} of wrong answers above {c.rm_high:g} "
-                           f"(> {c.max_rm_high_on_wrong:.1%})")
+            reasons.append(
+                f"reward model scores {rm_wrong:.1%} of wrong answers above {c.rm_high:g} "
+                f"(> {c.max_rm_high_on_wrong:.1%})"
+            )
         self._bad_streak = self._bad_streak + 1 if reasons else 0
         action = "continue"
         if reasons and self._bad_streak >= c.patience:
@@ -177,8 +223,13 @@ class HallucinationMonitor:
             if action == "raise_threshold":
                 self.threshold += c.threshold_step
             self._bad_streak = 0
-            log.warning("hallucination monitor at step %d: %s -> %s (threshold now %g)", step, "; ".join(reasons),
-                        action, self.threshold)
+            log.warning(
+                "hallucination monitor at step %d: %s -> %s (threshold now %g)",
+                step,
+                "; ".join(reasons),
+                action,
+                self.threshold,
+            )
         d = Decision(step, action, contra, rm_wrong, self.threshold, "; ".join(reasons))
         self.history.append(d)
         return d

@@ -22,8 +22,12 @@ def combine(rule: np.ndarray, fmt: np.ndarray, rm: np.ndarray | None, cfg: Hybri
     fmt = np.asarray(fmt, np.float32)
     gated = rule * (fmt > 0) if cfg.gate_rule_on_format else rule
     total = cfg.w_rule * gated + cfg.w_format * fmt
-    metrics = {"reward_rule": float(rule.mean()), "reward_format": float(fmt.mean()),
-               "accuracy": float((rule > 0).mean()), "reward_rule_gated": float(gated.mean())}
+    metrics = {
+        "reward_rule": float(rule.mean()),
+        "reward_format": float(fmt.mean()),
+        "accuracy": float((rule > 0).mean()),
+        "reward_rule_gated": float(gated.mean()),
+    }
     if rm is not None:
         rm = np.asarray(rm, np.float32)
         total = total + cfg.w_rm * rm

@@ -46,19 +46,35 @@ class _Fail(Exception):
 
 
 class RemoteScorer:
-    def __init__(self, url: str, *, batch_size: int = 16, timeout: float = 30.0, retries: int = 3,
-                 backoff: float = 0.5, max_backoff: float = 8.0, deadline: float | None = None,
-                 breaker_after: int = 5, breaker_cooldown: float = 60.0):
+    def __init__(
+        self,
+        url: str,
+        *,
+        batch_size: int = 16,
+        timeout: float = 30.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        max_backoff: float = 8.0,
+        deadline: float | None = None,
+        breaker_after: int = 5,
+        breaker_cooldown: float = 60.0,
+    ):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"reward server url: expected http(s)://host[:port]/path, got {url!r}")
-        for name, v in (("timeout", timeout), ("backoff", backoff), ("max_backoff", max_backoff),
-                        ("breaker_cooldown", breaker_cooldown)) + ((("deadline", deadline),) if deadline else ()):
+        for name, v in (
+            ("timeout", timeout),
+            ("backoff", backoff),
+            ("max_backoff", max_backoff),
+            ("breaker_cooldown", breaker_cooldown),
+        ) + ((("deadline", deadline),) if deadline else ()):
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"RemoteScorer.{name}: must be a finite number >= 0, got {v!r}")
         if batch_size < 1 or retries < 0 or breaker_after < 0:
-            raise ValueError(f"RemoteScorer: need batch_size >= 1, retries >= 0, breaker_after >= 0 (0: no breaker), "
-                             f"got {batch_size}, {retries}, {breaker_after}")
+            raise ValueError(
+                f"RemoteScorer: need batch_size >= 1, retries >= 0, breaker_after >= 0 (0: no breaker), "
+                f"got {batch_size}, {retries}, {breaker_after}"
+            )
         self.url, self._parts = url, parts
         self.batch_size, self.timeout, self.deadline = batch_size, timeout, deadline or timeout
         self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
@@ -88,8 +104,12 @@ class RemoteScorer:
         watchdog.start()
         try:
             path = p.path or "/"
-            conn.request("POST", path + (f"?{p.query}" if p.query else ""), body=body,
-                         headers={"Content-Type": "application/json"})
+            conn.request(
+                "POST",
+                path + (f"?{p.query}" if p.query else ""),
+                body=body,
+                headers={"Content-Type": "application/json"},
+            )
             resp = conn.getresponse()
             data = resp.read()
             if expired.is_set():
@@ -162,8 +182,12 @@ class RemoteScorer:
         if self.breaker_after and self._failed_in_a_row >= self.breaker_after:
             self._open_until = time.monotonic() + self.breaker_cooldown
             self.stats["breaker_opened"] += 1
-            log.warning("reward server %s: %d failed batches in a row, not called for %g s", self.url,
-                        self._failed_in_a_row, self.breaker_cooldown)
+            log.warning(
+                "reward server %s: %d failed batches in a row, not called for %g s",
+                self.url,
+                self._failed_in_a_row,
+                self.breaker_cooldown,
+            )
         return None
 
     @property
@@ -174,7 +198,7 @@ class RemoteScorer:
         """Scores in order; None for items whose batch failed."""
         out: list[float | None] = []
         for i in range(0, len(items), self.batch_size):
-            chunk = list(items[i:i + self.batch_size])
+            chunk = list(items[i : i + self.batch_size])
             res = self._post(chunk)
             out.extend(res if res is not None else [None] * len(chunk))
         self.stats["items"] += len(items)
@@ -187,7 +211,7 @@ class RemoteScorer:
         scores = self.score(flat)
         out, k = [], 0
         for g in groups:
-            s = scores[k:k + len(g)]
+            s = scores[k : k + len(g)]
             k += len(g)
             if any(x is None for x in s):
                 self.stats["skipped_groups"] += 1

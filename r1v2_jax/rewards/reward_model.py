@@ -29,8 +29,9 @@ class RewardModel(nn.Module):
 
     def setup(self):
         self.backbone = R1V2(self.config)
-        self.value_head = Linear(1, ("embed", None), use_bias=True, dtype=jnp.float32,
-                                 kernel_init=nn.initializers.normal(0.01))
+        self.value_head = Linear(
+            1, ("embed", None), use_bias=True, dtype=jnp.float32, kernel_init=nn.initializers.normal(0.01)
+        )
 
     def __call__(self, input_ids, pixel_values=None, attention_mask=None) -> jax.Array:
         """input_ids i32[B, T]; attention_mask [B, T] (1 = real) -> scores f32[B]."""
@@ -55,7 +56,9 @@ def bradley_terry_loss(r_pos: jax.Array, r_neg: jax.Array) -> tuple[LossSum, dic
     """−log σ(r⁺ − r⁻) per pair, as (sum, count); metrics: pairwise accuracy and margin."""
     loss = -jax.nn.log_sigmoid(r_pos - r_neg)
     return LossSum(loss.sum(), jnp.asarray(loss.shape[0], jnp.float32)), {
-        "bt_accuracy": (r_pos > r_neg).astype(jnp.float32).mean(), "bt_margin": (r_pos - r_neg).mean()}
+        "bt_accuracy": (r_pos > r_neg).astype(jnp.float32).mean(),
+        "bt_margin": (r_pos - r_neg).mean(),
+    }
 
 
 def make_scorer(config: ModelConfig):

@@ -23,8 +23,9 @@ import time
 import weakref
 from typing import Any, Callable, Sequence
 
-_ANSWER_IS = re.compile(r"(?:final answer|the answer|answer)\s*(?:is|:)\s*[:\s]*(.+?)(?:\.\s*$|\n|$)",
-                        re.IGNORECASE | re.MULTILINE)
+_ANSWER_IS = re.compile(
+    r"(?:final answer|the answer|answer)\s*(?:is|:)\s*[:\s]*(.+?)(?:\.\s*$|\n|$)", re.IGNORECASE | re.MULTILINE
+)
 _SCI = re.compile(r"[-+]?\d+(?:\.\d+)?[eE][-+]?\d+")
 # LaTeX text wrappers whose content is what a model means: \text{B}, \mathrm{(C)}, \textbf{D}
 _TEX_WRAP = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|mathsf|operatorname|mbox)\s*\{([^{}]*)\}")
@@ -32,12 +33,16 @@ _FINAL_HEADING = re.compile(r"final\s+answer", re.IGNORECASE)
 _ANSWER_PHRASE = re.compile(
     r"(?:(?:final answer|correct (?:answer|option|choice)|best (?:answer|option|choice)|the answer|answer"
     r"|my (?:answer|choice))\s*(?:is|:|would be|should be|will be)|i (?:choose|pick|select|go with))"
-    r"\s*[:\s]*(.+)", re.IGNORECASE)
+    r"\s*[:\s]*(.+)",
+    re.IGNORECASE,
+)
 # A letter set off as an answer, anywhere: "(C)", "[C]", "**C**", "option C", "C." / "C)" / "C:"
 # after a space or line start, or a letter alone on its line.
 _STANDALONE = re.compile(
     r"\(([A-Z])\)|\[([A-Z])\]|\*\*\(?([A-Z])\)?\*\*|__([A-Z])__|(?i:option|choice)\s+\(?([A-Z])\b"
-    r"|(?:^|(?<=\s))([A-Z])[.):](?=\s|$)|^[ \t]*([A-Z])[ \t]*$", re.MULTILINE)
+    r"|(?:^|(?<=\s))([A-Z])[.):](?=\s|$)|^[ \t]*([A-Z])[ \t]*$",
+    re.MULTILINE,
+)
 
 
 def _untex(text: str) -> str:
@@ -55,13 +60,12 @@ def _norm(text: str) -> str:
 
 
 def _letter_at_start(text: str, letters: set[str]) -> str | None:
-    """"B", "(B)", "[B]", "**B**", "B.", "B) text", "B: text", "Option B ..." -> "B"."""
-    m = re.match(r"^(?:option|choice)?[\s\(\[\*_]*([A-Za-z])\s*[\)\]\*_]*(?:[.):,;]|\s|$)", text.strip(),
-                 re.IGNORECASE)
+    """ "B", "(B)", "[B]", "**B**", "B.", "B) text", "B: text", "Option B ..." -> "B"."""
+    m = re.match(r"^(?:option|choice)?[\s\(\[\*_]*([A-Za-z])\s*[\)\]\*_]*(?:[.):,;]|\s|$)", text.strip(), re.IGNORECASE)
     if not m:
         return None
     x = m.group(1)
-    rest = text.strip()[m.end():].strip()
+    rest = text.strip()[m.end() :].strip()
     # a lone lower-case letter counts ("\boxed{b}"); one followed by more words is a word ("a red circle")
     if x.islower() and rest:
         return None
@@ -111,7 +115,7 @@ def last_boxed(text: str) -> str | None:
             start = stack.pop()
             if start in opens and (best is None or start > best[0]):
                 best = (start, i)
-    return None if best is None else text[best[0] + 1:best[1]].strip()
+    return None if best is None else text[best[0] + 1 : best[1]].strip()
 
 
 def extract_answer(completion: str) -> str:
@@ -153,7 +157,7 @@ def extract_choice(completion: str, choices: Sequence[str] = ()) -> str | None:
     text = after_thinking(completion)
     heads = list(_FINAL_HEADING.finditer(text))
     if heads:
-        text = text[heads[-1].start():]
+        text = text[heads[-1].start() :]
     n = len(choices) if choices else 26
     letters = {chr(65 + i) for i in range(n)}
     boxed = last_boxed(text)
@@ -173,7 +177,7 @@ def extract_choice(completion: str, choices: Sequence[str] = ()) -> str | None:
     if found:
         return found[-1]
     lines = [ln for ln in plain.splitlines() if ln.strip()]
-    for cand in ([plain, lines[-1]] if lines else []):
+    for cand in [plain, lines[-1]] if lines else []:
         low = _norm(cand)
         for i, c in enumerate(choices):
             if c and (low == _norm(c) or low.endswith(" " + _norm(c))):
@@ -257,8 +261,9 @@ class VerifierConfig:
         if int(self.num_workers) != self.num_workers or self.num_workers < 1:
             raise ValueError(f"verifier.num_workers: must be an integer >= 1, got {self.num_workers!r}")
         if not (math.isfinite(self.startup_timeout) and self.startup_timeout > 0):
-            raise ValueError(f"verifier.startup_timeout: must be a finite number of seconds > 0, "
-                             f"got {self.startup_timeout!r}")
+            raise ValueError(
+                f"verifier.startup_timeout: must be a finite number of seconds > 0, got {self.startup_timeout!r}"
+            )
 
 
 @dataclasses.dataclass
@@ -295,8 +300,16 @@ class VerifierPool:
     math-verify missing) is a RuntimeError: silently scoring everything 0 would be worse.
     """
 
-    def __init__(self, num_workers: int = 2, timeout: float = 5.0, fn: Callable = _worker_check, *,
-                 startup_timeout: float = 300.0, warm_up: Callable | None = _warm_up, start: bool = True):
+    def __init__(
+        self,
+        num_workers: int = 2,
+        timeout: float = 5.0,
+        fn: Callable = _worker_check,
+        *,
+        startup_timeout: float = 300.0,
+        warm_up: Callable | None = _warm_up,
+        start: bool = True,
+    ):
         self.cfg = VerifierConfig(timeout=timeout, num_workers=num_workers, startup_timeout=startup_timeout)
         self.fn, self.warm_up = fn, warm_up
         self.errors: collections.Counter = collections.Counter()
@@ -319,8 +332,9 @@ class VerifierPool:
         """Start the missing workers (returns at once; they warm up in the background)."""
         while len(self._workers) < self.cfg.num_workers:
             parent, child = self._ctx.Pipe()
-            proc = self._ctx.Process(target=_worker_loop, args=(child, self.fn, self.warm_up), daemon=True,
-                                     name="r1v2-verifier")
+            proc = self._ctx.Process(
+                target=_worker_loop, args=(child, self.fn, self.warm_up), daemon=True, name="r1v2-verifier"
+            )
             proc.start()
             child.close()
             self._workers.append(_Worker(proc, parent, time.monotonic()))
@@ -355,8 +369,9 @@ class VerifierPool:
             oldest = min(w.started for w in self._workers)
             if now - oldest > self.cfg.startup_timeout:
                 self.close()
-                raise RuntimeError(f"verifier pool: no worker ready after {self.cfg.startup_timeout:g} s "
-                                   "(verifier.startup_timeout)")
+                raise RuntimeError(
+                    f"verifier pool: no worker ready after {self.cfg.startup_timeout:g} s (verifier.startup_timeout)"
+                )
             waits.append(oldest + self.cfg.startup_timeout - now)
         by_conn = {id(w.conn): w for w in self._workers}
         for conn in mp_connection.wait([w.conn for w in self._workers], timeout=max(0.0, min(waits))):

@@ -12,8 +12,9 @@ import jax.numpy as jnp
 ADVANTAGE_MODES = ("grpo", "drgrpo", "rloo")
 
 
-def group_advantages(rewards: jax.Array, group_size: int, *, mode: str = "grpo", std_ddof: int = 1,
-                     eps: float = 1e-6) -> jax.Array:
+def group_advantages(
+    rewards: jax.Array, group_size: int, *, mode: str = "grpo", std_ddof: int = 1, eps: float = 1e-6
+) -> jax.Array:
     """Advantages within each group of ``group_size`` samples.
 
     * ``grpo``:   (r − mean) / (std + eps), std with ``std_ddof`` (1 = unbiased, as peers use);
@@ -43,7 +44,7 @@ def group_advantages(rewards: jax.Array, group_size: int, *, mode: str = "grpo",
         adv = centred * (group_size / (group_size - 1))
     # All-equal groups: exactly zero (the float mean of equal values can differ from them by
     # an ulp, which std normalisation would blow up to O(1)).
-    flat = (r.max(axis=1, keepdims=True) == r.min(axis=1, keepdims=True))
+    flat = r.max(axis=1, keepdims=True) == r.min(axis=1, keepdims=True)
     return jnp.where(flat, 0.0, adv).reshape(n)
 
 

@@ -59,16 +59,23 @@ class PolicyLossConfig:
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ValueError(f"dual_clip: must be > 1 (or None), got {self.dual_clip}")
         if self.clip_low < 0 or self.clip_high < 0 or self.clip_low >= 1:
-            raise ValueError(f"clip_low/clip_high: need 0 <= clip_low < 1 and clip_high >= 0, "
-                             f"got {self.clip_low}, {self.clip_high}")
+            raise ValueError(
+                f"clip_low/clip_high: need 0 <= clip_low < 1 and clip_high >= 0, got {self.clip_low}, {self.clip_high}"
+            )
         if self.kl_log_ratio_clamp <= 0 or self.kl_max <= 0:
             raise ValueError(f"kl_log_ratio_clamp/kl_max: must be > 0, got {self.kl_log_ratio_clamp}, {self.kl_max}")
         if self.aggregation == "seq-mean-token-sum-norm" and not self.norm_tokens:
             raise ValueError("aggregation seq-mean-token-sum-norm needs norm_tokens (e.g. max new tokens)")
 
 
-def kl_penalty(logp: jax.Array, ref_logp: jax.Array, estimator: str = "k3", mask: jax.Array | None = None,
-               log_ratio_clamp: float = 20.0, k3_max: float = 10.0) -> jax.Array:
+def kl_penalty(
+    logp: jax.Array,
+    ref_logp: jax.Array,
+    estimator: str = "k3",
+    mask: jax.Array | None = None,
+    log_ratio_clamp: float = 20.0,
+    k3_max: float = 10.0,
+) -> jax.Array:
     """Per-token estimate of KL(π‖π_ref) from samples of π.
 
     k1 = logπ − logπ_ref;  k2 = ½ (logπ − logπ_ref)²;
@@ -130,9 +137,15 @@ def _masked_mean(x, m):
     return (x * m).sum() / jnp.maximum(m.sum(), 1.0)
 
 
-def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: jax.Array,
-                cfg: PolicyLossConfig, ref_logp: jax.Array | None = None,
-                entropy: jax.Array | None = None) -> tuple[LossSum, dict[str, jax.Array]]:
+def policy_loss(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    advantages: jax.Array,
+    mask: jax.Array,
+    cfg: PolicyLossConfig,
+    ref_logp: jax.Array | None = None,
+    entropy: jax.Array | None = None,
+) -> tuple[LossSum, dict[str, jax.Array]]:
     """GRPO's clipped surrogate (+ optional KL), aggregated.
 
     logp: f32[N, T] log-probs of the sampled tokens under the policy being trained;

@@ -66,9 +66,16 @@ def implicit_rewards(policy_logp: jax.Array, ref_logp: jax.Array, cfg: MPOConfig
     return cfg.beta * (policy_logp - ref_logp)
 
 
-def mpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: jax.Array, ref_rejected: jax.Array,
-             chosen_tokens: jax.Array, delta: jax.Array, cfg: MPOConfig,
-             tokens_per_pair: jax.Array | None = None) -> tuple[LossSum, dict[str, jax.Array]]:
+def mpo_loss(
+    policy_chosen: jax.Array,
+    policy_rejected: jax.Array,
+    ref_chosen: jax.Array,
+    ref_rejected: jax.Array,
+    chosen_tokens: jax.Array,
+    delta: jax.Array,
+    cfg: MPOConfig,
+    tokens_per_pair: jax.Array | None = None,
+) -> tuple[LossSum, dict[str, jax.Array]]:
     """MPO over a batch of B pairs.
 
     policy_*/ref_*: f32[B] sequence log-probs (sums over the response tokens) of the chosen
@@ -93,9 +100,14 @@ def mpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: j
     per_pair = cfg.w_pref * pref + cfg.w_quality * quality + cfg.w_gen * gen
     b = per_pair.shape[0]
     metrics = {
-        "pref_loss": pref.mean(), "quality_loss": quality.mean(), "gen_loss": gen.mean(),
-        "reward_chosen": r_c.mean(), "reward_rejected": r_r.mean(), "reward_margin": (r_c - r_r).mean(),
-        "reward_accuracy": (r_c > r_r).astype(jnp.float32).mean(), "bco_delta": d,
+        "pref_loss": pref.mean(),
+        "quality_loss": quality.mean(),
+        "gen_loss": gen.mean(),
+        "reward_chosen": r_c.mean(),
+        "reward_rejected": r_r.mean(),
+        "reward_margin": (r_c - r_r).mean(),
+        "reward_accuracy": (r_c > r_r).astype(jnp.float32).mean(),
+        "bco_delta": d,
     }
     return LossSum(per_pair.sum(), jnp.asarray(b, jnp.float32)), metrics
 
@@ -106,8 +118,9 @@ def batch_reward_mean(reward_chosen: jax.Array, reward_rejected: jax.Array) -> j
     return jax.lax.stop_gradient(jnp.concatenate([reward_chosen, reward_rejected]).mean())
 
 
-def bco_delta_update(delta: jax.Array, count: jax.Array, batch_mean: jax.Array,
-                     cfg: MPOConfig) -> tuple[jax.Array, jax.Array]:
+def bco_delta_update(
+    delta: jax.Array, count: jax.Array, batch_mean: jax.Array, cfg: MPOConfig
+) -> tuple[jax.Array, jax.Array]:
     """(δ, batches seen) after one more batch whose mean reward is ``batch_mean``.
 
     running_mean: δ' = δ + (x − δ) / (n + 1) (δ_1 = x_1 exactly);

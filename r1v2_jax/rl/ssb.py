@@ -78,17 +78,23 @@ def ssb_init(capacity: int, example: Any) -> SSBState:
     """An empty buffer whose payload entries look like one item of ``example`` (a pytree of
     arrays with a leading sample axis, or of ShapeDtypeStructs)."""
     payload = jax.tree.map(lambda x: jnp.zeros((capacity,) + tuple(x.shape[1:]), x.dtype), example)
-    return SSBState(payload=payload, advantage=jnp.zeros((capacity,), jnp.float32),
-                    reward=jnp.zeros((capacity,), jnp.float32), age=jnp.zeros((capacity,), jnp.int32),
-                    uses=jnp.zeros((capacity,), jnp.int32), valid=jnp.zeros((capacity,), bool))
+    return SSBState(
+        payload=payload,
+        advantage=jnp.zeros((capacity,), jnp.float32),
+        reward=jnp.zeros((capacity,), jnp.float32),
+        age=jnp.zeros((capacity,), jnp.int32),
+        uses=jnp.zeros((capacity,), jnp.int32),
+        valid=jnp.zeros((capacity,), bool),
+    )
 
 
 def _live(state: SSBState, cfg: SSBConfig) -> jax.Array:
     return state.valid & (state.age < cfg.max_age) & (state.uses < cfg.reuse_limit)
 
 
-def ssb_add(state: SSBState, payload: Any, advantage: jax.Array, reward: jax.Array,
-            cfg: SSBConfig) -> tuple[SSBState, dict[str, jax.Array]]:
+def ssb_add(
+    state: SSBState, payload: Any, advantage: jax.Array, reward: jax.Array, cfg: SSBConfig
+) -> tuple[SSBState, dict[str, jax.Array]]:
     """Age the buffer by one step, then insert the informative samples of a new batch.
 
     payload: pytree of [N, ...]; advantage, reward: f32[N]. Entries past ``max_age`` or
@@ -121,8 +127,12 @@ def ssb_add(state: SSBState, payload: Any, advantage: jax.Array, reward: jax.Arr
         valid=valid,
     )
     stored_new = (order >= c) & valid
-    metrics = dict(ssb_added=stored_new.sum(), ssb_candidates=new_ok.sum(),
-                   ssb_dropped=(keep_old.sum() + new_ok.sum() - valid.sum()), **ssb_metrics(new_state))
+    metrics = dict(
+        ssb_added=stored_new.sum(),
+        ssb_candidates=new_ok.sum(),
+        ssb_dropped=(keep_old.sum() + new_ok.sum() - valid.sum()),
+        **ssb_metrics(new_state),
+    )
     return new_state, metrics
 
 
@@ -145,8 +155,9 @@ def ssb_sample(state: SSBState, key: jax.Array, k: int, cfg: SSBConfig) -> tuple
     return idx.astype(jnp.int32), total > 0
 
 
-def ssb_mix(state: SSBState, payload: Any, advantage: jax.Array, key: jax.Array,
-            cfg: SSBConfig) -> tuple[Any, jax.Array, SSBState, dict[str, jax.Array]]:
+def ssb_mix(
+    state: SSBState, payload: Any, advantage: jax.Array, key: jax.Array, cfg: SSBConfig
+) -> tuple[Any, jax.Array, SSBState, dict[str, jax.Array]]:
     """Replace zero-advantage samples of a batch by buffer draws until ``target_share`` of the
     batch is informative (or the buffer runs dry).
 
@@ -165,7 +176,8 @@ def ssb_mix(state: SSBState, payload: Any, advantage: jax.Array, key: jax.Array,
     replace = (~informative) & (rank < need)
     src = jnp.take(draws, jnp.clip(rank, 0, b - 1))
     pick = lambda batch, buf: jnp.where(  # noqa: E731
-        replace.reshape((b,) + (1,) * (batch.ndim - 1)), jnp.take(buf, src, axis=0).astype(batch.dtype), batch)
+        replace.reshape((b,) + (1,) * (batch.ndim - 1)), jnp.take(buf, src, axis=0).astype(batch.dtype), batch
+    )
     mixed = jax.tree.map(pick, payload, state.payload)
     mixed_adv = pick(advantage.astype(jnp.float32), state.advantage)
     uses = state.uses.at[src].add(replace.astype(jnp.int32))
@@ -182,14 +194,17 @@ def ssb_mix(state: SSBState, payload: Any, advantage: jax.Array, key: jax.Array,
 def ssb_metrics(state: SSBState) -> dict[str, jax.Array]:
     v = state.valid.astype(jnp.float32)
     n = jnp.maximum(v.sum(), 1.0)
-    return dict(ssb_fill=v.mean(), ssb_mean_age=(state.age * v).sum() / n,
-                ssb_mean_uses=(state.uses * v).sum() / n, ssb_max_uses=jnp.max(jnp.where(state.valid, state.uses, 0)),
-                ssb_mean_abs_adv=(jnp.abs(state.advantage) * v).sum() / n)
+    return dict(
+        ssb_fill=v.mean(),
+        ssb_mean_age=(state.age * v).sum() / n,
+        ssb_mean_uses=(state.uses * v).sum() / n,
+        ssb_max_uses=jnp.max(jnp.where(state.valid, state.uses, 0)),
+        ssb_mean_abs_adv=(jnp.abs(state.advantage) * v).sum() / n,
+    )
 
 
 def ssb_shardings(state: SSBState, mesh, rules=None):
     """NamedShardings putting every buffer array's capacity axis on the batch mesh axes."""
-
 
     rules = rules or DEFAULT_RULES
 

@@ -116,9 +116,11 @@ class PagedEngine:
         idx = jnp.clip(p - plen[:, None] + jnp.arange(n * ps)[None], 0, p - 1)  # [A, n*ps]
         new = []
         for layer, (kp, vp) in enumerate(pools):
+
             def paged(x, layer=layer):
                 x = jnp.take_along_axis(x[layer], idx[:, :, None, None], axis=1)  # [A, n*ps, H, d]
                 return x.reshape(a, n, ps, *x.shape[2:]).astype(self.kv_dtype)
+
             new.append((kp.at[pages].set(paged(k)), vp.at[pages].set(paged(v))))
         prompt_logits = prompt_logits.at[rows].set(logits.astype(jnp.float32), mode="drop")
         return new, prompt_logits
@@ -134,8 +136,10 @@ class PagedEngine:
         """
         cfg = self.model.config
         k_steps, ps = self.cfg.steps_per_sync, self.cfg.page_size
-        pools = [(kp.at[admit["cow_dst"]].set(kp[admit["cow_src"]]), vp.at[admit["cow_dst"]].set(vp[admit["cow_src"]]))
-                 for kp, vp in pools]
+        pools = [
+            (kp.at[admit["cow_dst"]].set(kp[admit["cow_src"]]), vp.at[admit["cow_dst"]].set(vp[admit["cow_src"]]))
+            for kp, vp in pools
+        ]
         new = admit["new"]
         state = dict(state, logits=jnp.where(new[:, None], prompt_logits[admit["row"]], state["logits"]))
         if state["presence"] is not None:
@@ -169,8 +173,11 @@ class PagedEngine:
             out = tuple(o.at[:, j].set(x_) for o, x_ in zip(out, (tok, lp, ref)))
             return [(c.k_pages, c.v_pages) for c in caches], st, out
 
-        out = (jnp.full((s, k_steps), sp.pad_id, jnp.int32), jnp.zeros((s, k_steps), jnp.float32),
-               jnp.zeros((s, k_steps), jnp.float32))
+        out = (
+            jnp.full((s, k_steps), sp.pad_id, jnp.int32),
+            jnp.zeros((s, k_steps), jnp.float32),
+            jnp.zeros((s, k_steps), jnp.float32),
+        )
         pools, state, out = jax.lax.fori_loop(0, k_steps, body, (pools, state, out))
         return pools, state, out
 
@@ -186,8 +193,17 @@ class PagedEngine:
         """Sample with new parameters (same shapes: nothing recompiles)."""
         self.model.params = params
 
-    def __call__(self, input_ids, *, pixel_values=None, attention_mask=None, sp: SamplingParams,
-                 num_samples: int = 1, seed: int = 0, order=None) -> SampleOutput:
+    def __call__(
+        self,
+        input_ids,
+        *,
+        pixel_values=None,
+        attention_mask=None,
+        sp: SamplingParams,
+        num_samples: int = 1,
+        seed: int = 0,
+        order=None,
+    ) -> SampleOutput:
         """Sample ``num_samples`` continuations of each prompt (see the module docstring).
 
         pixel_values: None or per-prompt tiles f[B, K, 3, S, S]. ``order``: the queue order as
@@ -212,16 +228,22 @@ class PagedEngine:
         prompt_pages_max = pages_for(p, ps)
         num_pages = c.num_pages or 1 + s_n * (max_pages + prompt_pages_max)
         pool = PagePool(num_pages)
-        pools = init_pools(mc.text.num_layers, num_pages, ps, mc.text.num_kv_heads, mc.text.resolved_head_dim,
-                           self.kv_dtype)
+        pools = init_pools(
+            mc.text.num_layers, num_pages, ps, mc.text.num_kv_heads, mc.text.resolved_head_dim, self.kv_dtype
+        )
         dparams = self.decode_params()
         vocab = mc.text.vocab_size
         prompt_logits = jnp.zeros((b, vocab), jnp.float32)
         penalty = sp.repetition_penalty != 1.0
-        state = dict(logits=jnp.zeros((s_n, vocab), jnp.float32),
-                     presence=jnp.zeros((s_n, vocab), bool) if penalty else None,
-                     gen=jnp.zeros(s_n, jnp.int32), ctx=jnp.zeros(s_n, jnp.int32), done=jnp.ones(s_n, bool),
-                     prompt=jnp.zeros(s_n, jnp.int32), g=jnp.zeros(s_n, jnp.int32))
+        state = dict(
+            logits=jnp.zeros((s_n, vocab), jnp.float32),
+            presence=jnp.zeros((s_n, vocab), bool) if penalty else None,
+            gen=jnp.zeros(s_n, jnp.int32),
+            ctx=jnp.zeros(s_n, jnp.int32),
+            done=jnp.ones(s_n, bool),
+            prompt=jnp.zeros(s_n, jnp.int32),
+            g=jnp.zeros(s_n, jnp.int32),
+        )
         queue = list(range(n_rows)) if order is None else [int(i) for i in order]
         if sorted(queue) != list(range(n_rows)):
             raise ValueError(f"order: must be a permutation of range({n_rows})")
@@ -249,8 +271,10 @@ class PagedEngine:
                 reserved += need
                 smp.reserve = need
             if not admitted and all(x is None for x in slot_of):
-                raise ValueError(f"EngineConfig.num_pages: {num_pages} pages cannot hold one sample's worst case "
-                                 f"(prompt {p} + {sp.max_new_tokens} new tokens in pages of {ps})")
+                raise ValueError(
+                    f"EngineConfig.num_pages: {num_pages} pages cannot hold one sample's worst case "
+                    f"(prompt {p} + {sp.max_new_tokens} new tokens in pages of {ps})"
+                )
             new_prompts = sorted({samples[slot_of[sl]].prompt for sl in admitted} - set(prompt_pages))
             for q in new_prompts:  # allocate their pages (charged to the first sample's reservation)
                 first = next(samples[slot_of[sl]] for sl in admitted if samples[slot_of[sl]].prompt == q)
@@ -265,12 +289,25 @@ class PagedEngine:
                 src = np.minimum(rows, b - 1)
                 pg = np.zeros((a, prompt_pages_max), np.int32)
                 for r, q in enumerate(new_prompts):
-                    pg[r, :len(prompt_pages[q])] = prompt_pages[q]
-                pools, prompt_logits = self._prefill(self.model.params, pools, prompt_logits, ids[src], mask[src],
-                                                     None if pix is None else pix[src], pg, rows)
-            admit = dict(new=np.zeros(s_n, bool), row=np.zeros(s_n, np.int32), cow_src=np.zeros(s_n, np.int32),
-                         cow_dst=np.zeros(s_n, np.int32), prompt_ids=np.zeros((s_n, p), np.int32),
-                         prompt_mask=np.zeros((s_n, p), bool))
+                    pg[r, : len(prompt_pages[q])] = prompt_pages[q]
+                pools, prompt_logits = self._prefill(
+                    self.model.params,
+                    pools,
+                    prompt_logits,
+                    ids[src],
+                    mask[src],
+                    None if pix is None else pix[src],
+                    pg,
+                    rows,
+                )
+            admit = dict(
+                new=np.zeros(s_n, bool),
+                row=np.zeros(s_n, np.int32),
+                cow_src=np.zeros(s_n, np.int32),
+                cow_dst=np.zeros(s_n, np.int32),
+                prompt_ids=np.zeros((s_n, p), np.int32),
+                prompt_mask=np.zeros((s_n, p), bool),
+            )
             st_host = {k: np.array(v) for k, v in state.items() if k in ("gen", "ctx", "done", "prompt", "g")}
             for sl in admitted:
                 smp = samples[slot_of[sl]]
@@ -314,10 +351,11 @@ class PagedEngine:
             table = np.zeros((s_n, n), np.int32)
             for sl, i in enumerate(slot_of):
                 if i is not None:
-                    table[sl, :len(samples[i].pages)] = samples[i].pages
+                    table[sl, : len(samples[i].pages)] = samples[i].pages
             state = dict(state, **{k: jnp.asarray(v) for k, v in st_host.items()})
-            pools, state, (tok, lp, ref) = self._block(dparams, pools, state, prompt_logits, admit, table,
-                                                       jnp.uint32(seed), sp=sp)
+            pools, state, (tok, lp, ref) = self._block(
+                dparams, pools, state, prompt_logits, admit, table, jnp.uint32(seed), sp=sp
+            )
             steps += k_steps
             blocks += 1
             # 3. the host reads back this block's tokens; finished samples give their pages back
@@ -340,10 +378,17 @@ class PagedEngine:
                     prompt_left[smp.prompt] -= 1
                     if prompt_left[smp.prompt] == 0:  # its last sample: the prompt's pages go back
                         pool.release(prompt_pages.pop(smp.prompt))
-        self.stats = dict(decode_steps=steps, blocks=blocks, prefill_batches=prefill_rows, peak_pages=pool.peak,
-                          pages_in_use_at_end=pool.in_use, cow_copies=cow,
-                          num_pages=num_pages, page_bytes=self.page_bytes(), dense_bytes=self.dense_bytes(
-                              n_rows, -(-(p + sp.max_new_tokens) // c.bucket) * c.bucket))
+        self.stats = dict(
+            decode_steps=steps,
+            blocks=blocks,
+            prefill_batches=prefill_rows,
+            peak_pages=pool.peak,
+            pages_in_use_at_end=pool.in_use,
+            cow_copies=cow,
+            num_pages=num_pages,
+            page_bytes=self.page_bytes(),
+            dense_bytes=self.dense_bytes(n_rows, -(-(p + sp.max_new_tokens) // c.bucket) * c.bucket),
+        )
         return self._output(samples, ids, mask, t, sp, n_rows)
 
     def page_bytes(self) -> int:
@@ -354,8 +399,15 @@ class PagedEngine:
     def dense_bytes(self, rows: int, cache_len: int) -> int:
         """Bytes of the static sampler's dense cache for ``rows`` rows of ``cache_len`` slots."""
         t = self.model.config.text
-        return 2 * t.num_layers * rows * cache_len * t.num_kv_heads * t.resolved_head_dim * \
-            jnp.dtype(self.model.config.dtype).itemsize
+        return (
+            2
+            * t.num_layers
+            * rows
+            * cache_len
+            * t.num_kv_heads
+            * t.resolved_head_dim
+            * jnp.dtype(self.model.config.dtype).itemsize
+        )
 
     @staticmethod
     def _output(samples, ids, mask, t, sp, n_rows) -> SampleOutput:
@@ -368,7 +420,11 @@ class PagedEngine:
             out[i, :k], lp[i, :k], ref[i, :k], lengths[i], finished[i] = smp.tokens, smp.lp, smp.ref, k, smp.eos
         rep = np.repeat(ids, g_n, axis=0)
         p = ids.shape[1]
-        return SampleOutput(tokens=jnp.asarray(np.concatenate([rep[:, p - t:], out], axis=1)), logprobs=jnp.asarray(lp),
-                            ref_logprobs=jnp.asarray(ref), lengths=jnp.asarray(lengths),
-                            finished=jnp.asarray(finished),
-                            prompt_lengths=jnp.asarray(np.repeat(mask.sum(axis=1), g_n).astype(np.int32)))
+        return SampleOutput(
+            tokens=jnp.asarray(np.concatenate([rep[:, p - t :], out], axis=1)),
+            logprobs=jnp.asarray(lp),
+            ref_logprobs=jnp.asarray(ref),
+            lengths=jnp.asarray(lengths),
+            finished=jnp.asarray(finished),
+            prompt_lengths=jnp.asarray(np.repeat(mask.sum(axis=1), g_n).astype(np.int32)),
+        )

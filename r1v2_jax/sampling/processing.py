@@ -77,8 +77,10 @@ class SampleOutput:
         """This host's real rows as numpy arrays (everything, on one host without a mesh)."""
 
         n = self.host_rows
-        arrays = {f: local_rows(getattr(self, f)) for f in ("tokens", "logprobs", "ref_logprobs", "lengths",
-                                                             "finished", "prompt_lengths")}
+        arrays = {
+            f: local_rows(getattr(self, f))
+            for f in ("tokens", "logprobs", "ref_logprobs", "lengths", "finished", "prompt_lengths")
+        }
         return SampleOutput(**{k: v if n is None else v[:n] for k, v in arrays.items()})
 
     @property
@@ -88,6 +90,7 @@ class SampleOutput:
 
 
 # --- logits processing (pure functions) ----------------------------------------------------
+
 
 def process_logits(logits: jax.Array, presence: jax.Array | None, sp: SamplingParams) -> jax.Array:
     """Repetition penalty -> temperature -> top-k -> top-p, as transformers applies them.
@@ -126,8 +129,9 @@ def fast_argmax(x: jax.Array) -> jax.Array:
     return jnp.minimum(idx, v - 1)
 
 
-def sample_step(logits: jax.Array, presence: jax.Array | None, keys: jax.Array,
-                sp: SamplingParams) -> tuple[jax.Array, jax.Array, jax.Array]:
+def sample_step(
+    logits: jax.Array, presence: jax.Array | None, keys: jax.Array, sp: SamplingParams
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Draw one token per row. logits: f32[B, V]; keys: [B] PRNG keys ->
     (tokens i32[B], sampling log-probs f32[B], model log-probs f32[B])."""
     processed = process_logits(logits, presence, sp)

@@ -40,6 +40,7 @@ from r1v2_jax.sampling.processing import NEG, SampleOutput, SamplingParams, proc
 
 __all__ = ["NEG", "SampleOutput", "Sampler", "SamplingParams", "generate", "process_logits", "sample_step"]
 
+
 def _left_pad(input_ids, attention_mask, bucket: int, pad_id: int):
     """Ragged or padded prompts -> (ids i32[B, P], mask bool[B, P], given length T), P a multiple of bucket."""
     if isinstance(input_ids, (list, tuple)) and input_ids and not np.isscalar(input_ids[0]):
@@ -48,7 +49,7 @@ def _left_pad(input_ids, attention_mask, bucket: int, pad_id: int):
         ids = np.full((len(rows), t), pad_id, np.int64)
         mask = np.zeros((len(rows), t), bool)
         for i, r in enumerate(rows):
-            ids[i, t - len(r):], mask[i, t - len(r):] = r, True
+            ids[i, t - len(r) :], mask[i, t - len(r) :] = r, True
     else:
         ids = np.asarray(input_ids)
         if ids.ndim != 2:
@@ -109,16 +110,34 @@ class Sampler:
 
     def lower_prefill(self, params, ids, kv_valid_prompt, pixel_values, *, cache_len: int, num_samples: int):
         """The prefill program lowered for these (abstract or concrete) arguments."""
-        return self._prefill.lower(params, ids, kv_valid_prompt, pixel_values, cache_len=cache_len,
-                                   num_samples=num_samples)
+        return self._prefill.lower(
+            params, ids, kv_valid_prompt, pixel_values, cache_len=cache_len, num_samples=num_samples
+        )
 
     def prefill_shapes(self, params, ids, kv_valid_prompt, pixel_values, *, cache_len: int, num_samples: int):
         """(logits, cache, kv_valid, ids) that prefill returns, as ShapeDtypeStructs: decode's inputs."""
-        return jax.eval_shape(lambda *a: self._prefill_impl(*a, cache_len=cache_len, num_samples=num_samples),
-                              params, ids, kv_valid_prompt, pixel_values)
+        return jax.eval_shape(
+            lambda *a: self._prefill_impl(*a, cache_len=cache_len, num_samples=num_samples),
+            params,
+            ids,
+            kv_valid_prompt,
+            pixel_values,
+        )
 
-    def lower_decode(self, params, logits, cache, kv_valid, ids, seed, prompt_index, *, num_samples: int,
-                     sp: SamplingParams, loops: int = 1):
+    def lower_decode(
+        self,
+        params,
+        logits,
+        cache,
+        kv_valid,
+        ids,
+        seed,
+        prompt_index,
+        *,
+        num_samples: int,
+        sp: SamplingParams,
+        loops: int = 1,
+    ):
         """The decode program (the whole token loop) lowered for these arguments; ``loops`` > 1
         runs the loop that many times over the same cache in one program (for costing one trip
         of its body: the difference from ``loops=1``)."""
@@ -128,8 +147,9 @@ class Sampler:
         def repeated(params, logits, cache, kv_valid, ids, seed, prompt_index, num_samples, sp):
             outs = []
             for _ in range(loops):
-                *out, cache = self._decode_impl(params, logits, cache, kv_valid, ids, seed, prompt_index,
-                                                num_samples, sp)
+                *out, cache = self._decode_impl(
+                    params, logits, cache, kv_valid, ids, seed, prompt_index, num_samples, sp
+                )
                 outs.append(out)
             return outs, cache
 
@@ -155,8 +175,9 @@ class Sampler:
             b, p = ids.shape
             kv_valid = jnp.zeros((b, cache_len), bool).at[:, :p].set(kv_valid_prompt)
             cache = init_cache(cfg.text, b, cache_len, jnp.dtype(cfg.dtype))
-            logits, cache = self.module.apply({"params": params}, ids, pixel_values, kv_valid, cache,
-                                              method=R1V2.prefill)
+            logits, cache = self.module.apply(
+                {"params": params}, ids, pixel_values, kv_valid, cache, method=R1V2.prefill
+            )
             rep = functools.partial(jnp.repeat, repeats=num_samples, axis=0)
             cache = jax.tree.map(lambda c: constrain(jnp.repeat(c, num_samples, axis=1), CACHE_AXES), cache)
             if self.layer_loop == "unrolled":
@@ -169,7 +190,8 @@ class Sampler:
             base = jax.random.key(seed)
             rows = jnp.arange(ids.shape[0])
             keys = jax.vmap(lambda i, g: jax.random.fold_in(jax.random.fold_in(base, i), g))(
-                jnp.repeat(prompt_index, num_samples), rows % num_samples)
+                jnp.repeat(prompt_index, num_samples), rows % num_samples
+            )
             return self._decode_loop(params, logits, cache, kv_valid, ids, keys, sp)
 
     def _decode_loop(self, params, logits, cache, kv_valid, ids, keys, sp):
@@ -183,9 +205,17 @@ class Sampler:
         eos = jnp.asarray(sp.eos_ids if sp.eos_ids else (-1,), jnp.int32)
         m = sp.max_new_tokens
         state = dict(
-            step=jnp.int32(0), logits=logits, cache=cache, kv_valid=kv_valid, presence=presence,
-            out=jnp.full((n, m), sp.pad_id, jnp.int32), lp=jnp.zeros((n, m), jnp.float32),
-            ref=jnp.zeros((n, m), jnp.float32), finished=jnp.zeros((n,), bool), lengths=jnp.zeros((n,), jnp.int32))
+            step=jnp.int32(0),
+            logits=logits,
+            cache=cache,
+            kv_valid=kv_valid,
+            presence=presence,
+            out=jnp.full((n, m), sp.pad_id, jnp.int32),
+            lp=jnp.zeros((n, m), jnp.float32),
+            ref=jnp.zeros((n, m), jnp.float32),
+            finished=jnp.zeros((n,), bool),
+            lengths=jnp.zeros((n,), jnp.int32),
+        )
 
         def cond(s):
             return (s["step"] < m) & ~jnp.all(s["finished"])
@@ -200,17 +230,25 @@ class Sampler:
             finished = s["finished"] | (live & jnp.isin(tok, eos))
             slot = p + step
             kv_valid = s["kv_valid"].at[:, slot].set(live)
-            new = dict(s, step=step + 1, finished=finished, lengths=s["lengths"] + live.astype(jnp.int32),
-                       out=s["out"].at[:, step].set(tok), lp=s["lp"].at[:, step].set(lp),
-                       ref=s["ref"].at[:, step].set(ref), kv_valid=kv_valid)
+            new = dict(
+                s,
+                step=step + 1,
+                finished=finished,
+                lengths=s["lengths"] + live.astype(jnp.int32),
+                out=s["out"].at[:, step].set(tok),
+                lp=s["lp"].at[:, step].set(lp),
+                ref=s["ref"].at[:, step].set(ref),
+                kv_valid=kv_valid,
+            )
             if s["presence"] is not None:
                 new["presence"] = s["presence"].at[jnp.arange(n), tok].max(live)
             positions = (prompt_len + step)[:, None]
             if self.layer_loop == "unrolled":
                 logits, cache = unrolled.decode_step(cfg, params, tok[:, None], positions, kv_valid, s["cache"], slot)
             else:
-                logits, cache = self.module.apply({"params": params}, tok[:, None], positions, kv_valid,
-                                                  s["cache"], slot, method=R1V2.decode_step)
+                logits, cache = self.module.apply(
+                    {"params": params}, tok[:, None], positions, kv_valid, s["cache"], slot, method=R1V2.decode_step
+                )
             new["logits"], new["cache"] = logits.astype(jnp.float32), cache
             return new
 
@@ -219,8 +257,16 @@ class Sampler:
         # then updates one cache in place instead of holding two.
         return s["out"], s["lp"], s["ref"], s["lengths"], s["finished"], prompt_len, s["cache"]
 
-    def __call__(self, input_ids, *, pixel_values=None, attention_mask=None, sp: SamplingParams,
-                 num_samples: int = 1, seed: int = 0) -> SampleOutput:
+    def __call__(
+        self,
+        input_ids,
+        *,
+        pixel_values=None,
+        attention_mask=None,
+        sp: SamplingParams,
+        num_samples: int = 1,
+        seed: int = 0,
+    ) -> SampleOutput:
         """Sample ``num_samples`` continuations of each prompt.
 
         With a mesh on the model, the prompts (and per-row ``pixel_values`` [B, K, 3, S, S]) are
@@ -238,12 +284,13 @@ class Sampler:
         first = 0  # global index of this host's first prompt
         flat_tiles = pix is not None and pix.ndim != 5
         if flat_tiles and mesh is not None and jax.process_count() > 1:
-            raise ValueError("pixel_values: with several hosts, give per-prompt tiles [B, K, 3, S, S] (rows are "
-                             "sharded over hosts), not one flat list of tiles")
+            raise ValueError(
+                "pixel_values: with several hosts, give per-prompt tiles [B, K, 3, S, S] (rows are "
+                "sharded over hosts), not one flat list of tiles"
+            )
         if mesh is not None and not flat_tiles:  # rows sharded over the mesh (flat tiles: replicated inputs)
-
             counts = dist.allgather_json([int(b_local), int(ids.shape[1]), int(t)])
-            first = sum(c[0] for c in counts[:jax.process_index()])
+            first = sum(c[0] for c in counts[: jax.process_index()])
             p_all, t = max(c[1] for c in counts), max(c[2] for c in counts)
             shards = dist.local_row_shards(mesh)
             rows = -(-max(c[0] for c in counts) // shards) * shards  # same block size on every host
@@ -256,17 +303,24 @@ class Sampler:
         if host_rows is None:
             put = jnp.asarray
         else:
-
             put = functools.partial(global_rows, mesh=mesh)
         ids_d, mask_d, index_d = put(ids), put(mask), put(index)
         pix_d = None if pix is None else put(pix)
-        logits, cache, kv_valid, rep_ids = self._prefill(self.model.params, ids_d, mask_d, pix_d,
-                                                         cache_len=cache_len, num_samples=num_samples)
+        logits, cache, kv_valid, rep_ids = self._prefill(
+            self.model.params, ids_d, mask_d, pix_d, cache_len=cache_len, num_samples=num_samples
+        )
         out, lp, ref, lengths, finished, prompt_len, _ = self._decode(
-            self.decode_params(), logits, cache, kv_valid, rep_ids, jnp.uint32(seed), index_d, num_samples, sp=sp)
-        result = SampleOutput(tokens=jnp.concatenate([rep_ids[:, p - t:], out], axis=1), logprobs=lp,
-                              ref_logprobs=ref, lengths=lengths, finished=finished, prompt_lengths=prompt_len,
-                              host_rows=host_rows)
+            self.decode_params(), logits, cache, kv_valid, rep_ids, jnp.uint32(seed), index_d, num_samples, sp=sp
+        )
+        result = SampleOutput(
+            tokens=jnp.concatenate([rep_ids[:, p - t :], out], axis=1),
+            logprobs=lp,
+            ref_logprobs=ref,
+            lengths=lengths,
+            finished=finished,
+            prompt_lengths=prompt_len,
+            host_rows=host_rows,
+        )
         if host_rows is not None and jax.process_count() == 1:  # one host: drop the padding rows here
             result = jax.tree.map(lambda x: x[:host_rows], result).replace(host_rows=None)
         return result
@@ -285,24 +339,41 @@ def _pad_rows(ids, mask, pix, rows: int, length: int, pad_id: int):
     return ids, mask, pix
 
 
-
-
-def generate(model: R1V2Model, input_ids, *, pixel_values=None, attention_mask=None, max_new_tokens: int,
-             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
-             num_samples: int = 1, eos_ids: Sequence[int] | None = None, pad_id: int | None = None,
-             seed: int = 0) -> SampleOutput:
+def generate(
+    model: R1V2Model,
+    input_ids,
+    *,
+    pixel_values=None,
+    attention_mask=None,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    repetition_penalty: float = 1.0,
+    num_samples: int = 1,
+    eos_ids: Sequence[int] | None = None,
+    pad_id: int | None = None,
+    seed: int = 0,
+) -> SampleOutput:
     """Sample continuations of ``input_ids`` ([B, T] left-padded with ``attention_mask``, or a
     list of token lists). ``pixel_values``: f[n_tiles, 3, H, W] for the ``<IMG_CONTEXT>``
     slots, tiles in prompt order. See :class:`SampleOutput` for what comes back. The compiled
     programs are cached per model object."""
     eos = tuple(int(e) for e in (eos_ids or ()))
-    sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
-                        top_k=int(top_k), repetition_penalty=float(repetition_penalty), eos_ids=eos,
-                        pad_id=int(pad_id if pad_id is not None else (eos[0] if eos else 0)))
+    sp = SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=float(temperature),
+        top_p=float(top_p),
+        top_k=int(top_k),
+        repetition_penalty=float(repetition_penalty),
+        eos_ids=eos,
+        pad_id=int(pad_id if pad_id is not None else (eos[0] if eos else 0)),
+    )
     # the model keeps its own sampler (and so its compiled programs): they go when the model
     # goes; a module-level cache would keep every model ever passed here alive
     sampler = getattr(model, "_sampler", None)
     if sampler is None or sampler.model is not model:
         sampler = model._sampler = Sampler(model)
-    return sampler(input_ids, pixel_values=pixel_values, attention_mask=attention_mask, sp=sp,
-                   num_samples=num_samples, seed=seed)
+    return sampler(
+        input_ids, pixel_values=pixel_values, attention_mask=attention_mask, sp=sp, num_samples=num_samples, seed=seed
+    )

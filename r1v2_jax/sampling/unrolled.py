@@ -42,7 +42,7 @@ def split_layers(params, config: ModelConfig) -> dict:
 def split_cache(cache) -> list:
     """Stacked (k, v), each [L, B, S, Hkv, hd] -> per-layer [(k_i, v_i)] each [1, B, S, Hkv, hd]."""
     k, v = cache
-    return [(k[i:i + 1], v[i:i + 1]) for i in range(k.shape[0])]
+    return [(k[i : i + 1], v[i : i + 1]) for i in range(k.shape[0])]
 
 
 def _layer_module(config: ModelConfig) -> DecoderLayer:
@@ -61,7 +61,8 @@ def head(config: ModelConfig, top: dict, x: jax.Array) -> jax.Array:
     c = config.text
     h = RMSNorm(c.rms_norm_eps, dtype=dt, param_dtype=pdt).apply({"params": top["norm"]}, x)
     return Linear(c.vocab_size, ("embed", "vocab"), use_bias=False, dtype=dt, param_dtype=pdt).apply(
-        {"params": top["lm_head"]}, h)
+        {"params": top["lm_head"]}, h
+    )
 
 
 def run_layers(config: ModelConfig, layers: list, x: jax.Array, positions: jax.Array, attend) -> tuple:
@@ -78,8 +79,15 @@ def run_layers(config: ModelConfig, layers: list, x: jax.Array, positions: jax.A
     return x, caches
 
 
-def decode_step(config: ModelConfig, dparams: dict, tokens: jax.Array, positions: jax.Array, kv_valid: jax.Array,
-                caches: list, cache_index: jax.Array) -> tuple[jax.Array, list]:
+def decode_step(
+    config: ModelConfig,
+    dparams: dict,
+    tokens: jax.Array,
+    positions: jax.Array,
+    kv_valid: jax.Array,
+    caches: list,
+    cache_index: jax.Array,
+) -> tuple[jax.Array, list]:
     """One cached step, as :meth:`R1V2.decode_step` but unrolled: tokens, positions i32[B, 1];
     kv_valid bool[B, S] (including the slot written now); caches: per-layer [(k, v)] each
     f[1, B, S, Hkv, hd] -> (logits f[B, V], updated caches)."""

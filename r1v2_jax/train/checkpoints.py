@@ -38,8 +38,9 @@ class StageCheckpoints:
         self.ocp = ocp
         root = run.checkpoint_dir or os.path.join(run.run_dir, "checkpoints")
         self.dir = root.rstrip("/") + "/" + stage if "://" in root else os.path.abspath(os.path.join(root, stage))
-        opts = ocp.CheckpointManagerOptions(max_to_keep=run.keep, enable_async_checkpointing=run.async_checkpoints,
-                                            create=True)
+        opts = ocp.CheckpointManagerOptions(
+            max_to_keep=run.keep, enable_async_checkpointing=run.async_checkpoints, create=True
+        )
         self.manager = ocp.CheckpointManager(self.dir, options=opts)
 
     def latest(self) -> int | None:
@@ -47,20 +48,33 @@ class StageCheckpoints:
 
     def save(self, step: int, state: TrainState, data_state: dict | None, force: bool = False) -> None:
         hosts = dist.allgather_json(data_state or {})  # each host's iterator state, in process order
-        args = self.ocp.args.Composite(state=self.ocp.args.StandardSave(state),
-                                       data=self.ocp.args.JsonSave({"hosts": hosts}))
+        args = self.ocp.args.Composite(
+            state=self.ocp.args.StandardSave(state), data=self.ocp.args.JsonSave({"hosts": hosts})
+        )
         self.manager.save(step, args=args, force=force)
 
     def restore(self, step: int, target: TrainState) -> tuple[TrainState, dict]:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
-                                if hasattr(x, "shape") else x, target)
-        out = self.manager.restore(step, args=self.ocp.args.Composite(state=self.ocp.args.StandardRestore(abstract),
-                                                                      data=self.ocp.args.JsonRestore()))
+        abstract = jax.tree.map(
+            lambda x: (
+                jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+                if hasattr(x, "shape")
+                else x
+            ),
+            target,
+        )
+        out = self.manager.restore(
+            step,
+            args=self.ocp.args.Composite(
+                state=self.ocp.args.StandardRestore(abstract), data=self.ocp.args.JsonRestore()
+            ),
+        )
         hosts = out["data"].get("hosts", [out["data"]])
         if len(hosts) != jax.process_count():
-            raise ResumeError(f"{self.dir}/{step}: checkpoint written by {len(hosts)} host(s), resumed on "
-                              f"{jax.process_count()}: the data iterators cannot be split differently (start a new "
-                              "run_dir from these parameters instead)")
+            raise ResumeError(
+                f"{self.dir}/{step}: checkpoint written by {len(hosts)} host(s), resumed on "
+                f"{jax.process_count()}: the data iterators cannot be split differently (start a new "
+                "run_dir from these parameters instead)"
+            )
         return out["state"], hosts[jax.process_index()]
 
     def restore_latest(self, target: TrainState) -> tuple[int, TrainState, dict] | None:
@@ -86,13 +100,20 @@ class StageCheckpoints:
                 continue
             if failed:
                 self._set_aside([s for s, _ in failed])
-                log.warning("%s: resuming from step %d, the newest intact checkpoint; newer checkpoint(s) %s could "
-                            "not be restored and were set aside", self.dir, step, [s for s, _ in failed])
+                log.warning(
+                    "%s: resuming from step %d, the newest intact checkpoint; newer checkpoint(s) %s could "
+                    "not be restored and were set aside",
+                    self.dir,
+                    step,
+                    [s for s, _ in failed],
+                )
             return step, state, data
         if failed:
-            raise ResumeError(f"{self.dir}: no checkpoint can be restored: "
-                              + "; ".join(f"step {s}: {e}" for s, e in failed)
-                              + " (move the stage's checkpoint folder away to start the stage over)")
+            raise ResumeError(
+                f"{self.dir}: no checkpoint can be restored: "
+                + "; ".join(f"step {s}: {e}" for s, e in failed)
+                + " (move the stage's checkpoint folder away to start the stage over)"
+            )
         return None
 
     def _set_aside(self, steps: list[int]) -> None:

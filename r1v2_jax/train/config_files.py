@@ -97,7 +97,7 @@ def apply_override(cfg: ml_collections.ConfigDict, override: str, source: str = 
     text = override[2:] if override.startswith("--") else override
     if "=" not in text or not text.startswith("config."):
         raise ValueError(f"override {override!r}: expected --config.<key>=<value>")
-    key, value = text[len("config."):].split("=", 1)
+    key, value = text[len("config.") :].split("=", 1)
     node, parts = cfg, key.split(".")
     for i, part in enumerate(parts):
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:

@@ -79,12 +79,25 @@ def model_config_from(exp) -> ModelConfig:
         mc = model_config(m.preset)
         return mc.replace(attention_impl=m.attention_impl) if m.attention_impl else mc
     mc = ModelConfig(
-        vision=VisionConfig(hidden_size=m.vision_hidden, num_layers=m.vision_layers, num_heads=m.vision_heads,
-                            intermediate_size=m.vision_mlp, image_size=m.image_size, patch_size=14),
-        text=TextConfig(vocab_size=m.vocab_size, hidden_size=m.text_hidden, num_layers=m.text_layers,
-                        num_heads=m.text_heads, num_kv_heads=m.text_kv_heads, intermediate_size=m.text_mlp,
-                        max_position_embeddings=4096),
-        image_token_id=m.image_token_id)
+        vision=VisionConfig(
+            hidden_size=m.vision_hidden,
+            num_layers=m.vision_layers,
+            num_heads=m.vision_heads,
+            intermediate_size=m.vision_mlp,
+            image_size=m.image_size,
+            patch_size=14,
+        ),
+        text=TextConfig(
+            vocab_size=m.vocab_size,
+            hidden_size=m.text_hidden,
+            num_layers=m.text_layers,
+            num_heads=m.text_heads,
+            num_kv_heads=m.text_kv_heads,
+            intermediate_size=m.text_mlp,
+            max_position_embeddings=4096,
+        ),
+        image_token_id=m.image_token_id,
+    )
     return mc.replace(attention_impl=m.attention_impl) if m.attention_impl else mc
 
 
@@ -107,9 +120,15 @@ def _ensure_data(exp) -> str:
 
     def make():
         if not os.path.exists(os.path.join(path, "train.jsonl")):
-            make_synthetic(path, exp.data.synthetic_n, seed=exp.seed, image_size=exp.model.image_size,
-                           categories=tuple(exp.data.synthetic_categories),
-                           max_difficulty=exp.data.synthetic_max_difficulty, overwrite=True)
+            make_synthetic(
+                path,
+                exp.data.synthetic_n,
+                seed=exp.seed,
+                image_size=exp.model.image_size,
+                categories=tuple(exp.data.synthetic_categories),
+                max_difficulty=exp.data.synthetic_max_difficulty,
+                overwrite=True,
+            )
 
     if dist.is_main():
         make()
@@ -122,38 +141,75 @@ def load_experiment_model(exp):
     """(model config, parameters, tokenizer, chat template) of ``exp.model``."""
     if exp.model.init == "random":
         mc = model_config_from(exp)
-        return mc, init_params(mc, jax.random.key(exp.seed)), tiny_tokenizer(mc.image_token_id, mc.text.vocab_size), None
+        return (
+            mc,
+            init_params(mc, jax.random.key(exp.seed)),
+            tiny_tokenizer(mc.image_token_id, mc.text.vocab_size),
+            None,
+        )
     if not os.path.exists(exp.model.init):
-        raise ExperimentError(f"model.init: {exp.model.init} does not exist (a released HF directory or an "
-                              "r1v2-jax checkpoint)")
+        raise ExperimentError(
+            f"model.init: {exp.model.init} does not exist (a released HF directory or an r1v2-jax checkpoint)"
+        )
     loaded = load_model(exp.model.init)
     mc = loaded.config
     if exp.model.preset != "tiny":
         want = model_config_from(exp)
         if (want.vision, want.text) != (mc.vision, mc.text):
-            raise ExperimentError(f"model.init: {exp.model.init} holds a different model than preset "
-                                  f"{exp.model.preset!r} (ViT {mc.vision.hidden_size}x{mc.vision.num_layers}, "
-                                  f"LLM {mc.text.hidden_size}x{mc.text.num_layers})")
+            raise ExperimentError(
+                f"model.init: {exp.model.init} holds a different model than preset "
+                f"{exp.model.preset!r} (ViT {mc.vision.hidden_size}x{mc.vision.num_layers}, "
+                f"LLM {mc.text.hidden_size}x{mc.text.num_layers})"
+            )
     return mc, loaded.params, load_tokenizer(exp.model.init), chat_template(exp.model.init)
 
 
 def make_run(exp, mc, tok, template, mesh, sampler_mesh, metrics: MetricsLog | None = None) -> Run:
     """The :class:`Run` every stage of ``exp`` shares (``metrics``: default ``run_dir``'s log)."""
     d = exp.data
-    builder = PromptBuilder(tok, mc.tokens_per_tile(), template=template, max_prompt_len=d.max_prompt_len,
-                            max_completion_len=d.max_completion_len)
-    pipe = PipelineConfig(batch_size=d.batch_size, seed=exp.seed, worker_count=d.workers,
-                          dynamic_tiling=d.dynamic_tiling, max_tiles=d.max_tiles,
-                          length_buckets=d.length_buckets or (d.max_prompt_len, d.max_prompt_len + d.max_completion_len),
-                          process_index=jax.process_index(), process_count=jax.process_count(),
-                          max_image_megapixels=d.max_image_megapixels, max_consecutive_skips=d.max_consecutive_skips,
-                          pack_length=d.pack_length, pack_rows_multiple=d.pack_rows_multiple, alpha=d.alpha)
+    builder = PromptBuilder(
+        tok,
+        mc.tokens_per_tile(),
+        template=template,
+        max_prompt_len=d.max_prompt_len,
+        max_completion_len=d.max_completion_len,
+    )
+    pipe = PipelineConfig(
+        batch_size=d.batch_size,
+        seed=exp.seed,
+        worker_count=d.workers,
+        dynamic_tiling=d.dynamic_tiling,
+        max_tiles=d.max_tiles,
+        length_buckets=d.length_buckets or (d.max_prompt_len, d.max_prompt_len + d.max_completion_len),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        max_image_megapixels=d.max_image_megapixels,
+        max_consecutive_skips=d.max_consecutive_skips,
+        pack_length=d.pack_length,
+        pack_rows_multiple=d.pack_rows_multiple,
+        alpha=d.alpha,
+    )
     metrics = metrics or MetricsLog(exp.run_dir, is_main=jax.process_index() == 0)
     ck = exp.checkpoint
-    return Run(mc, tok, builder, exp.run_dir, metrics, seed=exp.seed, checkpoint_every=ck.every,
-               checkpoint_dir=ck.dir, keep=ck.keep, async_checkpoints=ck.async_save, progress=exp.progress,
-               progress_seconds=exp.progress_seconds, pipeline=pipe, mesh=mesh, sampler_mesh=sampler_mesh,
-               verifier=exp.verifier, engine=exp.rollout_engine.engine())
+    return Run(
+        mc,
+        tok,
+        builder,
+        exp.run_dir,
+        metrics,
+        seed=exp.seed,
+        checkpoint_every=ck.every,
+        checkpoint_dir=ck.dir,
+        keep=ck.keep,
+        async_checkpoints=ck.async_save,
+        progress=exp.progress,
+        progress_seconds=exp.progress_seconds,
+        pipeline=pipe,
+        mesh=mesh,
+        sampler_mesh=sampler_mesh,
+        verifier=exp.verifier,
+        engine=exp.rollout_engine.engine(),
+    )
 
 
 def run_experiment(exp) -> dict:
@@ -203,10 +259,19 @@ def _evaluate(ctx: StageContext, name: str, params) -> dict:
     if done is not None:
         return {"pass@1": done["pass@1"], "n": done["n"], "per_category": done["per_category"]}
     e = ctx.exp.eval
-    r = evaluate(ctx.run, params, ctx.test, k=e.k, temperature=e.temperature, top_p=e.top_p,
-                 max_new_tokens=e.max_new_tokens, seed=ctx.exp.seed)
-    ctx.run.metrics.write({"stage": f"eval_{name}", "step": 0, "pass@1": r["pass@1"], "n": r["n"],
-                           "per_category": r["per_category"]})
+    r = evaluate(
+        ctx.run,
+        params,
+        ctx.test,
+        k=e.k,
+        temperature=e.temperature,
+        top_p=e.top_p,
+        max_new_tokens=e.max_new_tokens,
+        seed=ctx.exp.seed,
+    )
+    ctx.run.metrics.write(
+        {"stage": f"eval_{name}", "step": 0, "pass@1": r["pass@1"], "n": r["n"], "per_category": r["per_category"]}
+    )
     return r
 
 
@@ -219,8 +284,11 @@ def _export(run: Run, params) -> dict:
     back = load_pretrained(out)
     ids = np.asarray([[1, 2, 3, 4]])
     same = bool(np.array_equal(np.asarray(model(ids)), np.asarray(back(ids))))
-    same &= all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
-                                             params, back.params)))
+    same &= all(
+        jax.tree.leaves(
+            jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), params, back.params)
+        )
+    )
     return {"path": out, "reload_identical": same}
 
 

@@ -24,8 +24,15 @@ import jax.numpy as jnp
 from r1v2_jax.parallel.sharding import constrain
 
 
-def chunked_logprobs(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, *, chunk: int = 512,
-                     with_entropy: bool = False, dtype=None) -> tuple[jax.Array, jax.Array | None]:
+def chunked_logprobs(
+    hidden: jax.Array,
+    kernel: jax.Array,
+    targets: jax.Array,
+    *,
+    chunk: int = 512,
+    with_entropy: bool = False,
+    dtype=None,
+) -> tuple[jax.Array, jax.Array | None]:
     """hidden: f[B, N, H] (final-normed); kernel: f[H, V] (the LM head, no bias); targets:
     i32[B, N] -> (log p(targets) f32[B, N], entropy f32[B, N] or None). ``dtype``: the matmul's
     input dtype (default: hidden's)."""

@@ -28,8 +28,9 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive steps were skipped for non-finite losses, gradients or updates."""
 
 
-def run_loop(run: Run, stage: str, state: TrainState, steps: int, data_iter, one_step,
-             max_consecutive_skips: int = 0) -> TrainState:
+def run_loop(
+    run: Run, stage: str, state: TrainState, steps: int, data_iter, one_step, max_consecutive_skips: int = 0
+) -> TrainState:
     """The resumable loop every stage uses. ``one_step(state, batch) -> (state, metrics)``;
     ``metrics["step_ok"]`` false marks a skipped update. ``max_consecutive_skips`` > 0: stop
     with :class:`TrainingDiverged` after that many skipped steps in a row."""
@@ -59,8 +60,17 @@ def run_loop(run: Run, stage: str, state: TrainState, steps: int, data_iter, one
             run.metrics.write(row)
             if dist.is_main():
                 with open(timing_path, "a") as f:
-                    f.write(json.dumps({"stage": stage, "step": step, "seconds": time.perf_counter() - t0,
-                                        **{k: float(v) for k, v in timings.items()}}) + "\n")
+                    f.write(
+                        json.dumps(
+                            {
+                                "stage": stage,
+                                "step": step,
+                                "seconds": time.perf_counter() - t0,
+                                **{k: float(v) for k, v in timings.items()},
+                            }
+                        )
+                        + "\n"
+                    )
             bar.update(step, row)
             skips_in_a_row = 0 if bool(metrics.get("step_ok", True)) else skips_in_a_row + 1
             if max_consecutive_skips and skips_in_a_row >= max_consecutive_skips:
@@ -69,7 +79,8 @@ def run_loop(run: Run, stage: str, state: TrainState, steps: int, data_iter, one
                     f"loss, gradients or updated parameters; loss {metrics.get('loss')}, grad_norm "
                     f"{metrics.get('grad_norm')}); the parameters have not changed since step {step - skips_in_a_row}."
                     " Lower the learning rate or check the data; re-running resumes from the last checkpoint. "
-                    f"{stage}.optim.max_consecutive_skips={max_consecutive_skips} sets this limit (0: never stop)")
+                    f"{stage}.optim.max_consecutive_skips={max_consecutive_skips} sets this limit (0: never stop)"
+                )
             if step % run.checkpoint_every == 0 or step == steps:
                 ckpt.save(step, state, data_iter.get_state() if data_iter is not None else None, force=step == steps)
                 sync_logs(run.run_dir, run.checkpoint_dir)

@@ -97,8 +97,11 @@ class MetricsLog:
         if not self.is_main or not os.path.exists(self.path):
             return
         lines, rows, partial = read_jsonl(self.path)
-        keep = [ln if ln.endswith("\n") else ln + "\n" for ln, r in zip(lines, rows)
-                if r.get("stage") != stage or r["step"] <= step]
+        keep = [
+            ln if ln.endswith("\n") else ln + "\n"
+            for ln, r in zip(lines, rows)
+            if r.get("stage") != stage or r["step"] <= step
+        ]
         if len(keep) != len(lines) or partial:
             rewrite_atomically(self.path, keep)
 
@@ -130,8 +133,19 @@ class MetricsLog:
             self._tb.close()
 
 
-def plot_curves(rows: list[dict], out_path: str, keys=("loss", "reward_total", "accuracy", "effective_share_before",
-                                                        "effective_share_after", "response_length", "kl")) -> str | None:
+def plot_curves(
+    rows: list[dict],
+    out_path: str,
+    keys=(
+        "loss",
+        "reward_total",
+        "accuracy",
+        "effective_share_before",
+        "effective_share_after",
+        "response_length",
+        "kl",
+    ),
+) -> str | None:
     """PNG of the main curves, one panel per key present, x = global row index per stage."""
     try:
         import matplotlib  # noqa: PLC0415 (heavy; only when a plot is drawn)

@@ -18,9 +18,19 @@ from r1v2_jax.train.rollout import rollout, score_completions
 from r1v2_jax.train.run import Run, synced
 
 
-def make_preference_records(run: Run, params, records, *, candidates: int, threshold: float, sp: SamplingParams,
-                            batch_size: int, hybrid: HybridConfig = HybridConfig(), fmt: FormatConfig = FormatConfig(),
-                            seed: int = 0) -> tuple[list[dict], dict]:
+def make_preference_records(
+    run: Run,
+    params,
+    records,
+    *,
+    candidates: int,
+    threshold: float,
+    sp: SamplingParams,
+    batch_size: int,
+    hybrid: HybridConfig = HybridConfig(),
+    fmt: FormatConfig = FormatConfig(),
+    seed: int = 0,
+) -> tuple[list[dict], dict]:
     """Sample candidates with the policy, score them, and pair chosen (reward >= threshold)
     with rejected (< threshold): the R1V2 MPO data recipe."""
     run.verifier_pool()  # its workers warm up while the sampler compiles
@@ -33,21 +43,35 @@ def make_preference_records(run: Run, params, records, *, candidates: int, thres
     for batch in synced(it):
         key, k = jax.random.split(key)
         out, _ = rollout(run, sampler, sampler.model.params, batch, sp, candidates, k)  # already resharded
-        total, rule, texts, _, rows = score_completions(run, out, batch["answer"], batch["choices"], candidates,
-                                                        hybrid, fmt)
+        total, rule, texts, _, rows = score_completions(
+            run, out, batch["answer"], batch["choices"], candidates, hybrid, fmt
+        )
         total, rule = total[rows], rule[rows]
         # a sample holding a special token mid-text (e.g. <IMG_CONTEXT>) cannot be trained on as text
         usable = [run.builder.completion_special_token(t) is None for t in texts]
         refused += usable.count(False)
-        groups = [[Candidate(texts[i * candidates + j], float(total[i * candidates + j]),
-                             float(rule[i * candidates + j])) for j in range(candidates) if usable[i * candidates + j]]
-                  for i in range(len(batch["answer"]))]
+        groups = [
+            [
+                Candidate(texts[i * candidates + j], float(total[i * candidates + j]), float(rule[i * candidates + j]))
+                for j in range(candidates)
+                if usable[i * candidates + j]
+            ]
+            for i in range(len(batch["answer"]))
+        ]
         real = [i for i, pad in enumerate(batch["pad"]) if not pad]
         for p, c, r in build_pairs([groups[i] for i in real], threshold, "absolute"):
             p = real[p]
             src = by_where[batch["where"][p]]
-            mine.append({"images": src["images"], "prompt": src["question"], "chosen": groups[p][c].text,
-                         "rejected": groups[p][r].text, "_root": src["_root"], "_where": src["_where"]})
+            mine.append(
+                {
+                    "images": src["images"],
+                    "prompt": src["question"],
+                    "chosen": groups[p][c].text,
+                    "rejected": groups[p][r].text,
+                    "_root": src["_root"],
+                    "_where": src["_where"],
+                }
+            )
         n_prompts += len(real)
     # every host trains on all pairs (the MPO iterator shards them again), in process order
     out_records = [r for host in dist.allgather_json(mine) for r in host]

@@ -20,15 +20,22 @@ from r1v2_jax.rewards.reward_model import RewardModel
 from r1v2_jax.train.state import OptimConfig, TrainState, init_state, make_optimizer
 from r1v2_jax.train.steps import make_train_step
 
-_PAIR = tuple((f"{w}_{k}", dt) for w in ("chosen", "rejected")
-              for k, dt in (("ids", jnp.int32), ("mask", jnp.bool_), ("loss_mask", jnp.bool_)))
+_PAIR = tuple(
+    (f"{w}_{k}", dt)
+    for w in ("chosen", "rejected")
+    for k, dt in (("ids", jnp.int32), ("mask", jnp.bool_), ("loss_mask", jnp.bool_))
+)
 # per-token arrays of each step kind's batch ([rows, seq_len]); GRPO also has per-row advantages
 BATCH_LAYOUTS = {
     "sft": (("response_ids", jnp.int32), ("response_mask", jnp.bool_), ("response_loss_mask", jnp.bool_)),
     "rm": tuple((k, dt) for k, dt in _PAIR if not k.endswith("loss_mask")),
     "mpo": _PAIR,
-    "grpo": (("tokens", jnp.int32), ("attention_mask", jnp.bool_), ("completion_mask", jnp.bool_),
-             ("old_logp", jnp.float32)),
+    "grpo": (
+        ("tokens", jnp.int32),
+        ("attention_mask", jnp.bool_),
+        ("completion_mask", jnp.bool_),
+        ("old_logp", jnp.float32),
+    ),
 }
 PIXEL_DTYPE = jnp.float32  # what the data pipeline feeds (the model casts to its compute dtype)
 
@@ -66,8 +73,7 @@ class StageProgram:
         if mesh is None:
             return state
         rep = NamedSharding(mesh, P())
-        by_path = {tuple(k.key for k in kp): x.sharding
-                   for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+        by_path = {tuple(k.key for k in kp): x.sharding for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
 
         def opt_leaf(kp, a):
             keys = tuple(k.key for k in kp if isinstance(k, jax.tree_util.DictKey))
@@ -75,13 +81,23 @@ class StageProgram:
             return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh if a.shape else rep)
 
         place = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep)  # noqa: E731
-        return state.replace(params=params, opt_state=jax.tree_util.tree_map_with_path(opt_leaf, state.opt_state),
-                             **{f: jax.tree.map(place, getattr(state, f)) for f in ("step", "rng", "bco_delta",
-                                                                                    "skipped", "ssb")})
+        return state.replace(
+            params=params,
+            opt_state=jax.tree_util.tree_map_with_path(opt_leaf, state.opt_state),
+            **{f: jax.tree.map(place, getattr(state, f)) for f in ("step", "rng", "bco_delta", "skipped", "ssb")},
+        )
 
 
-def build_program(name: str, exp, model_config, params, mesh=None, donate: bool = True,
-                  prompt_len: int | None = None, micro_batches: int | None = None) -> StageProgram:
+def build_program(
+    name: str,
+    exp,
+    model_config,
+    params,
+    mesh=None,
+    donate: bool = True,
+    prompt_len: int | None = None,
+    micro_batches: int | None = None,
+) -> StageProgram:
     """The program of stage ``name`` of experiment ``exp`` for ``params`` (concrete or abstract).
     ``prompt_len``: GRPO's prompt length (default ``data.max_prompt_len``, the length bucket
     training pads prompts to); ``micro_batches`` overrides the section's (the planner's
@@ -92,17 +108,31 @@ def build_program(name: str, exp, model_config, params, mesh=None, donate: bool 
     extra = ("value_head",) if kind == "rm" else ()
     optimizer = make_optimizer(optim, params, extra_trainable=extra)
     module = RewardModel(model_config) if kind == "rm" else R1V2(model_config)
-    step = make_train_step(kind, module, optimizer, n_micro=micro_batches or sec.micro_batches, mesh=mesh, trainable=optim.trainable,
-                           extra_trainable=extra, donate=donate, **sec.step_kwargs())
+    step = make_train_step(
+        kind,
+        module,
+        optimizer,
+        n_micro=micro_batches or sec.micro_batches,
+        mesh=mesh,
+        trainable=optim.trainable,
+        extra_trainable=extra,
+        donate=donate,
+        **sec.step_kwargs(),
+    )
     data = exp.data
-    seq_len = ((prompt_len or data.max_prompt_len) + sec.max_new_tokens if kind == "grpo"
-               else data.max_prompt_len + data.max_completion_len)
-    return StageProgram(kind=kind, optim=optim, optimizer=optimizer, step=step, needs_ref=sec.needs_ref,
-                        seq_len=seq_len)
+    seq_len = (
+        (prompt_len or data.max_prompt_len) + sec.max_new_tokens
+        if kind == "grpo"
+        else data.max_prompt_len + data.max_completion_len
+    )
+    return StageProgram(
+        kind=kind, optim=optim, optimizer=optimizer, step=step, needs_ref=sec.needs_ref, seq_len=seq_len
+    )
 
 
-def abstract_args(program: StageProgram, params, rows: int, tiles: int, tile_size: int, mesh=None,
-                  ssb=None) -> tuple[Any, dict, Any]:
+def abstract_args(
+    program: StageProgram, params, rows: int, tiles: int, tile_size: int, mesh=None, ssb=None
+) -> tuple[Any, dict, Any]:
     """(state, batch, reference parameters or None) as ShapeDtypeStructs: what ``program.step``
     is called with for a global batch of ``rows`` rows."""
     row = NamedSharding(mesh, P(("data", "fsdp"))) if mesh is not None else None

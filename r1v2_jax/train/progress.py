@@ -18,8 +18,7 @@ def _eta(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, stage: str, total: int, initial: int, every_s: float = 30.0, enabled: bool = True,
-                 stream=None):
+    def __init__(self, stage: str, total: int, initial: int, every_s: float = 30.0, enabled: bool = True, stream=None):
         self.stage, self.total, self.start, self.every_s = stage, total, initial, every_s
         self.stream = stream or sys.stderr
         self.enabled = enabled
@@ -41,8 +40,12 @@ class Progress:
         done = max(step - self.start, 1)
         per = (now - self.t0) / done
         metrics = " ".join(f"{k} {v:.3g}" for k, v in shown.items())
-        print(f"[{self.stage}] step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%) {metrics} | "
-              f"{per:.2f} s/step, ETA {_eta(per * (self.total - step))}", file=self.stream, flush=True)
+        print(
+            f"[{self.stage}] step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%) {metrics} | "
+            f"{per:.2f} s/step, ETA {_eta(per * (self.total - step))}",
+            file=self.stream,
+            flush=True,
+        )
 
     def close(self) -> None:
         if self.bar is not None:

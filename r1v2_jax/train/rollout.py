@@ -16,15 +16,29 @@ from r1v2_jax.train.run import Run, row_tiles
 log = logging.getLogger("r1v2_jax.train")
 
 
-def rollout(run: Run, sampler: Sampler, params, batch: dict, sp: SamplingParams, group: int, key: jax.Array,
-            tiles: int | None = None):
+def rollout(
+    run: Run,
+    sampler: Sampler,
+    params,
+    batch: dict,
+    sp: SamplingParams,
+    group: int,
+    key: jax.Array,
+    tiles: int | None = None,
+):
     """Sample ``group`` completions per prompt (this host's prompts); returns the sampler
     output (this host's rows, numpy) and this host's per-row tiles."""
     sampler.set_params(run.for_sampler(params))
     pix = row_tiles(run, batch, tiles)
     seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
-    out = sampler(batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=pix, sp=sp,
-                  num_samples=group, seed=seed)
+    out = sampler(
+        batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        pixel_values=pix,
+        sp=sp,
+        num_samples=group,
+        seed=seed,
+    )
     return out.host_local(), pix
 
 
@@ -38,8 +52,12 @@ def score_completions(run: Run, out, answers, choices, group: int, hybrid: Hybri
     tokens = np.asarray(out.tokens)
     lengths = np.asarray(out.lengths)
     m = out.logprobs.shape[1]
-    texts = [run.tokenizer.decode(tokens[i, tokens.shape[1] - m:tokens.shape[1] - m + lengths[i]].tolist(),
-                                  skip_special_tokens=False) for i in range(len(tokens))]
+    texts = [
+        run.tokenizer.decode(
+            tokens[i, tokens.shape[1] - m : tokens.shape[1] - m + lengths[i]].tolist(), skip_special_tokens=False
+        )
+        for i in range(len(tokens))
+    ]
     gold = [a for a in answers for _ in range(group)]
     ch = [c for c in choices for _ in range(group)]
     pool = run.verifier_pool()

@@ -55,6 +55,7 @@ class Run:
         if self._verifier_pool is None:
             self._verifier_pool = VerifierPool.from_config(self.verifier)
         return self._verifier_pool
+
     # the paged rollout engine for rollouts, MPO candidates and evaluation (None: the static
     # Sampler); it samples the same tokens for the same seed, on one host without a mesh
     engine: EngineConfig | None = None
@@ -69,8 +70,10 @@ class Run:
         ``engine`` is set."""
         if self.engine is not None:
             if self.mesh is not None or self.sampler_mesh is not None:
-                raise ValueError("rollout_engine: the paged engine runs on one host without a mesh; unset mesh and "
-                                 "sampler_mesh, or disable rollout_engine")
+                raise ValueError(
+                    "rollout_engine: the paged engine runs on one host without a mesh; unset mesh and "
+                    "sampler_mesh, or disable rollout_engine"
+                )
             return PagedEngine(R1V2Model(self.model_config, params), self.engine)
         return Sampler(R1V2Model(self.model_config, self.for_sampler(params), self.sampler_mesh or self.mesh))
 
@@ -103,7 +106,7 @@ def per_row_tiles(batch, k: int | None = None) -> np.ndarray | None:
     out = np.zeros((len(n), k) + pix.shape[1:], np.float32)
     off = 0
     for i, c in enumerate(n):
-        out[i, :c] = pix[off:off + c]
+        out[i, :c] = pix[off : off + c]
         off += c
     return out
 

@@ -73,8 +73,19 @@ class ModelSection:
         _choice("preset", self.preset, sorted(PRESETS))
         if self.remat_policy:
             _choice("remat_policy", self.remat_policy, sorted(REMAT_POLICIES))
-        for f in ("vision_hidden", "vision_layers", "vision_heads", "vision_mlp", "image_size", "text_hidden",
-                  "text_layers", "text_heads", "text_kv_heads", "text_mlp", "vocab_size"):
+        for f in (
+            "vision_hidden",
+            "vision_layers",
+            "vision_heads",
+            "vision_mlp",
+            "image_size",
+            "text_hidden",
+            "text_layers",
+            "text_heads",
+            "text_kv_heads",
+            "text_mlp",
+            "vocab_size",
+        ):
             _positive(f, getattr(self, f))
         if not 0 <= self.image_token_id < self.vocab_size:
             raise ValueError(f"image_token_id: must be in [0, vocab_size={self.vocab_size}), got {self.image_token_id}")
@@ -113,8 +124,10 @@ class DataSection:
     def __post_init__(self):
         _choice("alpha", self.alpha, ALPHA_MODES)
         if self.pack_length < 0 or self.pack_rows_multiple < 1:
-            raise ValueError(f"pack_length / pack_rows_multiple: need >= 0 and >= 1, got {self.pack_length}, "
-                             f"{self.pack_rows_multiple}")
+            raise ValueError(
+                f"pack_length / pack_rows_multiple: need >= 0 and >= 1, got {self.pack_length}, "
+                f"{self.pack_rows_multiple}"
+            )
         if not (math.isfinite(self.max_image_megapixels) and self.max_image_megapixels > 0):
             raise ValueError(f"max_image_megapixels: must be > 0, got {self.max_image_megapixels}")
         if self.max_consecutive_skips < 0:
@@ -255,14 +268,20 @@ def _check_experiment(self) -> None:
 
 
 Experiment = dataclasses.make_dataclass(
-    "Experiment", _base_fields(), frozen=True, namespace={
+    "Experiment",
+    _base_fields(),
+    frozen=True,
+    namespace={
         "__post_init__": _check_experiment,
         "__doc__": "One experiment: run folder, seed, the stages to run in order and each stage's section, "
-                   "model, data, evaluation, checkpoints, meshes, planning.",
-        "__module__": __name__})
+        "model, data, evaluation, checkpoints, meshes, planning.",
+        "__module__": __name__,
+    },
+)
 
 
 # --- ConfigDict <-> dataclasses --------------------------------------------------------------
+
 
 def to_config_dict(x) -> ml_collections.ConfigDict:
     """A dataclass tree as a ConfigDict (nested dataclasses as nested ConfigDicts)."""
@@ -350,6 +369,7 @@ def _coerce(v, tp, path: str):
 
 
 # --- shared value checks --------------------------------------------------------------------------
+
 
 def _positive(name: str, v) -> None:
     if not v > 0:

@@ -52,13 +52,11 @@ class OptimConfig:
         if not (self.weight_decay >= 0 and self.grad_clip >= 0 and math.isfinite(self.weight_decay)):
             raise ValueError(f"weight_decay / grad_clip: must be >= 0, got {self.weight_decay}, {self.grad_clip}")
         if self.warmup_steps < 0 or self.total_steps < 0:
-            raise ValueError(f"warmup_steps / total_steps: must be >= 0, got {self.warmup_steps}, "
-                             f"{self.total_steps}")
+            raise ValueError(f"warmup_steps / total_steps: must be >= 0, got {self.warmup_steps}, {self.total_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if not isinstance(self.max_consecutive_skips, int) or self.max_consecutive_skips < 0:
-            raise ValueError(f"max_consecutive_skips: expected an integer >= 0, got "
-                             f"{self.max_consecutive_skips!r}")
+            raise ValueError(f"max_consecutive_skips: expected an integer >= 0, got {self.max_consecutive_skips!r}")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule: expected 'constant' or 'cosine', got {self.schedule!r}")
         if self.trainable not in TRAINABLE:
@@ -70,7 +68,9 @@ def schedule(cfg: OptimConfig) -> optax.Schedule:
     if cfg.schedule == "constant":
         main = optax.constant_schedule(cfg.lr)
     else:
-        main = optax.cosine_decay_schedule(cfg.lr, max((cfg.total_steps or 1000) - cfg.warmup_steps, 1), alpha=cfg.min_lr_ratio)
+        main = optax.cosine_decay_schedule(
+            cfg.lr, max((cfg.total_steps or 1000) - cfg.warmup_steps, 1), alpha=cfg.min_lr_ratio
+        )
     if cfg.warmup_steps == 0:
         return main
     return optax.join_schedules([warm, main], [cfg.warmup_steps])
@@ -90,13 +90,16 @@ def trainable_labels(params: Any, trainable: str, extra_trainable: tuple[str, ..
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_optimizer(cfg: OptimConfig, params: Any, extra_trainable: tuple[str, ...] = ()) -> optax.GradientTransformation:
+def make_optimizer(
+    cfg: OptimConfig, params: Any, extra_trainable: tuple[str, ...] = ()
+) -> optax.GradientTransformation:
     inner = optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
         optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
     )
-    return optax.multi_transform({"train": inner, "freeze": optax.set_to_zero()},
-                                 trainable_labels(params, cfg.trainable, extra_trainable))
+    return optax.multi_transform(
+        {"train": inner, "freeze": optax.set_to_zero()}, trainable_labels(params, cfg.trainable, extra_trainable)
+    )
 
 
 @flax.struct.dataclass
@@ -114,9 +117,16 @@ class TrainState:
 
 
 def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int, ssb=None) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                      rng=jax.random.key_data(jax.random.key(seed)), bco_delta=jnp.zeros((), jnp.float32),
-                      bco_count=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32), ssb=ssb)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=jax.random.key_data(jax.random.key(seed)),
+        bco_delta=jnp.zeros((), jnp.float32),
+        bco_count=jnp.zeros((), jnp.int32),
+        skipped=jnp.zeros((), jnp.int32),
+        ssb=ssb,
+    )
 
 
 def step_key(state: TrainState, purpose: int) -> jax.Array:
@@ -129,8 +139,9 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
-def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, optimizer: optax.GradientTransformation,
-                    **updates) -> tuple[TrainState, jax.Array]:
+def apply_gradients(
+    state: TrainState, grads: Any, loss: jax.Array, optimizer: optax.GradientTransformation, **updates
+) -> tuple[TrainState, jax.Array]:
     """One optimizer update, or none (parameters and optimizer state untouched, ``skipped``
     counted) when the loss or any gradient is not finite, or when the update itself would make
     a parameter or the optimizer state non-finite (a runaway step, e.g. a huge learning rate:
@@ -142,6 +153,10 @@ def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, optimizer: o
     ok = ok & all_finite(new_params) & all_finite(new_opt)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
     extra = {k: jnp.where(ok, v, getattr(state, k)) for k, v in updates.items()}
-    return state.replace(step=state.step + 1, params=keep(new_params, state.params),
-                         opt_state=keep(new_opt, state.opt_state), skipped=state.skipped + (~ok).astype(jnp.int32),
-                         **extra), ok
+    return state.replace(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt, state.opt_state),
+        skipped=state.skipped + (~ok).astype(jnp.int32),
+        **extra,
+    ), ok

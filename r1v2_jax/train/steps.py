@@ -29,8 +29,7 @@ from r1v2_jax.train.state import TrainState, apply_gradients, trainable_labels
 log = logging.getLogger("r1v2_jax.train")
 
 
-def next_token_logprobs(module: R1V2, params, ids, mask, pixel_values=None, with_entropy: bool = False,
-                        positions=None):
+def next_token_logprobs(module: R1V2, params, ids, mask, pixel_values=None, with_entropy: bool = False, positions=None):
     """log p(ids[:, t] | ids[:, :t]) for t >= 1: f32[B, T-1] (and the entropy of each
     predictive distribution when asked). ``mask``: [B, T] segment ids (0/1, or packed rows'
     1, 2, ...; see :meth:`r1v2_jax.model.qwen2.Qwen2.decode`); ``positions``: i32[B, T] or None.
@@ -38,9 +37,14 @@ def next_token_logprobs(module: R1V2, params, ids, mask, pixel_values=None, with
     The LM head runs ``config.logprob_chunk_size`` positions at a time (r1v2_jax.train.logprobs):
     no [B, T, V] float32 logits exist, forward or backward."""
     hidden = module.apply({"params": params}, ids, pixel_values, mask, positions, method=R1V2.hidden)
-    lp, ent = chunked_logprobs(hidden[:, :-1], params["language_model"]["lm_head"]["kernel"], ids[:, 1:],
-                               chunk=module.config.logprob_chunk_size, with_entropy=with_entropy,
-                               dtype=jnp.dtype(module.config.dtype))
+    lp, ent = chunked_logprobs(
+        hidden[:, :-1],
+        params["language_model"]["lm_head"]["kernel"],
+        ids[:, 1:],
+        chunk=module.config.logprob_chunk_size,
+        with_entropy=with_entropy,
+        dtype=jnp.dtype(module.config.dtype),
+    )
     return (lp, ent) if with_entropy else lp
 
 
@@ -49,8 +53,9 @@ def sft_loss(module, params, batch, ref_params=None, state=None):
     (:func:`r1v2_jax.data.pipeline.collate_packed`) carry segment ids as ``response_mask`` and
     ``response_positions``; a target counts only within its own sequence's segment."""
     seg = batch["response_mask"]
-    lp = next_token_logprobs(module, params, batch["response_ids"], seg, batch.get("pixel_values"),
-                             positions=batch.get("response_positions"))
+    lp = next_token_logprobs(
+        module, params, batch["response_ids"], seg, batch.get("pixel_values"), positions=batch.get("response_positions")
+    )
     m = (batch["response_loss_mask"][:, 1:] & (seg[:, 1:] == seg[:, :-1])).astype(jnp.float32)
     loss = LossSum(-(lp * m).sum(), m.sum())
     return loss, {"nll": loss.value}
@@ -95,8 +100,7 @@ def mpo_sequence_logps(module, params, ref_params, batch: dict, n_micro: int) ->
         pr, _ = _seq_logps(module, params, mb, "rejected")
         rc, _ = _seq_logps(module, ref_params, mb, "chosen")
         rr, _ = _seq_logps(module, ref_params, mb, "rejected")
-        return {"policy_chosen": pc, "policy_rejected": pr, "ref_chosen": rc, "ref_rejected": rr,
-                "chosen_tokens": nc}
+        return {"policy_chosen": pc, "policy_rejected": pr, "ref_chosen": rc, "ref_rejected": rr, "chosen_tokens": nc}
 
     out = jax.lax.map(one, micro)
     return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), out)
@@ -106,14 +110,27 @@ def grpo_loss_fn(cfg: PolicyLossConfig, module, params, batch, ref_params, state
     """batch: tokens i32[N, T], attention_mask [N, T], completion_mask [N, T] (True at generated
     tokens), old_logp f32[N, T] (log-prob of token t under the sampling policy, at t),
     advantages f32[N], optional pixel_values f32[N, K, 3, S, S]."""
-    lp, ent = next_token_logprobs(module, params, batch["tokens"], batch["attention_mask"], batch.get("pixel_values"),
-                                  with_entropy=True)
+    lp, ent = next_token_logprobs(
+        module, params, batch["tokens"], batch["attention_mask"], batch.get("pixel_values"), with_entropy=True
+    )
     ref = None
     if ref_params is not None:
-        ref = next_token_logprobs(module, jax.lax.stop_gradient(ref_params), batch["tokens"], batch["attention_mask"],
-                                  batch.get("pixel_values"))
-    return policy_loss(lp, batch["old_logp"][:, 1:], batch["advantages"], batch["completion_mask"][:, 1:], cfg,
-                       ref_logp=ref, entropy=ent)
+        ref = next_token_logprobs(
+            module,
+            jax.lax.stop_gradient(ref_params),
+            batch["tokens"],
+            batch["attention_mask"],
+            batch.get("pixel_values"),
+        )
+    return policy_loss(
+        lp,
+        batch["old_logp"][:, 1:],
+        batch["advantages"],
+        batch["completion_mask"][:, 1:],
+        cfg,
+        ref_logp=ref,
+        entropy=ent,
+    )
 
 
 def accumulate(loss_fn: Callable, params, batch: dict, n_micro: int, frozen=None, grad_shardings=None):
@@ -124,6 +141,7 @@ def accumulate(loss_fn: Callable, params, batch: dict, n_micro: int, frozen=None
     ``stop_gradient`` (their gradients are zeros, and no weight gradient is computed for them;
     activations still carry gradients through them). ``grad_shardings``: shardings to keep the
     gradient accumulators in (the parameters' own), so they stay sharded like FSDP weights."""
+
     def split(x):
         return x.reshape((n_micro, x.shape[0] // n_micro) + x.shape[1:])
 
@@ -149,15 +167,24 @@ def accumulate(loss_fn: Callable, params, batch: dict, n_micro: int, frozen=None
     c = jnp.maximum(c, 1e-9)
     grads = jax.tree.map(lambda x: x / c, g)
     # Metrics whose name starts with "_" are per-example values: keep them all.
-    metrics = {k: (v.reshape((-1,) + v.shape[2:]) if k.startswith("_") else v.mean(axis=0))
-               for k, v in metrics.items()}
+    metrics = {k: (v.reshape((-1,) + v.shape[2:]) if k.startswith("_") else v.mean(axis=0)) for k, v in metrics.items()}
     return grads, LossSum(s, c), metrics
 
 
-def make_train_step(kind: str, module, optimizer: optax.GradientTransformation, *, n_micro: int = 1,
-                    policy_cfg: PolicyLossConfig | None = None, mpo_cfg: MPOConfig | None = None, mesh=None,
-                    rules=None, donate: bool = True, trainable: str | None = None,
-                    extra_trainable: tuple[str, ...] = ()):
+def make_train_step(
+    kind: str,
+    module,
+    optimizer: optax.GradientTransformation,
+    *,
+    n_micro: int = 1,
+    policy_cfg: PolicyLossConfig | None = None,
+    mpo_cfg: MPOConfig | None = None,
+    mesh=None,
+    rules=None,
+    donate: bool = True,
+    trainable: str | None = None,
+    extra_trainable: tuple[str, ...] = (),
+):
     """A jitted ``step(state, batch, ref_params) -> (state, metrics)`` for ``kind`` in
     sft / rm / mpo / grpo. ``ref_params`` is the frozen reference (MPO, GRPO's KL) or None.
 
@@ -182,9 +209,14 @@ def make_train_step(kind: str, module, optimizer: optax.GradientTransformation, 
             rows = jax.tree.leaves(batch)[0].shape[0] // n_micro
             shards = batch_shards(mesh)
             if rows % shards:
-                log.warning("%s step: a micro-batch of %d rows over data x fsdp = %d devices does not divide "
-                            "evenly (XLA pads or replicates: wasted compute); use fewer micro-batches or a "
-                            "bigger batch", kind, rows, shards)
+                log.warning(
+                    "%s step: a micro-batch of %d rows over data x fsdp = %d devices does not divide "
+                    "evenly (XLA pads or replicates: wasted compute); use fewer micro-batches or a "
+                    "bigger batch",
+                    kind,
+                    rows,
+                    shards,
+                )
 
         frozen = None
         if trainable is not None:
@@ -198,17 +230,26 @@ def make_train_step(kind: str, module, optimizer: optax.GradientTransformation, 
             loss_fn = fn
             if kind == "mpo":  # BCO's δ first, from this batch's rewards (see r1v2_jax.rl.mpo)
                 seq = mpo_sequence_logps(module, state.params, ref_params, batch, n_micro)
-                x = batch_reward_mean(implicit_rewards(seq["policy_chosen"], seq["ref_chosen"], mcfg),
-                                      implicit_rewards(seq["policy_rejected"], seq["ref_rejected"], mcfg))
+                x = batch_reward_mean(
+                    implicit_rewards(seq["policy_chosen"], seq["ref_chosen"], mcfg),
+                    implicit_rewards(seq["policy_rejected"], seq["ref_rejected"], mcfg),
+                )
                 extra["bco_delta"], extra["bco_count"] = bco_delta_update(state.bco_delta, state.bco_count, x, mcfg)
                 per_pair = seq["chosen_tokens"].astype(jnp.float32).mean()
                 loss_fn = functools.partial(mpo_loss_fn, mcfg, extra["bco_delta"], per_pair)
                 batch = dict(batch, _ref_chosen=seq["ref_chosen"], _ref_rejected=seq["ref_rejected"])
-            grads, loss, metrics = accumulate(lambda p, mb: loss_fn(module, p, mb, ref_params, state), state.params,
-                                              batch, n_micro, frozen=frozen, grad_shardings=grad_sh)
+            grads, loss, metrics = accumulate(
+                lambda p, mb: loss_fn(module, p, mb, ref_params, state),
+                state.params,
+                batch,
+                n_micro,
+                frozen=frozen,
+                grad_shardings=grad_sh,
+            )
         new_state, ok = apply_gradients(state, grads, loss.value, optimizer, **extra)
-        metrics = dict(metrics, loss=loss.value, grad_norm=optax.tree.norm(grads), step_ok=ok,
-                       skipped_steps=new_state.skipped)
+        metrics = dict(
+            metrics, loss=loss.value, grad_norm=optax.tree.norm(grads), step_ok=ok, skipped_steps=new_state.skipped
+        )
         return new_state, metrics
 
     return jax.jit(step, donate_argnums=(0,) if donate else ())

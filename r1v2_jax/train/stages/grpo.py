@@ -63,14 +63,20 @@ class GRPOSection:
     def __post_init__(self):
         positive(self, "steps", "micro_batches", "max_new_tokens")
         if self.group_size < 2:
-            raise ValueError(f"group_size: must be >= 2 (advantages compare samples of a prompt), got "
-                             f"{self.group_size}")
+            raise ValueError(
+                f"group_size: must be >= 2 (advantages compare samples of a prompt), got {self.group_size}"
+            )
         if self.advantage not in ADVANTAGES:
             raise ValueError(f"advantage: expected one of {', '.join(ADVANTAGES)}, got {self.advantage!r}")
         if self.use_ssb and self.dynamic_sampling:
             raise ValueError("use_ssb / dynamic_sampling: choose one (both fill the batch with informative groups)")
-        SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                       top_k=self.top_k, repetition_penalty=self.repetition_penalty)  # its checks
+        SamplingParams(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+        )  # its checks
 
     @property
     def needs_ref(self) -> bool:
@@ -84,9 +90,15 @@ class GRPOSection:
         return {"policy_cfg": self.policy_loss()}
 
     def sampling(self, eos_ids: tuple[int, ...]) -> SamplingParams:
-        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                              top_k=self.top_k, repetition_penalty=self.repetition_penalty, eos_ids=eos_ids,
-                              pad_id=eos_ids[0] if eos_ids else 0)
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            eos_ids=eos_ids,
+            pad_id=eos_ids[0] if eos_ids else 0,
+        )
 
 
 def run_grpo(ctx: StageContext, params, cfg: GRPOSection):
@@ -111,11 +123,15 @@ def run_grpo(ctx: StageContext, params, cfg: GRPOSection):
         t0 = time.perf_counter()
         out, pix = rollout(run, sampler, state.params, batch, sp, cfg.group_size, step_key(state, 1), tiles)
         t_roll = time.perf_counter() - t0
-        total, rule, texts, rmetrics, mine = score_completions(run, out, batch["answer"], batch["choices"],
-                                                               cfg.group_size, hybrid, fmt)
+        total, rule, texts, rmetrics, mine = score_completions(
+            run, out, batch["answer"], batch["choices"], cfg.group_size, hybrid, fmt
+        )
         # groups never straddle hosts (a prompt's G samples are consecutive rows of its host)
-        adv_all = np.asarray(group_advantages(jnp.asarray(total), cfg.group_size, mode=cfg.advantage,
-                                              std_ddof=cfg.std_ddof, eps=cfg.adv_eps))
+        adv_all = np.asarray(
+            group_advantages(
+                jnp.asarray(total), cfg.group_size, mode=cfg.advantage, std_ddof=cfg.std_ddof, eps=cfg.adv_eps
+            )
+        )
         b = grpo_batch(out, pix, cfg.group_size)
         if pix is None:
             b.pop("pixel_values", None)
@@ -141,12 +157,19 @@ def run_grpo(ctx: StageContext, params, cfg: GRPOSection):
         t_upd = time.perf_counter() - t1
         lengths, _ = dist.gather_rows(np.asarray(out.lengths))
         metrics.update({k: float(v) for k, v in m.items()})
-        metrics.update(rmetrics, response_length=float(lengths.mean()), rollout_seconds=t_roll,
-                       update_seconds=t_upd, tokens_per_s=float(lengths.sum() / max(t_roll, 1e-9)),
-                       skipped_samples=dist.total(it.skips.total))
+        metrics.update(
+            rmetrics,
+            response_length=float(lengths.mean()),
+            rollout_seconds=t_roll,
+            update_seconds=t_upd,
+            tokens_per_s=float(lengths.sum() / max(t_roll, 1e-9)),
+            skipped_samples=dist.total(it.skips.total),
+        )
         return state, metrics
 
-    return run_loop(run, "grpo", state, cfg.steps, it, one, max_consecutive_skips=cfg.optim.max_consecutive_skips).params
+    return run_loop(
+        run, "grpo", state, cfg.steps, it, one, max_consecutive_skips=cfg.optim.max_consecutive_skips
+    ).params
 
 
 def grpo_shapes(run: Run, records) -> tuple[int, int]:

@@ -37,19 +37,34 @@ class PairMining:
         if self.candidates < 2:
             raise ValueError(f"candidates: must be >= 2 (a pair needs two), got {self.candidates}")
         if not 0 < self.top_p <= 1 or not self.temperature >= 0:
-            raise ValueError(f"temperature / top_p: need temperature >= 0 and top_p in (0, 1], got "
-                             f"{self.temperature}, {self.top_p}")
+            raise ValueError(
+                f"temperature / top_p: need temperature >= 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}"
+            )
 
 
 def mine_pairs(ctx: StageContext, params, stage: str, pairs: PairMining) -> list[dict]:
     """This experiment's pairs for ``stage`` (logged once as ``<stage>_pairs``)."""
     run = ctx.run
     eos = run.eos_ids()
-    sp = SamplingParams(max_new_tokens=ctx.exp.data.max_completion_len, temperature=pairs.temperature,
-                        top_p=pairs.top_p, eos_ids=eos, pad_id=eos[0] if eos else 0)
-    pref, info = make_preference_records(run, params, ctx.train[: pairs.prompts], candidates=pairs.candidates,
-                                         threshold=pairs.threshold, sp=sp, batch_size=ctx.exp.data.batch_size,
-                                         hybrid=pairs.reward, fmt=pairs.format, seed=run.seed)
+    sp = SamplingParams(
+        max_new_tokens=ctx.exp.data.max_completion_len,
+        temperature=pairs.temperature,
+        top_p=pairs.top_p,
+        eos_ids=eos,
+        pad_id=eos[0] if eos else 0,
+    )
+    pref, info = make_preference_records(
+        run,
+        params,
+        ctx.train[: pairs.prompts],
+        candidates=pairs.candidates,
+        threshold=pairs.threshold,
+        sp=sp,
+        batch_size=ctx.exp.data.batch_size,
+        hybrid=pairs.reward,
+        fmt=pairs.format,
+        seed=run.seed,
+    )
     if run.logged(f"{stage}_pairs") is None:
         run.metrics.write({"stage": f"{stage}_pairs", "step": 0, **info})
     return pref
@@ -81,8 +96,14 @@ def run_mpo(ctx: StageContext, params, sec: MPOSection):
         return params
     prog = build_program("mpo", ctx.exp, run.model_config, params, run.mesh)
     state = init_run_state(run, params, prog.optimizer)
-    it = sequence_iterator(pref, run.builder, dataclasses.replace(run.pipeline, seed=run.seed),
-                           kind="preference", tile_size=run.model_config.tile_size, skips=SkipCounter())
+    it = sequence_iterator(
+        pref,
+        run.builder,
+        dataclasses.replace(run.pipeline, seed=run.seed),
+        kind="preference",
+        tile_size=run.model_config.tile_size,
+        skips=SkipCounter(),
+    )
     keys = [k for k, _ in BATCH_LAYOUTS["mpo"]]
 
     def one(state, batch):

@@ -43,17 +43,26 @@ def run_rm(ctx: StageContext, params, sec: RMSection):
     pref = mine_pairs(ctx, params, "rm", sec.pairs)
     if not pref:
         return params
-    rm_params = init_reward_params(run.model_config, jax.random.key(run.seed + 1),
-                                   backbone_params=jax.tree.map(lambda x: x.copy(), params))
+    rm_params = init_reward_params(
+        run.model_config, jax.random.key(run.seed + 1), backbone_params=jax.tree.map(lambda x: x.copy(), params)
+    )
     prog = build_program("rm", ctx.exp, run.model_config, rm_params, run.mesh)
     state = init_run_state(run, rm_params, prog.optimizer)
-    it = sequence_iterator(pref, run.builder, dataclasses.replace(run.pipeline, seed=run.seed),
-                           kind="preference", tile_size=run.model_config.tile_size, skips=SkipCounter())
+    it = sequence_iterator(
+        pref,
+        run.builder,
+        dataclasses.replace(run.pipeline, seed=run.seed),
+        kind="preference",
+        tile_size=run.model_config.tile_size,
+        skips=SkipCounter(),
+    )
     keys = [k for k, _ in BATCH_LAYOUTS["rm"]]
 
     def one(state, batch):
         state, m = prog.step(state, device_batch(run, {k: batch[k] for k in keys}, row_tiles(run, batch)), None)
         return state, {k: float(v) for k, v in m.items()}
 
-    ctx.reward_params = run_loop(run, "rm", state, sec.steps, it, one, max_consecutive_skips=sec.optim.max_consecutive_skips).params
+    ctx.reward_params = run_loop(
+        run, "rm", state, sec.steps, it, one, max_consecutive_skips=sec.optim.max_consecutive_skips
+    ).params
     return params

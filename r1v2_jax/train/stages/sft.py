@@ -35,8 +35,9 @@ class SFTSection:
 
 def cold_start_response(record: dict) -> str:
     """A short reasoning-format answer for SFT cold start, built from the known answer."""
-    hint = {"count": "count", "arith": "compute", "compare": "sizes", "color": "colour"}.get(record.get("category", ""),
-                                                                                              "think")
+    hint = {"count": "count", "arith": "compute", "compare": "sizes", "color": "colour"}.get(
+        record.get("category", ""), "think"
+    )
     return f"{hint}</think>\\boxed{{{record['answer']}}}"
 
 
@@ -45,8 +46,14 @@ def run_sft(ctx: StageContext, params, sec: SFTSection):
     records = [dict(r, prompt=r["question"], response=cold_start_response(r)) for r in ctx.train]
     prog = build_program("sft", ctx.exp, run.model_config, params, run.mesh)
     state = init_run_state(run, params, prog.optimizer)
-    it = sequence_iterator(records, run.builder, dataclasses.replace(run.pipeline, seed=run.seed), kind="sft",
-                           tile_size=run.model_config.tile_size, skips=SkipCounter())
+    it = sequence_iterator(
+        records,
+        run.builder,
+        dataclasses.replace(run.pipeline, seed=run.seed),
+        kind="sft",
+        tile_size=run.model_config.tile_size,
+        skips=SkipCounter(),
+    )
 
     def one(state, batch):
         keys = ("response_ids", "response_mask", "response_loss_mask", "response_positions")  # positions: packed
@@ -54,6 +61,8 @@ def run_sft(ctx: StageContext, params, sec: SFTSection):
         state, m = prog.step(state, b, None)
         return state, {k: float(v) for k, v in m.items()} | {"skipped_samples": dist.total(it.skips.total)}
 
-    params = run_loop(run, "sft", state, sec.steps, it, one, max_consecutive_skips=sec.optim.max_consecutive_skips).params
+    params = run_loop(
+        run, "sft", state, sec.steps, it, one, max_consecutive_skips=sec.optim.max_consecutive_skips
+    ).params
     ctx.ref = jax.tree.map(jnp.copy, params)  # the reference of the stages that follow (its own buffers)
     return params
