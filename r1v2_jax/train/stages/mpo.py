@@ -88,13 +88,11 @@ class MPOSection:
         return {"mpo_cfg": self.loss}
 
 
-def run_mpo(ctx: StageContext, params, sec: MPOSection):
+def train_on_pairs(ctx: StageContext, stage: str, params, pref: list[dict], sec, ref=None):
+    """The loop the MPO and RM stages share: ``params`` (the policy's, or the reward model's)
+    trained by ``stage``'s program on the preference records ``pref``; the trained parameters."""
     run = ctx.run
-    ref = ctx.reference(params)
-    pref = mine_pairs(ctx, params, "mpo", sec.pairs)
-    if not pref:
-        return params
-    prog = build_program("mpo", ctx.exp, run.model_config, params, run.mesh)
+    prog = build_program(stage, ctx.exp, run.model_config, params, run.mesh)
     state = init_run_state(run, params, prog.optimizer)
     it = sequence_iterator(
         pref,
@@ -104,10 +102,18 @@ def run_mpo(ctx: StageContext, params, sec: MPOSection):
         tile_size=run.model_config.tile_size,
         skips=SkipCounter(),
     )
-    keys = [k for k, _ in BATCH_LAYOUTS["mpo"]]
+    keys = [k for k, _ in BATCH_LAYOUTS[prog.kind]]
 
     def one(state, batch):
         state, m = prog.step(state, device_batch(run, {k: batch[k] for k in keys}, row_tiles(run, batch)), ref)
         return state, {k: float(v) for k, v in m.items()}
 
-    return run_loop(run, "mpo", state, sec.steps, it, one, max_consecutive_skips=sec.optim.max_consecutive_skips).params
+    return run_loop(run, stage, state, sec.steps, it, one, max_consecutive_skips=sec.optim.max_consecutive_skips).params
+
+
+def run_mpo(ctx: StageContext, params, sec: MPOSection):
+    ref = ctx.reference(params)
+    pref = mine_pairs(ctx, params, "mpo", sec.pairs)
+    if not pref:
+        return params
+    return train_on_pairs(ctx, "mpo", params, pref, sec, ref)

@@ -10,14 +10,9 @@ import dataclasses
 
 import jax
 
-from r1v2_jax.data.formats import SkipCounter
-from r1v2_jax.data.pipeline import sequence_iterator
 from r1v2_jax.rewards.reward_model import init_reward_params
-from r1v2_jax.train.loop import run_loop
-from r1v2_jax.train.program import BATCH_LAYOUTS, build_program
-from r1v2_jax.train.run import device_batch, init_run_state, row_tiles
 from r1v2_jax.train.stages.base import StageContext, positive
-from r1v2_jax.train.stages.mpo import PairMining, mine_pairs
+from r1v2_jax.train.stages.mpo import PairMining, mine_pairs, train_on_pairs
 from r1v2_jax.train.state import OptimConfig
 
 
@@ -46,23 +41,5 @@ def run_rm(ctx: StageContext, params, sec: RMSection):
     rm_params = init_reward_params(
         run.model_config, jax.random.key(run.seed + 1), backbone_params=jax.tree.map(lambda x: x.copy(), params)
     )
-    prog = build_program("rm", ctx.exp, run.model_config, rm_params, run.mesh)
-    state = init_run_state(run, rm_params, prog.optimizer)
-    it = sequence_iterator(
-        pref,
-        run.builder,
-        dataclasses.replace(run.pipeline, seed=run.seed),
-        kind="preference",
-        tile_size=run.model_config.tile_size,
-        skips=SkipCounter(),
-    )
-    keys = [k for k, _ in BATCH_LAYOUTS["rm"]]
-
-    def one(state, batch):
-        state, m = prog.step(state, device_batch(run, {k: batch[k] for k in keys}, row_tiles(run, batch)), None)
-        return state, {k: float(v) for k, v in m.items()}
-
-    ctx.reward_params = run_loop(
-        run, "rm", state, sec.steps, it, one, max_consecutive_skips=sec.optim.max_consecutive_skips
-    ).params
+    ctx.reward_params = train_on_pairs(ctx, "rm", rm_params, pref, sec)
     return params
