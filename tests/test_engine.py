@@ -19,6 +19,8 @@ from r1v2_jax.sampling.sampler import Sampler, SamplingParams
 from r1v2_jax.train.rollout import grpo_batch
 from r1v2_jax.train.steps import grpo_loss_fn
 
+pytestmark = pytest.mark.slow  # minutes of compiling or a server: the fast lane (-m "not slow") skips it
+
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):

@@ -34,6 +34,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "r1v2-test"
 
 
+pytestmark = pytest.mark.slow  # minutes of compiling or a server: the fast lane (-m "not slow") skips it
+
+
 class Emulator:
     """fake-gcs-server on a free 127.0.0.1 port, its objects in a temporary folder, its log in a
     file (a pipe nobody reads would eventually block it)."""

@@ -28,6 +28,9 @@ E2E_TOL = 1e-4
 ATTENTION_IMPL = os.environ.get("R1V2_TEST_ATTENTION_IMPL", "")
 
 
+pytestmark = pytest.mark.slow  # minutes of compiling or a server: the fast lane (-m "not slow") skips it
+
+
 def _load(path, **kw):
     """load_pretrained, switched to ATTENTION_IMPL when set."""
     m = r1v2_jax.load_pretrained(path, **kw)

@@ -14,6 +14,8 @@ from r1v2_jax.model.config import model_config
 from r1v2_jax.parallel.sharding import make_mesh
 from r1v2_jax.sampling.sampler import Sampler, SamplingParams, generate, process_logits, sample_step
 
+pytestmark = pytest.mark.slow  # minutes of compiling or a server: the fast lane (-m "not slow") skips it
+
 
 @pytest.fixture(scope="module", params=[0, 1])
 def pair(request, tmp_path_factory):

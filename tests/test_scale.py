@@ -19,6 +19,9 @@ from r1v2_jax.parallel.sharding import logical_to_pspec, make_mesh
 TOL = 1e-5
 
 
+pytestmark = pytest.mark.slow  # minutes of compiling or a server: the fast lane (-m "not slow") skips it
+
+
 def _inputs(cfg, seed=0, batch=2, seq=20):
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, cfg.image_token_id - 1, (batch, seq))

@@ -210,6 +210,7 @@ def test_consecutive_skips_stop_with_a_clear_message(tmp_path):
         OptimConfig(max_consecutive_skips=-1)
 
 
+@pytest.mark.slow
 def test_lr_1e30_run_stops_instead_of_exiting_0(tmp_path):
     """The issue's reproduction: SFT with lr=1e30 on the demo's tiny model."""
     env = dict(os.environ, PYTHONPATH=ROOT)
