@@ -321,6 +321,8 @@ def cmd_eval(args, overrides) -> int:
     except (ValueError, RuntimeError) as err:  # an empty dataset, nothing usable in it
         print(f"error: {args.data}: {err}", file=sys.stderr)
         return 2
+    finally:
+        run.close()
     rows = [(cat, f"{acc:.3f}", str(n)) for cat, (acc, n) in r["per_category"].items()]
     rows.append(("all", f"{r['pass@1']:.3f}", str(r["n"])))
     print(f"pass@1 (mean over k={e.k} samples, temperature {e.temperature}) on {args.data}")

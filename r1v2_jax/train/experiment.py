@@ -233,20 +233,23 @@ def run_experiment(exp) -> dict:
         test = test[: exp.eval.prompts]
     sync_logs(exp.run_dir, exp.checkpoint.dir, pull=True)  # resuming on a new machine: continue the kept logs
     run = make_run(exp, mc, tok, template, mesh, sampler_mesh)
-    ctx = StageContext(run, exp, train, test)
-    evals = {"init": _evaluate(ctx, "init", params)}
-    for name in exp.stages:
-        params = STAGES[name].run(ctx, params, getattr(exp, name))
-        evals[name] = _evaluate(ctx, name, params)
-    summary = {"evals": evals, "seconds": time.perf_counter() - t_start}
-    if exp.export:
-        host_params = dist.gather_to_host(params, mesh)  # the released format is written from one host
+    try:
+        ctx = StageContext(run, exp, train, test)
+        evals = {"init": _evaluate(ctx, "init", params)}
+        for name in exp.stages:
+            params = STAGES[name].run(ctx, params, getattr(exp, name))
+            evals[name] = _evaluate(ctx, name, params)
+        summary = {"evals": evals, "seconds": time.perf_counter() - t_start}
+        if exp.export:
+            host_params = dist.gather_to_host(params, mesh)  # the released format is written from one host
+            if dist.is_main():
+                summary["export"] = _export(run, host_params)
         if dist.is_main():
-            summary["export"] = _export(run, host_params)
-    if dist.is_main():
-        summary["plot"] = plot_curves(run.metrics.rows(), os.path.join(exp.run_dir, "curves.png"))
-        with open(os.path.join(exp.run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2, default=str)
+            summary["plot"] = plot_curves(run.metrics.rows(), os.path.join(exp.run_dir, "curves.png"))
+            with open(os.path.join(exp.run_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2, default=str)
+    finally:
+        run.close()  # the verifier pool's workers end with the run
     run.metrics.close()
     sync_logs(exp.run_dir, exp.checkpoint.dir)  # summary.json beside the checkpoints marks the run finished
     dist.barrier("run-finished")

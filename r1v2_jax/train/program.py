@@ -84,7 +84,12 @@ class StageProgram:
         return state.replace(
             params=params,
             opt_state=jax.tree_util.tree_map_with_path(opt_leaf, state.opt_state),
-            **{f: jax.tree.map(place, getattr(state, f)) for f in ("step", "rng", "bco_delta", "skipped", "ssb")},
+            # every other field (step, rng, BCO state, skip counts, the SSB, ...) replicated
+            **{
+                f.name: jax.tree.map(place, getattr(state, f.name))
+                for f in dataclasses.fields(state)
+                if f.name not in ("params", "opt_state")
+            },
         )
 
 

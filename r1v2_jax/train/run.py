@@ -49,6 +49,12 @@ class Run:
     verifier: VerifierConfig = dataclasses.field(default_factory=VerifierConfig)
     _verifier_pool: VerifierPool | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
+    def close(self) -> None:
+        """End what the run started: the answer-checking pool's worker processes."""
+        if self._verifier_pool is not None:
+            self._verifier_pool.close()
+            self._verifier_pool = None
+
     def verifier_pool(self) -> VerifierPool:
         """This run's answer-checking pool: started on first use (its workers warm up while the
         sampler compiles), then kept for every stage; its processes end with it."""
