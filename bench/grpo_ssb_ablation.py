@@ -34,6 +34,7 @@ def main():
             run_dir = os.path.join(base, "ssb" if ssb else "no_ssb")
             c = demo_config()
             c.run_dir, c.seed, c.stages, c.export, c.progress = run_dir, seed, ("sft", "grpo"), False, False
+            c.grpo.reward_model.kind = "none"  # no rm stage here: rule + format
             c.grpo.steps, c.grpo.use_ssb = a.grpo_steps, ssb
             if not ssb and os.path.isdir(os.path.join(base, "ssb", "checkpoints", "sft")):
                 # the same SFT start: reuse the SSB run's cold start

@@ -13,15 +13,20 @@ import jax
 import numpy as np
 
 import r1v2_jax
+from r1v2_jax.benchmarks import registry as benchmarks
 from r1v2_jax.convert.hf_config import read_config
 from r1v2_jax.data.formats import SkipCounter, load_records
 from r1v2_jax.data.image import load_image
 from r1v2_jax.data.prompt import PromptBuilder
+from r1v2_jax.data.public_formats import convert_mmpr, convert_rl
 from r1v2_jax.data.synthetic import make_synthetic
 from r1v2_jax.data.tokenizer import chat_template, load_tokenizer
 from r1v2_jax.model.vlm import abstract_params, param_shardings
 from r1v2_jax.parallel.multihost import initialize
 from r1v2_jax.plan.planner import format_plan, plan
+from r1v2_jax.sampling.engine import EngineConfig, PagedEngine
+from r1v2_jax.sampling.sampler import SamplingParams
+from r1v2_jax.train import benchmark_eval as B
 from r1v2_jax.train.checkpoints import ResumeError
 from r1v2_jax.train.config_files import CONFIG_ERRORS, experiment_from, load_experiment
 from r1v2_jax.train.evaluate import evaluate
@@ -240,18 +245,22 @@ def cmd_generate(args) -> int:
     eos = [i for i in (tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")) if i is not None]
     t1 = time.perf_counter()
     with _Spinner(f"generating up to {args.max_new_tokens} tokens"):
-        out = r1v2_jax.generate(
-            model,
-            [ids],
-            pixel_values=pix,
+        kw = dict(
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             top_p=args.top_p,
             top_k=args.top_k,
             repetition_penalty=args.repetition_penalty,
-            eos_ids=eos,
-            seed=args.seed,
+            eos_ids=tuple(eos),
         )
+        if args.engine:  # the paged engine: the same tokens as the static sampler for the same seed
+            sp = SamplingParams(**kw, pad_id=eos[0] if eos else 0)
+            engine = PagedEngine(model, EngineConfig(slots=1))
+            out = engine(
+                np.asarray([ids], np.int32), pixel_values=None if pix is None else pix[None], sp=sp, seed=args.seed
+            )
+        else:
+            out = r1v2_jax.generate(model, [ids], pixel_values=pix, seed=args.seed, **kw)
         n = int(out.lengths[0])
         gen = np.asarray(out.tokens)[0, len(ids) : len(ids) + n].tolist()
     t2 = time.perf_counter()
@@ -267,7 +276,11 @@ def cmd_generate(args) -> int:
 
 
 def cmd_make_data(args) -> int:
-
+    if args.kind != "synthetic":
+        return _convert_public(args)
+    if args.n is None:
+        print("error: make-data synthetic needs --n N", file=sys.stderr)
+        return 2
     try:
         counts = make_synthetic(
             args.out,
@@ -284,9 +297,163 @@ def cmd_make_data(args) -> int:
     return 0
 
 
+def _convert_public(args) -> int:
+    """``r1v2 make-data easyr1|mmpr OUT --from PATH``: a public training set in our format."""
+    if not args.src:
+        print(f"error: make-data {args.kind} needs --from PATH", file=sys.stderr)
+        return 2
+    skips = SkipCounter()
+    try:
+        if args.kind == "easyr1":
+            res = convert_rl(args.src, args.out, overwrite=args.overwrite, skips=skips)
+        else:
+            res = convert_mmpr(args.src, args.out, image_root=args.image_root, overwrite=args.overwrite, skips=skips)
+    except (FileExistsError, FileNotFoundError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    kind = "rl" if args.kind == "easyr1" else "preference"
+    print(f"wrote {args.out}/data.jsonl: {res['written']} {kind} records, {res['images']} images")
+    print(f"skipped: {skips.total} {skips.as_dict()}")
+    return 0 if res["written"] else 2
+
+
+def _eval_config(args):
+    """The experiment config ``r1v2 eval`` loads its model and data settings through."""
+    cfg = demo_config()
+    cfg.run_dir = tempfile.mkdtemp(prefix="r1v2-eval-")
+    cfg.model.init = args.model
+    cfg.data.batch_size, cfg.data.max_tiles, cfg.data.dynamic_tiling = args.batch_size, args.max_tiles, True
+    cfg.data.max_prompt_len = 1 << 16  # prompts are never cut: any length up to 64k, in power-of-two buckets
+    cfg.data.length_buckets = tuple(1 << i for i in range(6, 17))
+    return cfg
+
+
+def _benchmark_items(args, skips: SkipCounter):
+    """(benchmark, split, items) of ``--benchmark`` / ``--split`` / ``--data`` (``--limit`` first)."""
+    bench = benchmarks.get(args.benchmark)
+    split = args.split or bench.default_split
+    if split not in bench.splits:
+        raise ValueError(f"--split: {args.benchmark} has splits {', '.join(bench.splits)}, not {split!r}")
+    items = bench.load(args.data, split, skips)
+    if args.limit:
+        items = items[: args.limit]
+    if not items:
+        raise ValueError(
+            f"{args.data}: no usable {args.benchmark} items in split {split!r} (skipped: {skips.as_dict()})"
+        )
+    return bench, split, items
+
+
+def _benchmark_protocol(args, split: str) -> B.Protocol:
+    return B.Protocol(
+        benchmark=args.benchmark,
+        split=split,
+        model=os.path.abspath(args.model) if getattr(args, "model", None) else "",
+        data=os.path.abspath(args.data),
+        runs=5 if args.runs is None else args.runs,
+        temperature=0.6 if args.temperature is None else args.temperature,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        max_new_tokens=B.MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens,
+        seed=args.seed,
+        limit=args.limit,
+    )
+
+
+def _print_results(res: dict, out: str | None) -> None:
+    print(B.results_markdown(res), end="")
+    if out:
+        print(f"wrote {os.path.join(out, B.RESULTS_MD)} and {B.RESULTS_JSON}")
+
+
+def cmd_benchmark_eval(args, overrides) -> int:
+    """``r1v2 eval --benchmark NAME``: a published benchmark with the paper's protocol, resumable."""
+    _distributed(args)
+    try:
+        skips = SkipCounter()
+        bench, split, items = _benchmark_items(args, skips)
+        protocol = _benchmark_protocol(args, split)
+        out = args.out or os.path.join("runs", "eval", f"{bench.name}_{split}")
+        exp = experiment_from(_eval_config(args), "eval", overrides)
+        mc, params, tok, template = load_experiment_model(exp)
+    except (*CONFIG_ERRORS, KeyError, FileNotFoundError) as e:
+        return _config_error(e)
+    mesh, sampler_mesh = experiment_meshes(exp)
+    if mesh is not None:
+        params = jax.device_put(params, param_shardings(mc, mesh))
+    run = make_run(exp, mc, tok, template, mesh, sampler_mesh, metrics=MetricsLog(exp.run_dir, False))
+    try:
+        res = B.evaluate_benchmark(
+            run,
+            params,
+            bench,
+            items,
+            protocol,
+            out,
+            batch_size=exp.data.batch_size,
+            skips=skips,
+            score_workers=args.score_workers,
+        )
+    except (B.ProtocolMismatch, ValueError) as err:  # another protocol's folder, a damaged generations file
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        run.close()
+    if jax.process_index() == 0:
+        _print_results(res, out)
+    return 0
+
+
+def cmd_score(args) -> int:
+    """``r1v2 score``: re-score saved responses by a benchmark's rules, without a model."""
+    try:
+        skips = SkipCounter()
+        bench, split, items = _benchmark_items(args, skips)
+        preds = B.read_predictions(args.predictions)
+        runs = args.runs or max(r for _, r in preds) + 1
+        saved = B.protocol_from(args.predictions) or {}
+        protocol = B.Protocol(
+            benchmark=bench.name,
+            split=split,
+            model=str(saved.get("model", "")),
+            data=os.path.abspath(args.data),
+            runs=runs,
+            temperature=float(saved.get("temperature", 0.6)),
+            top_p=float(saved.get("top_p", 0.95)),
+            repetition_penalty=float(saved.get("repetition_penalty", 1.05)),
+            max_new_tokens=int(saved.get("max_new_tokens", B.MAX_NEW_TOKENS)),
+            seed=int(saved.get("seed", 0)),
+            limit=args.limit,
+        )
+        res, scored, unknown = B.score_predictions(
+            bench, items, preds, protocol, skips.as_dict(), workers=args.score_workers
+        )
+    except (*CONFIG_ERRORS, KeyError, FileNotFoundError) as e:
+        return _config_error(e)
+    if not scored:
+        print(f"error: {args.predictions}: none of its ids is an item of {bench.name}/{split}", file=sys.stderr)
+        return 2
+    if unknown:
+        print(f"warning: {unknown} prediction(s) name ids that are not items of {bench.name}/{split}", file=sys.stderr)
+    res["predictions"] = os.path.abspath(args.predictions)
+    res["predictions_unknown_ids"] = unknown
+    if args.out:
+        B.write_results(args.out, res, scored, items)
+    _print_results(res, args.out)
+    return 0
+
+
 def cmd_eval(args, overrides) -> int:
     """pass@1 of a model on an ``rl`` dataset; the settings go through the experiment schema
-    (``--config.eval.*`` / ``--config.data.*`` overrides too), so they are checked like a run's."""
+    (``--config.eval.*`` / ``--config.data.*`` overrides too), so they are checked like a run's.
+    With ``--benchmark``: :func:`cmd_benchmark_eval`."""
+    if args.benchmark:
+        return cmd_benchmark_eval(args, overrides)
+    for flag, value in (("--split", args.split), ("--runs", args.runs), ("--out", args.out), ("--limit", args.limit)):
+        if value:
+            return _config_error(ValueError(f"{flag}: only with --benchmark"))
+    args.temperature = 0.0 if args.temperature is None else args.temperature
+    args.max_new_tokens = 1024 if args.max_new_tokens is None else args.max_new_tokens
     cfg = demo_config()
     cfg.run_dir = tempfile.mkdtemp(prefix="r1v2-eval-")
     cfg.model.init = args.model

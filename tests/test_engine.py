@@ -11,7 +11,8 @@ from torch_ref import internvl_reference, write_released
 
 import r1v2_jax
 from r1v2_jax.model.config import model_config
-from r1v2_jax.model.vlm import R1V2
+from r1v2_jax.model.vlm import R1V2, R1V2Model, param_shardings
+from r1v2_jax.parallel.sharding import make_mesh
 from r1v2_jax.rl.losses import PolicyLossConfig
 from r1v2_jax.sampling.engine import EngineConfig, PagedEngine
 from r1v2_jax.sampling.paged import PagePool, page_bucket
@@ -190,9 +191,36 @@ def test_trainer_rollouts_through_the_engine(pair, tmp_path):
     for f in ("tokens", "lengths", "finished", "prompt_lengths"):
         np.testing.assert_array_equal(np.asarray(getattr(outs[0], f)), np.asarray(getattr(outs[1], f)), err_msg=f)
     np.testing.assert_allclose(np.asarray(outs[0].ref_logprobs), np.asarray(outs[1].ref_logprobs), atol=1e-5)
-    mesh_run = Run(m.config, None, None, str(tmp_path), None, mesh=object(), engine=EngineConfig())
-    with pytest.raises(ValueError, match="rollout_engine"):
-        mesh_run.sampler(m.params)
+    # with a mesh (the learner's, no sampler mesh) the run's engine runs on it
+    mesh = make_mesh(2, 1, 2, devices=jax.devices()[:4])
+    run = Run(m.config, None, None, str(tmp_path), None, mesh=mesh, engine=EngineConfig(slots=4))
+    eng = run.sampler(jax.device_put(m.params, param_shardings(m.config, mesh)))
+    assert isinstance(eng, PagedEngine) and eng.model.mesh is mesh and eng.layout.shards == 2
+
+
+@pytest.mark.parametrize("shape", [(4, 1, 2), (2, 2, 2), (8, 1, 1)])
+def test_on_a_mesh_the_samples_are_the_single_devices(pair, shape):
+    """On a mesh (slots and page pools split over data x fsdp, KV heads over tensor, every pool
+    operation per shard in shard_map), the same seed gives the same samples as on one device,
+    and every shard's pages go back; image prompts, a ragged workload."""
+    cfg, _, m = pair
+    mesh = make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
+    on_mesh = R1V2Model(m.config, jax.device_put(m.params, param_shardings(m.config, mesh)), mesh)
+    ids, pix = _image_prompts(cfg, 5, batch=3)
+    sp = SamplingParams(max_new_tokens=20, temperature=1.0, eos_ids=(5, 9, 40, 77, 120))
+    ec = EngineConfig(slots=8, steps_per_sync=4, page_size=8)
+    ref = PagedEngine(m, ec)(ids, pixel_values=pix, sp=sp, num_samples=4, seed=3)
+    eng = PagedEngine(on_mesh, ec)
+    out = eng(ids, pixel_values=pix, sp=sp, num_samples=4, seed=3)
+    for f in ("tokens", "lengths", "finished", "prompt_lengths"):
+        np.testing.assert_array_equal(np.asarray(getattr(out, f)), np.asarray(getattr(ref, f)), err_msg=f)
+    for f in ("logprobs", "ref_logprobs"):
+        np.testing.assert_allclose(np.asarray(getattr(out, f)), np.asarray(getattr(ref, f)), atol=1e-5)
+    assert 0 < np.asarray(ref.finished).sum() < 12  # ragged: some samples stop early
+    assert eng.stats["shards"] == shape[0] * shape[1] and eng.stats["pages_in_use_at_end"] == 0
+    bad = eng.stats["shards"] + 2
+    with pytest.raises(ValueError, match=f"EngineConfig.slots: {bad} slots cannot be split"):
+        PagedEngine(on_mesh, EngineConfig(slots=bad))
 
 
 def test_experiment_config_turns_the_engine_on():

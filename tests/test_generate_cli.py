@@ -66,6 +66,15 @@ def test_generate_command_prints_the_greedy_answer(tiny_dir, capsys):
         gen = gen[:-1]
     assert printed.out.rstrip("\n") == tok.decode(gen, skip_special_tokens=False)
     assert "tokens in" in printed.err
+    # the paged engine prints the same answer, and so does it sampling at temperature 1 with a seed
+    argv = ["generate", "--model", str(d / "model"), "--image", str(d / "img.png"), "--prompt", "How many?"]
+    argv += ["--max-new-tokens", "12", "--max-tiles", "2"]
+    assert main(argv + ["--temperature", "0", "--engine"]) == 0
+    assert capsys.readouterr().out == printed.out
+    assert main(argv + ["--temperature", "1", "--seed", "3"]) == 0
+    sampled = capsys.readouterr().out
+    assert main(argv + ["--temperature", "1", "--seed", "3", "--engine"]) == 0
+    assert capsys.readouterr().out == sampled
 
 
 def test_generate_refuses_a_prompt_spelling_a_special_token(tiny_dir, capsys):

@@ -6,6 +6,9 @@ import jax
 import pytest
 
 from r1v2_jax.cli import main
+from r1v2_jax.convert.skywork_vl import config_dict
+from r1v2_jax.model.config import TextConfig
+from r1v2_jax.model.qwen2_5_vl import QwenVisionConfig, QwenVLConfig
 from r1v2_jax.plan.topology import parse_topology
 
 pytestmark = pytest.mark.slow  # the fast lane (-m "not slow") skips this module
@@ -35,6 +38,7 @@ def test_plan_tiny_on_a_small_tpu_slice(tmp_path, capsys):
             "--json",
             str(out),
             "--config.plan.xla_estimate=False",
+            "--config.grpo.reward_model.kind=none",  # the reward model's program: its own test below
         ]
     )
     assert rc == 0
@@ -67,8 +71,19 @@ def test_plan_tiny_on_a_small_tpu_slice(tmp_path, capsys):
     assert r["programs"]["decode"]["resident_bytes"] > 0 == r["programs"]["train"]["resident_bytes"]
     assert r["peak_bytes"] == max(p["total_bytes"] for p in r["programs"].values())
     assert 0 < r["mfu"] < 1 and r["step_seconds"] == pytest.approx(sum(p["seconds"] for p in r["programs"].values()))
+    # the paged engine over each sampler mesh the 4 chips allow (tensor 8 and 16 do not divide them)
+    e = r["engine"]
+    assert [o["tensor"] for o in e["options"]] == [4, 8, 16] and "skipped" in e["options"][1]
+    assert e["best"] == 4 and e["options"][0]["mesh"] == [1, 1, 4] and e["options"][0]["fits"]
+    o = e["options"][0]
+    assert o["total_bytes"] == o["weight_bytes"] + o["pool_bytes"] + o["logits_bytes"] + o["resident_bytes"]
+    assert o["ragged"]["seconds"] < o["dense"]["seconds"]  # the valid KV only, under the same model
+    assert r["engine_step_seconds"] == pytest.approx(
+        r["step_seconds"] - r["programs"]["decode"]["seconds"] + e["seconds"]
+    )
     text = capsys.readouterr().out
     assert "fits" in text and "decode" in text and "step time (roofline" in text and "XLA's cost model" not in text
+    assert "paged engine (analytic" in text and "fastest that fits: tensor 4" in text
     # the same programs on a chip with almost no memory: exit status 1, the largest buffers named
     rc = main(
         [
@@ -80,6 +95,7 @@ def test_plan_tiny_on_a_small_tpu_slice(tmp_path, capsys):
             "--hbm-gib",
             "0.001",
             "--config.plan.xla_estimate=False",
+            "--config.grpo.reward_model.kind=none",
         ]
     )
     assert rc == 1
@@ -130,6 +146,7 @@ def test_plan_mpo_and_a_separate_sampler_mesh(tmp_path, capsys):
             str(out),
             "--config.plan.sampler_mesh=(1,2,2)",
             "--config.plan.xla_estimate=False",
+            "--config.grpo.reward_model.kind=none",
         ]
     )
     r = json.loads(out.read_text())
@@ -162,6 +179,7 @@ def test_compiler_out_of_memory_is_a_report_not_a_crash(tmp_path, capsys):
             "--config.grpo.max_new_tokens=32",
             "--config.model.attention_impl=xla",
             "--config.plan.xla_estimate=False",
+            "--config.grpo.reward_model.kind=none",
         ]
     )
     text = capsys.readouterr().out
@@ -223,3 +241,38 @@ def test_xla_estimate_counts_every_layer_and_loop_trip():
         assert est["decode"] < 0.8 * 16 * once  # what multiplying the whole program by the tokens would say
         # what the correction is for: the scanned program's own figure counts one layer per tower
         assert xla_seconds(compile_program(train_program(job, mc, mesh, rows // 2, 1)[0])) < 0.75 * truth_half
+
+
+@pytest.mark.parametrize("kind", ["skywork_vl", "ours"])
+def test_plan_scores_rollouts_with_the_reward_model(tmp_path, kind):
+    """grpo.reward_model gets its scoring program (one forward over the rollout batch) compiled
+    on the sampler mesh and reported with memory per chip and roofline time."""
+    pytest.importorskip("libtpu")
+    tiny = QwenVLConfig(
+        vision=QwenVisionConfig(
+            depth=2, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=48, fullatt_block_indexes=(1,)
+        ),
+        text=TextConfig(
+            vocab_size=300, hidden_size=48, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64
+        ),
+        mrope_section=(2, 2, 2),
+        image_token_id=290,
+    )
+    d = tmp_path / "skywork"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(config_dict(tiny)))
+    out = tmp_path / "plan.json"
+    # kind "ours" scores with the RM the rm stage trains: the hybrid demo has that stage
+    config = "configs/demo_hybrid.py" if kind == "ours" else "configs/demo.py"
+    args = ["plan", "--config", config, "--topology", "v5p-8", "--json", str(out)]
+    args += ["--config.plan.xla_estimate=False", f"--config.grpo.reward_model.kind={kind}"]
+    if kind == "skywork_vl":
+        args += [f"--config.grpo.reward_model.path={d}", "--config.grpo.reward_model.image_grid=(1,8,12)"]
+    assert main(args) == 0
+    r = json.loads(out.read_text())
+    p = r["programs"]["reward_model"]
+    assert p["fits"] and p["argument_bytes"] > 0 and p["flops"] > 0 and p["seconds"] > 0
+    assert p["rows"] == 8 * 8 and p["resident_bytes"] > 0  # demo: 8 prompts x 8 samples
+    if kind == "skywork_vl":
+        assert p["image_tokens"] == 8 * 12 // 4
+    assert r["step_seconds"] >= p["seconds"]

@@ -2,6 +2,7 @@
 statistics, mixing, no host transfers, and an 8-device sharded buffer."""
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from scipy import stats
 
 from r1v2_jax.parallel.sharding import make_mesh
 from r1v2_jax.rl.ssb import SSBConfig, sampling_weights, ssb_add, ssb_init, ssb_mix, ssb_sample, ssb_shardings
+from r1v2_jax.train.run import init_ssb
 
 N = 8  # samples per add
 
@@ -161,3 +163,20 @@ def test_sharded_buffer_on_8_devices():
     a = mix(sharded, _payload(jnp.arange(16)), jnp.zeros(16), jax.random.key(3))
     b = ssb_mix(single, _payload(jnp.arange(16)), jnp.zeros(16), jax.random.key(3), cfg)
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a[:3], b[:3])
+
+
+def test_training_makes_the_buffer_sharded_over_the_batch_axes():
+    """The trainer's buffer (init_ssb) is born split over data x fsdp, never whole on one device."""
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices")
+    mesh = make_mesh(2, 2, 2)
+    example = {
+        "tokens": jax.ShapeDtypeStruct((1, 12), jnp.int32),
+        "old_logp": jax.ShapeDtypeStruct((1, 12), jnp.float32),
+    }
+    state = init_ssb(types.SimpleNamespace(mesh=mesh), 32, example)
+    for x in jax.tree.leaves(state):
+        assert x.sharding.spec[0] == ("data", "fsdp") and len(x.sharding.device_set) == 8
+        assert {s.data.shape[0] for s in x.addressable_shards} == {8}
+    np.testing.assert_array_equal(np.asarray(state.payload["tokens"]), np.zeros((32, 12), np.int32))
+    assert init_ssb(types.SimpleNamespace(mesh=None), 32, example).payload["tokens"].shape == (32, 12)

@@ -86,6 +86,7 @@ def test_sampler_on_its_own_mesh_gives_the_same_training(tmp_path):
             [
                 f"--config.run_dir={tmp_path / name}",
                 "--config.stages=('grpo',)",
+                "--config.grpo.reward_model.kind=none",
                 "--config.grpo.steps=2",
                 "--config.grpo.group_size=4",
                 "--config.grpo.max_new_tokens=8",

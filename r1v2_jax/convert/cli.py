@@ -57,8 +57,9 @@ def main_hf_to_jax(argv=None) -> int:
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     report: dict = {}
-    try:
-        cfg = hf_to_jax(
+    cfg = _or_exit_2(
+        "hf_to_jax",
+        lambda: hf_to_jax(
             a.hf_dir,
             a.out_dir,
             dtype=a.dtype,
@@ -69,15 +70,25 @@ def main_hf_to_jax(argv=None) -> int:
             quiet=a.quiet,
             strict_finite=a.strict_finite,
             report=report,
-        )
-    except (ValueError, KeyError, OSError) as e:
-        print(f"hf_to_jax: error: {e}", file=sys.stderr)
+        ),
+    )
+    if cfg is None:
         return 2
     print(
         f"hf_to_jax: wrote {a.out_dir} ({cfg.param_dtype}, {len(key_entries(cfg))} tensors{_nonfinite_note(report)}) "
         f"in {time.perf_counter() - t0:.1f}s; restore with r1v2_jax.load_checkpoint({a.out_dir!r})"
     )
     return 0
+
+
+def _or_exit_2(prog: str, convert):
+    """``convert()``'s result, or None after printing ``prog: error: ...`` for a conversion
+    error (bad input files, keys, shapes, an existing output): the command then exits 2."""
+    try:
+        return convert()
+    except (ValueError, KeyError, OSError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return None
 
 
 def _nonfinite_note(report: dict) -> str:
@@ -98,8 +109,9 @@ def main_jax_to_hf(argv=None) -> int:
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     report: dict = {}
-    try:
-        names = jax_to_hf(
+    names = _or_exit_2(
+        "jax_to_hf",
+        lambda: jax_to_hf(
             a.ckpt_dir,
             a.out_dir,
             fmt=a.fmt,
@@ -109,9 +121,9 @@ def main_jax_to_hf(argv=None) -> int:
             quiet=a.quiet,
             strict_finite=a.strict_finite,
             report=report,
-        )
-    except (ValueError, KeyError, OSError) as e:
-        print(f"jax_to_hf: error: {e}", file=sys.stderr)
+        ),
+    )
+    if names is None:
         return 2
     print(
         f"jax_to_hf: wrote {a.out_dir} ({a.fmt}, {len(names)} shard(s){_nonfinite_note(report)}) "

@@ -166,28 +166,66 @@ class SafetensorsDir:
     def dtype(self, key: str) -> str:
         return self._info[key][2]["dtype"]
 
+    def file_of(self, key: str) -> str:
+        """The file (name inside the directory) that holds ``key``."""
+        return self._info[key][0]
+
     def get(self, key: str) -> np.ndarray:
         if key not in self._info:
             raise KeyError(f"{self.path}: no tensor {key!r}")
         fn, start, info = self._info[key]
-        begin, end = info["data_offsets"]
-        buf = np.empty(end - begin, np.uint8)
-        path = os.path.join(self.path, fn)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            done, view = 0, memoryview(buf)
-            while done < len(buf):
-                n = os.preadv(fd, [view[done : done + (1 << 30)]], start + begin + done)
-                if n <= 0:
-                    raise CheckpointFormatError(f"{path}: unexpected end of file reading {key!r}")
-                done += n
-        finally:
-            os.close(fd)
-        return buf.view(_dtype_of(info["dtype"])).reshape(info["shape"])
+        return _read_tensor(os.path.join(self.path, fn), start, info, key)
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         for k in self._info:
             yield k, self.get(k)
+
+
+def _read_tensor(path: str, start: int, info: dict, key: str) -> np.ndarray:
+    """One tensor's bytes by positional reads (no memory map) as a fresh numpy array."""
+    begin, end = info["data_offsets"]
+    buf = np.empty(end - begin, np.uint8)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done, view = 0, memoryview(buf)
+        while done < len(buf):
+            n = os.preadv(fd, [view[done : done + (1 << 30)]], start + begin + done)
+            if n <= 0:
+                raise CheckpointFormatError(f"{path}: unexpected end of file reading {key!r}")
+            done += n
+    finally:
+        os.close(fd)
+    return buf.view(_dtype_of(info["dtype"])).reshape(info["shape"])
+
+
+class SafetensorsFile:
+    """One safetensors file read like :class:`SafetensorsDir` (``shapes``, ``dtype``, ``get``),
+    e.g. a reward model's separate ``value_head.safetensors``."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise CheckpointFormatError(f"{self.path}: no such file")
+        self._header, self._start = _read_header(self.path)
+        self.shapes = {k: tuple(v["shape"]) for k, v in self._header.items()}
+
+    def keys(self) -> list[str]:
+        return list(self._header)
+
+    def dtype(self, key: str) -> str:
+        return self._header[key]["dtype"]
+
+    def get(self, key: str) -> np.ndarray:
+        if key not in self._header:
+            raise KeyError(f"{self.path}: no tensor {key!r}")
+        return _read_tensor(self.path, self._start, self._header[key], key)
+
+
+def write_safetensors_file(path: str, tensors: dict[str, np.ndarray]) -> None:
+    """Write ``tensors`` (in order) as one safetensors file (not atomic: for a file inside a
+    directory that is published as a whole)."""
+    specs = [(k, tuple(v.shape), np.dtype(v.dtype)) for k, v in tensors.items()]
+    _write_shard(path, specs, iter(tensors.values()))
 
 
 _ST_DTYPES = {

@@ -251,28 +251,34 @@ def collate_packed(
     0 = padding: what the model takes as attention mask); ``p_positions`` i32[R, L] (restarting
     at 0 per sequence); ``p_loss_mask`` (completion tokens); ``p_example`` i32[R, L] (the
     example's index in this batch, -1 = padding) and ``p_name`` i32[R, L] (index into
-    ``names``); ``pixel_values`` / ``num_tiles`` per row (a row's tiles are its sequences'
-    tiles in order, once per sequence, so the per-row image merge fills each sequence's slots
-    with its own); ``where`` / ``pad`` per example (batch order)."""
+    ``names``); ``p_slot`` i32[R, L] (the example's place among its row's examples, -1 =
+    padding) and ``p_valid`` bool[R, K] (row r holds an example in slot k), K =
+    ``pack_length // len(names)`` (the most a row can hold, fixed so shapes do not depend on
+    the data): the losses sum an example's tokens into its slot; ``pixel_values`` /
+    ``num_tiles`` per row (a row's tiles are its sequences' tiles in order, once per
+    sequence, so the per-row image merge fills each sequence's slots with its own); ``where``
+    / ``pad`` per example (batch order)."""
     length = cfg.pack_length
     units = [sum(len(e[n][0]) for n in names) for e in examples]
     rows = pack_rows(units, length)
     r_total = -(-len(rows) // cfg.pack_rows_multiple) * cfg.pack_rows_multiple
     ids = np.full((r_total, length), pad_id, np.int32)
-    seg, pos, ex, nm = (np.zeros((r_total, length), np.int32) for _ in range(4))
-    ex[:], nm[:] = -1, -1
+    seg, pos, ex, nm, slot = (np.zeros((r_total, length), np.int32) for _ in range(5))
+    ex[:], nm[:], slot[:] = -1, -1, -1
+    valid = np.zeros((r_total, length // len(names)), bool)
     loss = np.zeros((r_total, length), bool)
     empty = np.zeros((0, 3, tile_size, tile_size), np.float32)
     row_tiles = [empty] * r_total
     for r, members in enumerate(rows):
         at, k, tiles = 0, 0, []
-        for i in members:
+        valid[r, : len(members)] = True
+        for s, i in enumerate(members):
             for j, n in enumerate(names):
                 x, m, _ = examples[i][n]
                 k += 1
                 sl = slice(at, at + len(x))
                 ids[r, sl], seg[r, sl], pos[r, sl], loss[r, sl] = x, k, np.arange(len(x)), m
-                ex[r, sl], nm[r, sl] = i, j
+                ex[r, sl], nm[r, sl], slot[r, sl] = i, j, s
                 at += len(x)
                 tiles.append(examples[i]["pixel_values"])
         row_tiles[r] = np.concatenate(tiles) if tiles else empty
@@ -284,6 +290,8 @@ def collate_packed(
         f"{p}_loss_mask": loss,
         f"{p}_example": ex,
         f"{p}_name": nm,
+        f"{p}_slot": slot,
+        f"{p}_valid": valid,
     }
     out.update(_collate_tiles([{"pixel_values": t} for t in row_tiles], cfg, tile_size))
     out["where"] = [e["where"] for e in examples]
@@ -426,11 +434,6 @@ def sequence_iterator(
     if kind not in ("sft", "preference"):
         raise ValueError(f"sequence_iterator: kind must be 'sft' or 'preference', got {kind!r}")
     names = ("response",) if kind == "sft" else ("chosen", "rejected")
-    if cfg.pack_length and kind != "sft":
-        raise ValueError(
-            "data.pack_length: packed preference batches are collated (collate_packed) but the MPO and "
-            "reward-model losses do not take packed rows yet; pack SFT batches only"
-        )
     collate = collate_packed if cfg.pack_length else collate_sequences
     return _iterator(
         records,

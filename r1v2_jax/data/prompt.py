@@ -68,7 +68,7 @@ def find_special(text: str, reserved) -> str | None:
     return None
 
 
-def _without_eos(completion: str) -> str:
+def without_eos(completion: str) -> str:
     """A completion without its one trailing end-of-turn token (a sampled completion's eos)."""
     for end in (IM_END, ENDOFTEXT):
         if completion.endswith(end):
@@ -158,7 +158,7 @@ class PromptBuilder:
 
     def completion_special_token(self, completion: str) -> str | None:
         """The special token a completion holds that it may not (see :meth:`encode_completion`), or None."""
-        return find_special(_without_eos(completion), [t for t in self.reserved() if t not in (THINK, END_THINK)])
+        return find_special(without_eos(completion), [t for t in self.reserved() if t not in (THINK, END_THINK)])
 
     def encode_completion(self, completion: str, close: bool = True) -> tuple[list[int], bool]:
         """Completion ids (with ``<|im_end|>`` when ``close``) and whether they were truncated.
@@ -168,7 +168,7 @@ class PromptBuilder:
         completion's eos) is the closing token itself. Other special tokens are refused."""
         if self.think and completion.startswith(THINK_PREFILL):
             completion = completion[len(THINK_PREFILL) :]
-        completion = _without_eos(completion)
+        completion = without_eos(completion)
         token = self.completion_special_token(completion)
         if token is not None:
             raise SpecialTokenInText(f"the completion text contains the special token {token!r}")

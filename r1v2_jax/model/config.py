@@ -178,6 +178,10 @@ class ModelConfig:
     # Positions per LM-head chunk when the learner computes log-probs / entropies
     # (r1v2_jax.train.logprobs: no [T, V] float32 logits of a whole sequence)
     logprob_chunk_size: int = 512
+    # Sequence parallelism: the decoder's residual stream between layers (what full remat keeps
+    # for the backward pass) is split over ``tensor`` along the sequence; XLA all-gathers it
+    # before each block's projections and reduce-scatters after (Megatron-style). Same math.
+    sequence_parallel: bool = False
 
     def __post_init__(self):
         self.validate()

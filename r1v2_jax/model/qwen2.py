@@ -13,6 +13,7 @@ from r1v2_jax.model.layers import CKPT_ATTN_OUT, CKPT_QKV, Embed, LayerStack, Li
 from r1v2_jax.parallel.sharding import constrain
 
 ACT = ("act_batch", "act_len", "act_embed")
+ACT_SEQ_PARALLEL = ("act_batch", "act_seq_shard", "act_embed")  # ModelConfig.sequence_parallel
 # KV cache [L, B, S, Hkv, hd]
 CACHE_AXES = ("layers", "act_batch", "act_len", "act_kv_heads", None)
 
@@ -124,6 +125,7 @@ class DecoderLayer(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     attn: AttentionOptions = AttentionOptions()
+    seq_parallel: bool = False  # the residual stream leaves the block split over tensor by sequence
 
     @nn.compact
     def __call__(self, carry, layer, cos, sin, mask, cache_index):
@@ -139,7 +141,7 @@ class DecoderLayer(nn.Module):
         x = x + h
         h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
         x = x + TextMLP(c, name="mlp", **kw)(h)
-        return (constrain(x, ACT), cache), None
+        return (constrain(x, ACT_SEQ_PARALLEL if self.seq_parallel else ACT), cache), None
 
 
 class Qwen2(nn.Module):
@@ -154,7 +156,7 @@ class Qwen2(nn.Module):
         self.embed_tokens = Embed(c.vocab_size, c.hidden_size, ("vocab", "embed"), **kw)
         self.layers = LayerStack(
             DecoderLayer,
-            dict(cfg=c, attn=mc.attention_options(), **kw),
+            dict(cfg=c, attn=mc.attention_options(), seq_parallel=mc.sequence_parallel, **kw),
             num_layers=c.num_layers,
             scan=mc.scan_layers,
             remat=mc.remat_policy,
@@ -165,26 +167,31 @@ class Qwen2(nn.Module):
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """input_ids: i32[B, T] -> f[B, T, H]."""
-        return constrain(self.embed_tokens(input_ids), ACT)
+        return constrain(self.embed_tokens(input_ids), ACT_SEQ_PARALLEL if self.config.sequence_parallel else ACT)
 
-    def decode(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
+    def decode(
+        self, embeds: jax.Array, positions: jax.Array | None, attention_mask: jax.Array | None, rope=None
+    ) -> jax.Array:
         """embeds: f[B, T, H]; positions: i32[B, T]; attention_mask: [B, T] segment ids (0 =
         padding; a 0/1 mask is one segment per row; packed rows number their sequences 1, 2,
-        ...) or None -> final-normed f[B, T, H]. Causal attention within each segment."""
+        ...) or None -> final-normed f[B, T, H]. Causal attention within each segment.
+        ``rope``: precomputed (cos, sin) f32[B, T, hd] used instead of ``positions`` (the
+        multimodal rotary positions of :mod:`r1v2_jax.model.qwen2_5_vl`)."""
         seg = None if attention_mask is None else attention_mask.astype(jnp.int32)
-        hidden, _ = self.decode_cached(embeds, positions, SegmentMask(seg), None, None)
+        hidden, _ = self.decode_cached(embeds, positions, SegmentMask(seg), None, None, rope=rope)
         return hidden
 
-    def decode_cached(self, embeds, positions, mask, cache, cache_index):
+    def decode_cached(self, embeds, positions, mask, cache, cache_index, rope=None):
         """The layer stack with an explicit mask and an optional KV cache.
 
         embeds: f[B, T, H]; positions: i32[B, T]; mask: bool[B, 1, 1, T, S] or (no cache) a
         :class:`SegmentMask`; cache: (k, v)
-        each f[L, B, S, Hkv, hd] or None; cache_index: i32[] (first slot written) ->
+        each f[L, B, S, Hkv, hd] or None; cache_index: i32[] (first slot written); rope: None
+        (tables from ``positions``) or (cos, sin) f32[B, T, hd] ->
         (final-normed f[B, T, H], updated cache or None).
         """
         c = self.config.text
-        cos, sin = rope_tables(positions, c.resolved_head_dim, c.rope_theta)
+        cos, sin = rope_tables(positions, c.resolved_head_dim, c.rope_theta) if rope is None else rope
         layers = jnp.arange(c.num_layers, dtype=jnp.int32) if cache is not None else None
         (x, cache), _ = self.layers((embeds, cache), layers, cos, sin, mask, cache_index)
         return self.norm(x), cache

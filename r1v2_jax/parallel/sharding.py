@@ -51,6 +51,7 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     # activations
     ("act_batch", ("data", "fsdp")),
     ("act_len", None),
+    ("act_seq_shard", "tensor"),  # the residual stream's sequence axis under sequence parallelism
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),
@@ -86,7 +87,8 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence[j
         return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
-def _as_tuple(m: MeshAxes) -> tuple[str, ...]:
+def as_axes(m: MeshAxes) -> tuple[str, ...]:
+    """A rule's mesh axes (None, one name or several) as a tuple of names."""
     if m is None:
         return ()
     return (m,) if isinstance(m, str) else tuple(m)
@@ -111,7 +113,7 @@ def logical_to_pspec(
             continue
         if name not in table:
             raise KeyError(f"logical axis {name!r} has no sharding rule; rules cover {sorted(table)}")
-        axes = _as_tuple(table[name])
+        axes = as_axes(table[name])
         if shape is not None and mesh is not None:
             kept, size = [], 1
             for a in axes:

@@ -23,8 +23,15 @@ each implies. A config that does not fit exits
 non-zero, naming the largest buffers; a micro-batch that does not divide over the batch axes
 is reported.
 
-Not covered: multi-slice (DCN) topologies, and the cost of resharding parameters between
-different learner and sampler meshes.
+When ``grpo.reward_model.kind`` is ``ours`` or ``skywork_vl``, the reward model's scoring
+program (one forward over the rollout batch, on the sampler mesh) is compiled and reported
+too (:mod:`r1v2_jax.plan.reward_model`); its roofline time is part of the step.
+
+With ``grpo.rollout_ahead=1`` the report adds the overlapped step on a split of the slice
+(:mod:`r1v2_jax.plan.overlap`) beside the sequential one.
+
+Not covered: multi-slice (DCN) topologies, and, in the sequential step, the cost of resharding
+parameters between different learner and sampler meshes.
 """
 
 from __future__ import annotations
@@ -36,7 +43,9 @@ import jax
 from r1v2_jax.model.attention import resolve_impl
 from r1v2_jax.parallel.multihost import batch_shards
 from r1v2_jax.parallel.sharding import make_mesh, use_mesh_rules
+from r1v2_jax.plan.engine import format_engine, plan_engine
 from r1v2_jax.plan.flops import forward_flops, kernel_flops, train_step_flops
+from r1v2_jax.plan.overlap import format_overlap, overlap_plan
 from r1v2_jax.plan.programs import (
     Job,
     compile_program,
@@ -50,6 +59,7 @@ from r1v2_jax.plan.programs import (
     train_program,
     xla_estimate,
 )
+from r1v2_jax.plan.reward_model import reward_model_program
 from r1v2_jax.plan.topology import GiB, devices_for, parse_topology
 from r1v2_jax.train.experiment import model_config_from
 from r1v2_jax.train.schema import from_config_dict, mesh_for
@@ -151,6 +161,28 @@ def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
             "seconds": per_token_s * m,
             "bytes_per_token_step": per_token_bytes,
         }
+        # the paged engine on a sampler mesh of its own over the same chips: the learner's whole
+        # state (parameters, optimizer, SSB, reference) stays resident while it decodes
+        engine_resident = per_chip_bytes(state) + (per_chip_bytes(ref) if ref is not None else 0)
+        engine = plan_engine(cfg, mc, devices, topo, resident_bytes=engine_resident, hbm=hbm)
+    else:
+        engine = None
+    rm = stage.reward_model if algo == "grpo" else None
+    if rm is not None and rm.kind in ("ours", "skywork_vl"):
+        rows = cfg.data.batch_size * stage.group_size
+        seq = cfg.data.max_prompt_len + stage.max_new_tokens
+        rm_prog, info, _ = reward_model_program(job, rm, mc, sampler_mesh, rows, seq)
+        # the optimizer state and the sampler's policy weights stay in HBM while the RM scores
+        programs["reward_model"] = {
+            **memory_report(rm_prog, hbm, opt_bytes + per_chip_bytes(s_params)),
+            **info,
+            "tokens": rows * info["seq_len"],
+            "seconds": info["flops"] / (peak_s * cfg.plan.assumed_mfu),
+        }
+        if cfg.plan.xla_estimate:
+            notes.append("XLA's step-time estimate leaves the reward model out (its roofline time is in the step)")
+    elif rm is not None and rm.kind == "remote":
+        notes.append("reward model: remote (scored by the server; nothing on these chips)")
     if cfg.plan.xla_estimate:
         for name, s in xla_estimate(job, mc, mesh, sampler_mesh, n_micro, n).items():
             programs[name]["xla_seconds"] = s
@@ -167,8 +199,12 @@ def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
     peak = max(p_["total_bytes"] for p_ in programs.values())
     step_s = sum(p_["seconds"] for p_ in programs.values())
     total_flops = sum(p_["flops"] for p_ in programs.values())
-    xla_s = sum(p_["xla_seconds"] for p_ in programs.values()) if cfg.plan.xla_estimate else None
+    xla_s = sum(p_.get("xla_seconds", 0.0) for p_ in programs.values()) if cfg.plan.xla_estimate else None
+    overlap = None
+    if algo == "grpo" and stage.rollout_ahead:
+        overlap = overlap_plan(cfg, job, mc, topo, devices, hbm, step_s, programs["train"]["flops"])
     return {
+        "overlap": overlap,
         "algorithm": algo,
         "trainable": stage.optim.trainable,
         "remat_policy": remat,
@@ -192,6 +228,9 @@ def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
         "notes": notes,
         "baseline_train": baseline,
         "kernel_efficiency": cfg.plan.kernel_efficiency,
+        "engine": engine,
+        # today's step with the paged engine's rollout in place of the dense decode loop
+        "engine_step_seconds": step_s - programs["decode"]["seconds"] + engine["seconds"] if engine else None,
         # kept for scripts reading the first version's fields
         "argument_bytes": programs["train"]["argument_bytes"],
         "temp_bytes": programs["train"]["temp_bytes"],
@@ -247,6 +286,20 @@ def format_plan(r: dict) -> str:
             f"  step time (XLA's cost model, loops counted by trip count): {_secs(r['xla_step_seconds'])} s"
             + (f" -> MFU {r['xla_mfu']:.1%}" if r["xla_mfu"] == r["xla_mfu"] else "")
         )
+    if r.get("engine"):
+        lines += format_engine(r["engine"], r["programs"]["decode"]["seconds"], GiB)
+        lines.append(
+            f"  step time with the paged engine's rollout (roofline): {r['engine_step_seconds']:.1f} s "
+            f"against {r['step_seconds']:.1f} s"
+        )
+    if "reward_model" in r["programs"]:
+        p = r["programs"]["reward_model"]
+        lines.append(
+            f"  reward model ({p['kind']}): one forward over {p['rows']} rollouts of {p['seq_len']} tokens "
+            f"({p['image_tokens']} image tokens each), {p['flops']:.3e} FLOPs, on the sampler mesh"
+        )
+    if r.get("overlap"):
+        lines += format_overlap(r["overlap"])
     lines.append("  largest per-chip parameter / optimizer buffers:")
     lines += [f"    {b / GiB:8.3f} GiB  {name}" for name, b in r["largest_buffers"]]
     lines += [f"  note: {n}" for n in r["notes"]]

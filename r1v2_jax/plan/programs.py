@@ -4,8 +4,10 @@ count."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import hashlib
 import re
 
 import jax
@@ -38,13 +40,50 @@ class OutOfMemory:
         self.temp_bytes = int(float(m.group(1)) * scale[m.group(2)]) if m else 0
 
 
+_COMPILED: collections.OrderedDict = collections.OrderedDict()  # program key -> compiled / OutOfMemory
+_COMPILED_MAX = 24  # a 38B plan compiles about a dozen programs
+
+
+def _program_key(lowered) -> tuple | None:
+    """What identifies a compile: the lowered module's text and the devices (the objects
+    themselves, as jax compares them, with their kind and, for a mesh, their order) of its
+    argument shardings; None when jax does not say."""
+    shardings = getattr(getattr(lowered, "_lowering", None), "compile_args", {}).get("in_shardings")
+    if shardings is None:
+        return None
+    where = []
+    for sh in shardings:
+        mesh = getattr(sh, "mesh", None)
+        if mesh is not None and hasattr(mesh, "devices"):
+            where.append(("mesh", mesh.axis_names, tuple((id(d), d.id, d.device_kind) for d in mesh.devices.flat)))
+        elif hasattr(sh, "device_set"):
+            where.append(("set", tuple(sorted((id(d), d.id, d.device_kind) for d in sh.device_set))))
+        else:
+            where.append(repr(sh))
+    return hashlib.sha256(lowered.as_text().encode()).hexdigest(), tuple(where)
+
+
 def compile_program(lowered):
+    """``lowered.compile()`` for planning: the compiler's out-of-HBM refusal comes back as
+    :class:`OutOfMemory`; the same program for the same devices is compiled once per process
+    (the planner only reads memory and cost analyses; a second plan of one config, as a sweep
+    over ``--hbm-gib`` or the reward-model and overlap plans that share programs, costs no
+    compiles)."""
+    key = _program_key(lowered)
+    if key is not None and key in _COMPILED:
+        _COMPILED.move_to_end(key)
+        return _COMPILED[key]
     try:
-        return lowered.compile()
+        out = lowered.compile()
     except Exception as e:  # noqa: BLE001 - XLA raises JaxRuntimeError
-        if "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e):
-            return OutOfMemory(str(e).strip().splitlines()[-1])
-        raise
+        if "RESOURCE_EXHAUSTED" not in str(e) and "Ran out of memory" not in str(e):
+            raise
+        out = OutOfMemory(str(e).strip().splitlines()[-1])
+    if key is not None:
+        _COMPILED[key] = out
+        while len(_COMPILED) > _COMPILED_MAX:
+            _COMPILED.popitem(last=False)
+    return out
 
 
 def memory_report(compiled, hbm: int, resident: int = 0) -> dict:
@@ -168,25 +207,13 @@ def sampler_programs(job: Job, mc, mesh, decode_loops: tuple[int, ...] = (1,)):
     ``decode_loops``, each running the whole loop that many times over the same cache (more
     than once: for costing one trip of the loop body, see :func:`xla_estimate`)."""
 
-    cfg, stage = job.cfg, job.cfg.grpo
-    params = jax.tree.map(
-        lambda a, s: sds(a.shape, a.dtype, s), abstract_params(mc, boxed=False), param_shardings(mc, mesh)
-    )
-    row = NamedSharding(mesh, P(("data", "fsdp")))
-    b, p, m = cfg.data.batch_size, cfg.data.max_prompt_len, stage.max_new_tokens
-    sampler = Sampler(R1V2Model(mc, params, mesh), bucket=1, layer_loop="scan")
-    kw = dict(cache_len=p + m, num_samples=stage.group_size)
-    pre_args = (
-        params,
-        sds((b, p), jnp.int32, row),
-        sds((b, p), bool, row),
-        pixels(job, mc, b, row) if job.tiles else None,
-    )
+    sampler, pre_args, kw, row = _sampler_args(job, mc, mesh)
+    cfg, stage, params = job.cfg, job.cfg.grpo, pre_args[0]
+    b = cfg.data.batch_size
     pre = compile_program(sampler.lower_prefill(*pre_args, **kw))
     logits, cache, kv_valid, ids = sampler.prefill_shapes(*pre_args, **kw)
     if isinstance(pre, OutOfMemory):  # decode's inputs as the constraints lay them out
-        cache_sh = NamedSharding(mesh, logical_to_pspec(CACHE_AXES, shape=cache[0].shape, mesh=mesh))
-        outs = (row, (cache_sh, cache_sh), row, row)
+        outs = _constrained_outs(mesh, cache, row)
     else:
         outs = tuple(pre.output_shardings)
     logits, cache, kv_valid, ids = jax.tree.map(
@@ -212,6 +239,37 @@ def sampler_programs(job: Job, mc, mesh, decode_loops: tuple[int, ...] = (1,)):
         for loops in decode_loops
     )
     return pre, decs, params, cache
+
+
+def _sampler_args(job: Job, mc, mesh):
+    """(sampler, prefill's abstract arguments, its keywords, the row sharding) on ``mesh``."""
+    cfg, stage = job.cfg, job.cfg.grpo
+    params = abstract_param_specs(mc, mesh)
+    row = NamedSharding(mesh, P(("data", "fsdp")))
+    b, p, m = cfg.data.batch_size, cfg.data.max_prompt_len, stage.max_new_tokens
+    sampler = Sampler(R1V2Model(mc, params, mesh), bucket=1, layer_loop="scan")
+    kw = dict(cache_len=p + m, num_samples=stage.group_size)
+    pre_args = (
+        params,
+        sds((b, p), jnp.int32, row),
+        sds((b, p), bool, row),
+        pixels(job, mc, b, row) if job.tiles else None,
+    )
+    return sampler, pre_args, kw, row
+
+
+def _constrained_outs(mesh, cache, row):
+    cache_sh = NamedSharding(mesh, logical_to_pspec(CACHE_AXES, shape=cache[0].shape, mesh=mesh))
+    return (row, (cache_sh, cache_sh), row, row)
+
+
+def sampler_shapes(job: Job, mc, mesh):
+    """(parameters, KV cache) of the sampler on ``mesh`` as ShapeDtypeStructs, the cache laid
+    out as the sampler's constraints place it: the decode roofline's inputs, without compiling."""
+    sampler, pre_args, kw, row = _sampler_args(job, mc, mesh)
+    out = sampler.prefill_shapes(*pre_args, **kw)
+    cache = jax.tree.map(lambda a, s: sds(a.shape, a.dtype, s), out[1], _constrained_outs(mesh, out[1], row)[1])
+    return pre_args[0], cache
 
 
 def cost_of(compiled) -> dict:

@@ -208,6 +208,12 @@ class HallucinationMonitor:
             wrong = np.asarray(correct) <= 0
             if wrong.any():
                 rm_wrong = float((np.asarray(rm_scores)[wrong] > c.rm_high).mean())
+        return self.decide(step, contra, rm_wrong)
+
+    def decide(self, step: int, contra: float, rm_wrong: float) -> Decision:
+        """The decision on rates measured elsewhere (e.g. over all hosts' samples):
+        ``contra`` the contradiction rate, ``rm_wrong`` the RM-high-on-wrong rate."""
+        c = self.cfg
         reasons = []
         if contra > c.max_contradiction_rate:
             reasons.append(f"contradiction rate {contra:.1%} > {c.max_contradiction_rate:.1%}")

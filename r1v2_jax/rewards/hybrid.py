@@ -27,10 +27,13 @@ def combine(rule: np.ndarray, fmt: np.ndarray, rm: np.ndarray | None, cfg: Hybri
         "reward_format": float(fmt.mean()),
         "accuracy": float((rule > 0).mean()),
         "reward_rule_gated": float(gated.mean()),
+        "weight_rule": cfg.w_rule,
+        "weight_format": cfg.w_format,
     }
     if rm is not None:
         rm = np.asarray(rm, np.float32)
         total = total + cfg.w_rm * rm
         metrics["reward_rm"] = float(rm.mean())
+        metrics["weight_rm"] = cfg.w_rm
     metrics["reward_total"] = float(total.mean())
     return total.astype(np.float32), metrics

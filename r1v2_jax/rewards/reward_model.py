@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from r1v2_jax.model.config import ModelConfig
 from r1v2_jax.model.layers import Linear
 from r1v2_jax.model.vlm import R1V2, _dummy_inputs
-from r1v2_jax.rl.losses import LossSum
+from r1v2_jax.rl.losses import LossSum, masked_mean
 
 
 def last_token_index(attention_mask: jax.Array) -> jax.Array:
@@ -41,6 +41,12 @@ class RewardModel(nn.Module):
         last = hidden[jnp.arange(hidden.shape[0]), last_token_index(attention_mask)]
         return self.value_head(last.astype(jnp.float32))[:, 0]
 
+    def token_scores(self, input_ids, pixel_values, segment_ids, positions) -> jax.Array:
+        """The score read at every token of packed rows (segment ids [B, T], 0 = padding;
+        positions restarting per sequence) -> f32[B, T]; a sequence's score is at its last token."""
+        hidden = self.backbone.hidden(input_ids, pixel_values, segment_ids, positions)
+        return self.value_head(hidden.astype(jnp.float32))[..., 0]
+
 
 def init_reward_params(config: ModelConfig, rng: jax.Array, backbone_params=None):
     """Reward-model parameters; ``backbone_params`` (a policy's) replaces the random backbone."""
@@ -52,12 +58,19 @@ def init_reward_params(config: ModelConfig, rng: jax.Array, backbone_params=None
     return params
 
 
-def bradley_terry_loss(r_pos: jax.Array, r_neg: jax.Array) -> tuple[LossSum, dict]:
-    """−log σ(r⁺ − r⁻) per pair, as (sum, count); metrics: pairwise accuracy and margin."""
+def bradley_terry_loss(r_pos: jax.Array, r_neg: jax.Array, valid: jax.Array | None = None) -> tuple[LossSum, dict]:
+    """−log σ(r⁺ − r⁻) per pair, as (sum, count); metrics: pairwise accuracy and margin.
+    ``valid``: bool[B], only these entries are pairs (packed batches' pair slots)."""
     loss = -jax.nn.log_sigmoid(r_pos - r_neg)
-    return LossSum(loss.sum(), jnp.asarray(loss.shape[0], jnp.float32)), {
-        "bt_accuracy": (r_pos > r_neg).astype(jnp.float32).mean(),
-        "bt_margin": (r_pos - r_neg).mean(),
+    if valid is None:
+        return LossSum(loss.sum(), jnp.asarray(loss.shape[0], jnp.float32)), {
+            "bt_accuracy": (r_pos > r_neg).astype(jnp.float32).mean(),
+            "bt_margin": (r_pos - r_neg).mean(),
+        }
+    w = valid.astype(jnp.float32)
+    return LossSum(jnp.where(valid, loss, 0.0).sum(), w.sum()), {
+        "bt_accuracy": masked_mean((r_pos > r_neg).astype(jnp.float32), w),
+        "bt_margin": masked_mean(r_pos - r_neg, w),
     }
 
 
@@ -65,3 +78,10 @@ def make_scorer(config: ModelConfig):
     """A jitted ``score(params, input_ids, pixel_values, attention_mask) -> f32[B]``."""
     module = RewardModel(config)
     return jax.jit(lambda p, ids, pix, mask: module.apply({"params": p}, ids, pix, mask))
+
+
+def abstract_reward_params(config: ModelConfig, *, boxed: bool = True):
+    """The reward model's parameters as ShapeDtypeStructs (boxed: with logical axis names)."""
+    ids, pix = _dummy_inputs(config)
+    tree = jax.eval_shape(lambda: RewardModel(config).init(jax.random.PRNGKey(0), ids, pix))["params"]
+    return tree if boxed else nn.unbox(tree)

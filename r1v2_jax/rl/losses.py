@@ -10,6 +10,7 @@ tokens that count (1) and padding (0).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import flax
 import jax
@@ -50,8 +51,15 @@ class PolicyLossConfig:
     # before exp, and the estimate to <= kl_max (padding positions are masked before either)
     kl_log_ratio_clamp: float = 20.0
     kl_max: float = 10.0
+    # truncated importance sampling (verl's TIS), 0 = off: the clipped ratio is taken against
+    # the learner's own log-probs at the start of the update (the proximal policy), and each
+    # token's loss is weighted by min(π_learner / π_sampling, tis_cap), the sampling engine's
+    # log-probs being ``old_logp`` (see :func:`policy_loss`)
+    tis_cap: float = 0.0
 
     def __post_init__(self):
+        if not (math.isfinite(self.tis_cap) and (self.tis_cap == 0 or self.tis_cap >= 1)):
+            raise ValueError(f"tis_cap: must be 0 (off) or >= 1 (verl uses 2), got {self.tis_cap}")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation: expected one of {AGGREGATIONS}, got {self.aggregation!r}")
         if self.kl_estimator not in KL_ESTIMATORS:
@@ -133,7 +141,8 @@ def token_entropy(logits: jax.Array) -> jax.Array:
     return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
-def _masked_mean(x, m):
+def masked_mean(x, m):
+    """Mean of x over the entries where m (0/1 or bool, broadcastable) is set; 0 when none is."""
     return (x * m).sum() / jnp.maximum(m.sum(), 1.0)
 
 
@@ -156,13 +165,21 @@ def policy_loss(
     Per token, with ρ = exp(clamp(logp − old_logp)):
       pg = max(−Â ρ, −Â clip(ρ, 1 − clip_low, 1 + clip_high)), and with dual clip, for Â < 0,
       pg = min(pg, −Â c). The gradient is exactly zero where the clipped branch is taken.
+    With ``cfg.tis_cap`` = C > 0 (truncated importance sampling, as verl's TIS): the proximal
+    log-probs π_prox = stop_gradient(logp) (the learner's, at the parameters the gradient is
+    taken at: one optimizer update per batch) replace old_logp in ρ, and pg is weighted by
+    w = min(exp(clamp(π_prox − old_logp)), C) (no gradient through w): the correction from the
+    sampling engine's policy (old_logp: the policy that generated the samples, one step stale
+    with ``grpo.rollout_ahead=1``) to the learner's.
     Returns (LossSum of pg + kl_coef · KL, metrics) — metrics are masked token means of this
-    batch: clip fractions, ratio mean/min/max, KL, entropy.
+    batch: clip fractions, ratio mean/min/max, KL, entropy; with TIS also the importance
+    ratio's mean/max (``is_ratio_*``) and the share of tokens whose ratio was capped (``tis_capped_frac``).
     """
     m = mask.astype(jnp.float32)
     adv = advantages.astype(jnp.float32)[:, None]
     # padding masked before the exp: whatever log-probs it holds, it contributes exactly 0
-    log_ratio = jnp.clip(jnp.where(m > 0, logp - old_logp, 0.0), -cfg.log_ratio_clamp, cfg.log_ratio_clamp)
+    behaviour = jax.lax.stop_gradient(logp) if cfg.tis_cap else old_logp
+    log_ratio = jnp.clip(jnp.where(m > 0, logp - behaviour, 0.0), -cfg.log_ratio_clamp, cfg.log_ratio_clamp)
     ratio = jnp.exp(log_ratio)
     pg1 = -adv * ratio
     pg2 = -adv * jnp.clip(ratio, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
@@ -172,15 +189,26 @@ def policy_loss(
         pg3 = -adv * cfg.dual_clip
         dual_clipped = (adv < 0) & (pg > pg3)
         pg = jnp.where(adv < 0, jnp.minimum(pg, pg3), pg)
-    per_token = pg
     metrics = {}
+    if cfg.tis_cap:
+        is_log = jnp.clip(
+            jnp.where(m > 0, jax.lax.stop_gradient(logp) - old_logp, 0.0), -cfg.log_ratio_clamp, cfg.log_ratio_clamp
+        )
+        is_ratio = jnp.exp(is_log)
+        pg = pg * jnp.minimum(is_ratio, cfg.tis_cap)
+        metrics.update(
+            is_ratio_mean=masked_mean(is_ratio, m),
+            is_ratio_max=jnp.where(m > 0, is_ratio, -jnp.inf).max(),
+            tis_capped_frac=masked_mean((is_ratio > cfg.tis_cap).astype(jnp.float32), m),
+        )
+    per_token = pg
     if cfg.kl_coef and ref_logp is None:
         raise ValueError("policy_loss: kl_coef > 0 needs ref_logp")
     if ref_logp is not None:
         kl = kl_penalty(logp, ref_logp, cfg.kl_estimator, m, cfg.kl_log_ratio_clamp, cfg.kl_max)
         if cfg.kl_coef:
             per_token = per_token + cfg.kl_coef * kl
-        metrics["kl"] = _masked_mean(kl, m)
+        metrics["kl"] = masked_mean(kl, m)
     loss = aggregate(per_token, m, cfg.aggregation, cfg.norm_tokens)
     clipped_high = (adv > 0) & (ratio > 1.0 + cfg.clip_high)
     clipped_low = (adv < 0) & (ratio < 1.0 - cfg.clip_low)
@@ -188,16 +216,16 @@ def policy_loss(
     small = jnp.where(m > 0, ratio, jnp.inf)
     metrics.update(
         pg_loss=aggregate(pg, m, cfg.aggregation, cfg.norm_tokens).value,
-        clip_frac=_masked_mean((clipped_high | clipped_low).astype(jnp.float32), m),
-        clip_frac_high=_masked_mean(clipped_high.astype(jnp.float32), m),
-        clip_frac_low=_masked_mean(clipped_low.astype(jnp.float32), m),
-        dual_clip_frac=_masked_mean(dual_clipped.astype(jnp.float32), m),
-        ratio_mean=_masked_mean(ratio, m),
+        clip_frac=masked_mean((clipped_high | clipped_low).astype(jnp.float32), m),
+        clip_frac_high=masked_mean(clipped_high.astype(jnp.float32), m),
+        clip_frac_low=masked_mean(clipped_low.astype(jnp.float32), m),
+        dual_clip_frac=masked_mean(dual_clipped.astype(jnp.float32), m),
+        ratio_mean=masked_mean(ratio, m),
         ratio_max=big.max(),
         ratio_min=small.min(),
     )
     if entropy is not None:
-        metrics["entropy"] = _masked_mean(entropy, m)
+        metrics["entropy"] = masked_mean(entropy, m)
     return loss, metrics
 
 

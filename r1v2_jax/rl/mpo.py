@@ -32,7 +32,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from r1v2_jax.rl.losses import LossSum
+from r1v2_jax.rl.losses import LossSum, masked_mean
 
 DELTA_MODES = ("running_mean", "ema")
 GEN_NORMS = ("batch-token-mean", "seq-mean")
@@ -75,6 +75,7 @@ def mpo_loss(
     delta: jax.Array,
     cfg: MPOConfig,
     tokens_per_pair: jax.Array | None = None,
+    valid: jax.Array | None = None,
 ) -> tuple[LossSum, dict[str, jax.Array]]:
     """MPO over a batch of B pairs.
 
@@ -84,8 +85,12 @@ def mpo_loss(
     tokens_per_pair: f32[] the *whole* batch's chosen tokens / pairs, for ``batch-token-mean``
     when this call sees one micro-batch (default: this call's own mean). Per pair the NLL is
     then −log π(y_c) / tokens_per_pair, whose mean over the batch is the batch token mean.
-    Returns (LossSum with count B, metrics incl. the batch's rewards).
+    valid: bool[B] or None: only these entries are pairs (packed batches' pair slots; the
+    others count nothing, in the loss, its count and the metrics).
+    Returns (LossSum with count B (valid pairs), metrics incl. the batch's rewards).
     """
+    w = None if valid is None else valid.astype(jnp.float32)
+    mean = (lambda x: x.mean()) if w is None else (lambda x: masked_mean(x, w))  # noqa: E731
     r_c = implicit_rewards(policy_chosen, ref_chosen, cfg)
     r_r = implicit_rewards(policy_rejected, ref_rejected, cfg)
     d = jax.lax.stop_gradient(delta)
@@ -95,27 +100,33 @@ def mpo_loss(
     if cfg.gen_norm == "seq-mean":
         gen = -policy_chosen / jnp.maximum(n, 1.0)
     else:
-        per_pair_tokens = n.mean() if tokens_per_pair is None else tokens_per_pair
+        per_pair_tokens = mean(n) if tokens_per_pair is None else tokens_per_pair
         gen = -policy_chosen / jnp.maximum(jax.lax.stop_gradient(per_pair_tokens), 1e-9)
     per_pair = cfg.w_pref * pref + cfg.w_quality * quality + cfg.w_gen * gen
-    b = per_pair.shape[0]
     metrics = {
-        "pref_loss": pref.mean(),
-        "quality_loss": quality.mean(),
-        "gen_loss": gen.mean(),
-        "reward_chosen": r_c.mean(),
-        "reward_rejected": r_r.mean(),
-        "reward_margin": (r_c - r_r).mean(),
-        "reward_accuracy": (r_c > r_r).astype(jnp.float32).mean(),
+        "pref_loss": mean(pref),
+        "quality_loss": mean(quality),
+        "gen_loss": mean(gen),
+        "reward_chosen": mean(r_c),
+        "reward_rejected": mean(r_r),
+        "reward_margin": mean(r_c - r_r),
+        "reward_accuracy": mean((r_c > r_r).astype(jnp.float32)),
         "bco_delta": d,
     }
-    return LossSum(per_pair.sum(), jnp.asarray(b, jnp.float32)), metrics
+    if w is None:
+        return LossSum(per_pair.sum(), jnp.asarray(per_pair.shape[0], jnp.float32)), metrics
+    return LossSum(jnp.where(w > 0, per_pair, 0.0).sum(), w.sum()), metrics
 
 
-def batch_reward_mean(reward_chosen: jax.Array, reward_rejected: jax.Array) -> jax.Array:
+def batch_reward_mean(
+    reward_chosen: jax.Array, reward_rejected: jax.Array, valid: jax.Array | None = None
+) -> jax.Array:
     """mean(Δ) over a batch's chosen and rejected responses together (what TRL's bco_pair feeds
-    its running mean), without gradient."""
-    return jax.lax.stop_gradient(jnp.concatenate([reward_chosen, reward_rejected]).mean())
+    its running mean), without gradient; ``valid``: only those pairs (packed batches)."""
+    both = jnp.concatenate([reward_chosen, reward_rejected])
+    if valid is None:
+        return jax.lax.stop_gradient(both.mean())
+    return jax.lax.stop_gradient(masked_mean(both, jnp.concatenate([valid, valid]).astype(jnp.float32)))
 
 
 def bco_delta_update(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 
@@ -41,8 +42,22 @@ log = logging.getLogger("r1v2_jax")
 
 def demo_config() -> ml_collections.ConfigDict:
     """The CPU demo: a tiny model from scratch on the synthetic colour task, SFT -> MPO -> GRPO
-    with SSB (the schema's defaults)."""
+    with SSB (the schema's defaults). The hybrid reward with a reward model of our own is
+    :func:`demo_hybrid_config` (configs/demo_hybrid.py)."""
     return default_config()
+
+
+def demo_hybrid_config() -> ml_collections.ConfigDict:
+    """The demo with the whole hybrid reward: SFT -> RM -> MPO -> GRPO, the ``rm`` stage training
+    a reward model on pairs mined from the SFT policy and GRPO's reward rule + 0.5 x RM + format.
+    On this tiny task the policy learns to please that small reward model (README: reward
+    hacking, seen by the monitor's ``rm_high_on_wrong``)."""
+    c = demo_config()
+    c.run_dir = "runs/demo_hybrid"
+    c.stages = ("sft", "rm", "mpo", "grpo")
+    c.grpo.reward_model.kind = "ours"
+    c.grpo.reward.w_rm = 0.5
+    return c
 
 
 def released_38b_config(stage: str) -> ml_collections.ConfigDict:
@@ -53,9 +68,13 @@ def released_38b_config(stage: str) -> ml_collections.ConfigDict:
     c = demo_config()
     c.run_dir = f"runs/{stage}_38b"
     c.stages = (stage,)
+    c.grpo.reward_model.kind = "none"  # the demo's is the rm stage's; set skywork_vl + path for the paper's
     c.model.preset = "r1v2_38b"
     c.model.init = "/path/to/r1v2-38b-ckpt"  # hf_to_jax output or the released HF directory
     c.model.remat_policy = "full"  # 4k + 8k-token sequences: recompute each layer in the backward pass
+    # ... and keep each layer's input split over tensor by sequence (v5p-128 GRPO: train
+    # temporaries 10.1 -> 4.1 GiB per chip, r1v2 plan)
+    c.model.sequence_parallel = True
     c.data.path = "/path/to/data"  # a folder with train.jsonl / test.jsonl (``rl`` records)
     c.data.max_prompt_len = 4096
     c.data.max_completion_len = 8192
@@ -72,12 +91,22 @@ def released_38b_config(stage: str) -> ml_collections.ConfigDict:
     return c
 
 
+def with_model_overrides(mc: ModelConfig, m) -> ModelConfig:
+    """``mc`` with what the experiment's model section sets over any model (``remat_policy``,
+    ``attention_impl``; empty: the model's own; ``sequence_parallel`` when True)."""
+    if m.remat_policy:
+        mc = mc.replace(remat_policy=m.remat_policy)
+    if m.sequence_parallel:
+        mc = mc.replace(sequence_parallel=True)
+    return mc.replace(attention_impl=m.attention_impl) if m.attention_impl else mc
+
+
 def model_config_from(exp) -> ModelConfig:
-    """The model an experiment names: a preset, or the random tiny model of its widths."""
+    """The model an experiment names: a preset, or the random tiny model of its widths, with
+    the model section's overrides (:func:`with_model_overrides`)."""
     m = exp.model
     if m.preset != "tiny" or m.init != "random":
-        mc = model_config(m.preset)
-        return mc.replace(attention_impl=m.attention_impl) if m.attention_impl else mc
+        return with_model_overrides(model_config(m.preset), m)
     mc = ModelConfig(
         vision=VisionConfig(
             hidden_size=m.vision_hidden,
@@ -98,12 +127,22 @@ def model_config_from(exp) -> ModelConfig:
         ),
         image_token_id=m.image_token_id,
     )
-    return mc.replace(attention_impl=m.attention_impl) if m.attention_impl else mc
+    return with_model_overrides(mc, m)
 
 
 def experiment_meshes(exp, devices=None):
     """(learner mesh, sampler mesh) of ``exp`` over ``devices`` (default: all), None for
-    one device / the learner's; several processes without a mesh use (1, -1, 1)."""
+    one device / the learner's; several processes without a mesh use (1, -1, 1). With
+    ``sampler_devices`` = k > 0 the meshes are disjoint: the learner's over the first n - k
+    devices, the sampler's over the last k."""
+    if exp.sampler_devices:
+        return split_meshes(exp, devices)
+    if "grpo" in exp.stages and exp.grpo.rollout_ahead:
+        raise ExperimentError(
+            "sampler_devices: grpo.rollout_ahead=1 samples on devices of its own while the learner "
+            "updates; set sampler_devices (e.g. half of the devices) or grpo.rollout_ahead=0 "
+            "(r1v2 plan proposes a split)"
+        )
     n = len(devices) if devices is not None else jax.device_count()
     shape = mesh_for(exp, "mesh", n)
     if shape is None and jax.process_count() > 1 and devices is None:
@@ -111,6 +150,34 @@ def experiment_meshes(exp, devices=None):
     s_shape = mesh_for(exp, "sampler_mesh", n)
     mesh = make_mesh(*shape, devices=devices) if shape else None
     return mesh, (make_mesh(*s_shape, devices=devices) if s_shape else None)
+
+
+def split_devices(exp, devices=None) -> tuple[list, list]:
+    """(learner devices, sampler devices) for ``sampler_devices`` = k: the first n - k and the
+    last k; ExperimentError naming the field when that leaves either side empty."""
+    if jax.process_count() > 1 and devices is None:
+        raise ExperimentError(
+            "sampler_devices: disjoint learner and sampler meshes run in one process only for now "
+            f"({jax.process_count()} processes); unset it, and grpo.rollout_ahead"
+        )
+    devices = list(devices) if devices is not None else jax.devices()
+    n, k = len(devices), exp.sampler_devices
+    if not 0 < k < n:
+        raise ExperimentError(
+            f"sampler_devices: {k} of the {n} devices leaves {'none' if k >= n else 'all'} for the learner "
+            f"(need 0 < sampler_devices < {n})"
+        )
+    return devices[: n - k], devices[n - k :]
+
+
+def split_meshes(exp, devices=None):
+    """The learner's and the sampler's meshes on disjoint devices (:func:`split_devices`):
+    ``mesh`` over the learner's (default (1, -1, 1)), ``sampler_mesh`` over the sampler's
+    (default (-1, 1, 1): data-parallel replicas)."""
+    learner, sampler = split_devices(exp, devices)
+    shape = mesh_for(exp, "mesh", len(learner)) or (1, len(learner), 1)
+    s_shape = mesh_for(exp, "sampler_mesh", len(sampler)) or (len(sampler), 1, 1)
+    return make_mesh(*shape, devices=learner), make_mesh(*s_shape, devices=sampler)
 
 
 def _ensure_data(exp) -> str:
@@ -138,7 +205,8 @@ def _ensure_data(exp) -> str:
 
 
 def load_experiment_model(exp):
-    """(model config, parameters, tokenizer, chat template) of ``exp.model``."""
+    """(model config with the section's overrides, parameters, tokenizer, chat template) of
+    ``exp.model``."""
     if exp.model.init == "random":
         mc = model_config_from(exp)
         return (
@@ -152,7 +220,7 @@ def load_experiment_model(exp):
             f"model.init: {exp.model.init} does not exist (a released HF directory or an r1v2-jax checkpoint)"
         )
     loaded = load_model(exp.model.init)
-    mc = loaded.config
+    mc = with_model_overrides(loaded.config, exp.model)
     if exp.model.preset != "tiny":
         want = model_config_from(exp)
         if (want.vision, want.text) != (mc.vision, mc.text):
@@ -220,10 +288,6 @@ def run_experiment(exp) -> dict:
     mesh, sampler_mesh = experiment_meshes(exp)
     os.makedirs(exp.run_dir, exist_ok=True)
     mc, params, tok, template = load_experiment_model(exp)
-    if exp.model.remat_policy:
-        mc = mc.replace(remat_policy=exp.model.remat_policy)
-    if exp.model.attention_impl:
-        mc = mc.replace(attention_impl=exp.model.attention_impl)
     if mesh is not None:
         params = jax.device_put(params, param_shardings(mc, mesh))
     data_dir = _ensure_data(exp)
@@ -236,10 +300,16 @@ def run_experiment(exp) -> dict:
     try:
         ctx = StageContext(run, exp, train, test)
         evals = {"init": _evaluate(ctx, "init", params)}
+        last = "init"
         for name in exp.stages:
             params = STAGES[name].run(ctx, params, getattr(exp, name))
-            evals[name] = _evaluate(ctx, name, params)
-        summary = {"evals": evals, "seconds": time.perf_counter() - t_start}
+            evals[name] = _evaluate(ctx, name, params) if STAGES[name].changes_policy else evals[last]
+            last = name
+        summary = {
+            "evals": evals,
+            "rewards": reward_means(run.metrics.rows()),
+            "seconds": time.perf_counter() - t_start,
+        }
         if exp.export:
             host_params = dist.gather_to_host(params, mesh)  # the released format is written from one host
             if dist.is_main():
@@ -295,13 +365,43 @@ def _export(run: Run, params) -> dict:
     return {"path": out, "reload_identical": same}
 
 
+REWARD_COMPONENTS = ("reward_rule", "reward_format", "reward_rm", "reward_total")
+
+
+def reward_means(rows) -> dict:
+    """{stage: {component: mean over the stage's logged steps}} for the stages that log the
+    hybrid reward's components (GRPO's steps; a pair-mining line's RM mean)."""
+    out: dict = {}
+    for r in rows:
+        comps = {k: r[k] for k in REWARD_COMPONENTS if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])}
+        if comps:
+            acc = out.setdefault(r["stage"], {})
+            for k, v in comps.items():
+                acc.setdefault(k, []).append(float(v))
+    return {st: {k: sum(v) / len(v) for k, v in comps.items()} for st, comps in out.items()}
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    """Rows of cells as aligned lines, a rule under the first (the header)."""
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [" | ".join(x.ljust(w[i]) for i, x in enumerate(r)) for r in rows]
+    return lines[:1] + ["-+-".join("-" * x for x in w)] + lines[1:]
+
+
 def format_summary(summary: dict) -> str:
     rows = [("stage", "held-out pass@1", "n")]
     for name, r in summary["evals"].items():
         rows.append((name, f"{r['pass@1']:.3f}", str(r["n"])))
-    w = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = [" | ".join(x.ljust(w[i]) for i, x in enumerate(r)) for r in rows]
-    lines.insert(1, "-+-".join("-" * x for x in w))
+    lines = _table(rows)
+    if summary.get("rewards"):
+        head = ("stage (mean reward)", "rule", "format", "rm", "total")
+        lines += [""] + _table(
+            [head]
+            + [
+                (st, *(f"{c[k]:.3f}" if k in c else "-" for k in REWARD_COMPONENTS))
+                for st, c in summary["rewards"].items()
+            ]
+        )
     if "export" in summary:
         e = summary["export"]
         lines.append(f"export: {e['path']} (reload identical: {e['reload_identical']})")

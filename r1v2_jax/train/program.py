@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from r1v2_jax.model.vlm import R1V2
 from r1v2_jax.rewards.reward_model import RewardModel
+from r1v2_jax.rl.ssb import ssb_shardings
 from r1v2_jax.train.state import OptimConfig, TrainState, init_state, make_optimizer
 from r1v2_jax.train.steps import make_train_step
 
@@ -37,6 +38,16 @@ BATCH_LAYOUTS = {
         ("old_logp", jnp.float32),
     ),
 }
+# a packed preference batch (collate_packed: several pairs per row), for the MPO and RM steps
+PACKED_PAIR_KEYS = (
+    "packed_ids",
+    "packed_mask",
+    "packed_positions",
+    "packed_loss_mask",
+    "packed_slot",
+    "packed_name",
+    "packed_valid",
+)
 PIXEL_DTYPE = jnp.float32  # what the data pipeline feeds (the model casts to its compute dtype)
 
 
@@ -60,15 +71,18 @@ class StageProgram:
         return out
 
     def example_spec(self, tiles: int, tile_size: int) -> dict:
-        """One GRPO training example (the SSB's payload layout): a row of the batch without its advantage."""
+        """One GRPO training example (the SSB's payload layout): a row of the batch without its
+        advantage, with the step that generated it (``gen_step``)."""
         spec = self.batch_spec(1, tiles, tile_size)
         spec.pop("advantages", None)
+        if self.kind == "grpo":  # the step its parameters were sampled at (staleness of replays)
+            spec["gen_step"] = jax.ShapeDtypeStruct((1,), jnp.int32)
         return spec
 
     def abstract_state(self, params, mesh=None, seed: int = 0, ssb=None) -> TrainState:
         """The train state as ShapeDtypeStructs (``params`` abstract, with shardings on a mesh):
         Adam's moments sharded like their parameters (as eager ``optimizer.init`` on sharded
-        parameters makes them), everything else replicated."""
+        parameters makes them), the SSB over the batch axes, everything else replicated."""
         state = jax.eval_shape(lambda p, s: init_state(p, self.optimizer, seed, ssb=s), params, ssb)
         if mesh is None:
             return state
@@ -81,14 +95,17 @@ class StageProgram:
             return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh if a.shape else rep)
 
         place = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep)  # noqa: E731
+        with_sh = lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)  # noqa: E731
         return state.replace(
             params=params,
             opt_state=jax.tree_util.tree_map_with_path(opt_leaf, state.opt_state),
-            # every other field (step, rng, BCO state, skip counts, the SSB, ...) replicated
+            # the SSB split over the batch axes as training makes it (r1v2_jax.train.run.init_ssb)
+            ssb=None if state.ssb is None else jax.tree.map(with_sh, state.ssb, ssb_shardings(state.ssb, mesh)),
+            # every other field (step, rng, BCO state, skip counts, ...) replicated
             **{
                 f.name: jax.tree.map(place, getattr(state, f.name))
                 for f in dataclasses.fields(state)
-                if f.name not in ("params", "opt_state")
+                if f.name not in ("params", "opt_state", "ssb")
             },
         )
 

@@ -28,6 +28,22 @@ def rollout(
 ):
     """Sample ``group`` completions per prompt (this host's prompts); returns the sampler
     output (this host's rows, numpy) and this host's per-row tiles."""
+    out, pix = start_rollout(run, sampler, params, batch, sp, group, key, tiles)
+    return out.host_local(), pix
+
+
+def start_rollout(
+    run: Run,
+    sampler: Sampler,
+    params,
+    batch: dict,
+    sp: SamplingParams,
+    group: int,
+    key: jax.Array,
+    tiles: int | None = None,
+):
+    """:func:`rollout`, dispatched and not waited for: (the sampler's output as device arrays
+    on the sampler mesh, this host's per-row tiles); ``.host_local()`` of the output waits."""
     sampler.set_params(run.for_sampler(params))
     pix = row_tiles(run, batch, tiles)
     seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
@@ -39,16 +55,22 @@ def rollout(
         num_samples=group,
         seed=seed,
     )
-    return out.host_local(), pix
+    return out, pix
 
 
-def score_completions(run: Run, out, answers, choices, group: int, hybrid: HybridConfig, fmt: FormatConfig):
+def score_completions(run: Run, out, answers, choices, group: int, hybrid: HybridConfig, fmt: FormatConfig, rm=None):
     """Rule and format rewards of this host's completions (``out``: host-local numpy rows),
     combined over all hosts' rows -> (total, rule: global f32[N]; texts: this host's; metrics
     over the global batch; this host's slice of the global rows). Answers are checked in the
     run's :class:`~r1v2_jax.rewards.verifier.VerifierPool`, so none costs more than
     ``run.verifier.timeout`` seconds (such an answer scores 0; ``verifier_failures`` counts
-    this batch's over all hosts)."""
+    this batch's over all hosts).
+
+    ``rm``: ``rm(texts) -> RMScores`` (global scores, :mod:`r1v2_jax.train.reward_scoring`)
+    adds ``w_rm`` times the reward model's score. A group with a row the reward model could
+    not score has total **NaN** on all its rows (never a silent zero: the caller drops it);
+    metrics add ``rm_failed`` (rows), ``rm_dropped_groups`` and ``_rm`` (the global scores,
+    NaN where missing; not logged)."""
     tokens = np.asarray(out.tokens)
     lengths = np.asarray(out.lengths)
     m = out.logprobs.shape[1]
@@ -65,7 +87,22 @@ def score_completions(run: Run, out, answers, choices, group: int, hybrid: Hybri
     rule = np.asarray(pool.score(list(zip(texts, gold, ch))), np.float32)
     fr = np.asarray([format_reward(t, fmt) for t in texts], np.float32)
     both, mine = dist.gather_rows(np.stack([rule, fr], axis=1))
-    total, metrics = combine(both[:, 0], both[:, 1], None, hybrid)
+    rm_scores = bad = None
+    if rm is not None:
+        res = rm(texts)
+        rm_scores = np.asarray(res.scores, np.float32)
+        bad = np.repeat(~np.isfinite(rm_scores).reshape(-1, group).all(axis=1), group)
+    total, metrics = combine(both[:, 0], both[:, 1], None if rm is None else np.where(bad, 0.0, rm_scores), hybrid)
+    if rm is not None:
+        total = np.where(bad, np.nan, total).astype(np.float32)
+        kept = ~bad
+        metrics.update(
+            reward_rm=float(rm_scores[kept].mean()) if kept.any() else float("nan"),
+            reward_total=float(total[kept].mean()) if kept.any() else float("nan"),
+            rm_failed=int(res.failed),
+            rm_dropped_groups=int(bad.sum() // group),
+            _rm=rm_scores,
+        )
     metrics["verifier_failures"] = dist.total(pool.errors.total() - failed_before)  # this batch's, all hosts
     return total, both[:, 0], texts, metrics, mine
 

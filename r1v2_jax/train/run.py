@@ -16,6 +16,7 @@ from r1v2_jax.model.config import ModelConfig
 from r1v2_jax.model.vlm import R1V2, R1V2Model, param_shardings
 from r1v2_jax.parallel import multihost as dist
 from r1v2_jax.rewards.verifier import VerifierConfig, VerifierPool
+from r1v2_jax.rl.ssb import SSBState, ssb_init, ssb_shardings
 from r1v2_jax.sampling.engine import EngineConfig, PagedEngine
 from r1v2_jax.sampling.sampler import Sampler
 from r1v2_jax.train.metrics_log import MetricsLog
@@ -35,8 +36,9 @@ class Run:
     metrics: MetricsLog
     seed: int = 0
     mesh: Any = None
-    # the sampler's own mesh over the same devices (None: the learner's): e.g. data-parallel
-    # replicas for decoding, which would otherwise all-gather FSDP-sharded weights every token
+    # the sampler's own mesh (None: the learner's): over the same devices, e.g. data-parallel
+    # replicas for decoding, which would otherwise all-gather FSDP-sharded weights every token;
+    # or over devices of its own (``sampler_devices``; GRPO's rollout_ahead=1 needs that)
     sampler_mesh: Any = None
     checkpoint_every: int = 10
     checkpoint_dir: str = ""  # "" = run_dir/checkpoints; may be remote (gs://...): logs are kept there too
@@ -63,7 +65,7 @@ class Run:
         return self._verifier_pool
 
     # the paged rollout engine for rollouts, MPO candidates and evaluation (None: the static
-    # Sampler); it samples the same tokens for the same seed, on one host without a mesh
+    # Sampler); it samples the same tokens for the same seed, on the sampler mesh
     engine: EngineConfig | None = None
 
     @property
@@ -74,14 +76,8 @@ class Run:
         """A sampler on the sampler mesh, holding ``params`` resharded for it (:func:`rollout`
         reshards the parameters it is given again: a no-op for these); the paged engine when
         ``engine`` is set."""
-        if self.engine is not None:
-            if self.mesh is not None or self.sampler_mesh is not None:
-                raise ValueError(
-                    "rollout_engine: the paged engine runs on one host without a mesh; unset mesh and "
-                    "sampler_mesh, or disable rollout_engine"
-                )
-            return PagedEngine(R1V2Model(self.model_config, params), self.engine)
-        return Sampler(R1V2Model(self.model_config, self.for_sampler(params), self.sampler_mesh or self.mesh))
+        model = R1V2Model(self.model_config, self.for_sampler(params), self.sampler_mesh or self.mesh)
+        return Sampler(model) if self.engine is None else PagedEngine(model, self.engine)
 
     def for_sampler(self, params):
         """``params`` resharded for the sampler mesh (as they are, without one)."""
@@ -134,9 +130,20 @@ def device_batch(run: Run, arrays: dict, pixel_values=None) -> dict:
     return dist.global_batch(out, run.mesh)
 
 
+def init_ssb(run: Run, capacity: int, example) -> SSBState:
+    """An empty SSB for ``example``'s payload layout; with a mesh, made directly with its
+    capacity axis split over the batch axes (:func:`~r1v2_jax.rl.ssb.ssb_shardings`): at 38B
+    a buffer of 12k-token examples with their image tiles, replicated, would cost every chip
+    several GiB, and made whole on one device first, that device the whole buffer."""
+    make = lambda: ssb_init(capacity, example)  # noqa: E731
+    if run.mesh is None:
+        return make()
+    return jax.jit(make, out_shardings=ssb_shardings(jax.eval_shape(make), run.mesh))()
+
+
 def init_run_state(run: Run, params, opt, ssb=None) -> TrainState:
-    """A fresh TrainState; with a mesh, everything but the (already sharded) parameters and
-    their optimizer moments is replicated on it."""
+    """A fresh TrainState; with a mesh, everything but the (already sharded) parameters, their
+    optimizer moments and the SSB (:func:`init_ssb`) is replicated on it."""
     state = init_state(params, opt, run.seed, ssb=ssb)
     if run.mesh is None:
         return state

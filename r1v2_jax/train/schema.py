@@ -66,6 +66,8 @@ class ModelSection:
     remat_policy: str = ""
     # "" = the model's own (auto: splash on TPU); auto | xla | chunked | splash (r1v2_jax.model.attention)
     attention_impl: str = ""
+    # split the decoder's residual stream over tensor by sequence (ModelConfig.sequence_parallel)
+    sequence_parallel: bool = False
 
     def __post_init__(self):
         if self.attention_impl:
@@ -180,6 +182,10 @@ class CheckpointSection:
         _positive("keep", self.keep)
 
 
+# completion-length distributions the planner's paged-engine estimate can assume (r1v2_jax.plan.engine)
+COMPLETION_DISTS = ("exponential", "uniform", "max")
+
+
 @dataclasses.dataclass(frozen=True)
 class PlanSection:
     """``r1v2 plan``: the meshes (() = the run's ``mesh`` / ``sampler_mesh``; the learner's
@@ -196,23 +202,42 @@ class PlanSection:
     xla_estimate: bool = True
     # the share of peak FLOP/s assumed for the Pallas attention kernels (XLA's estimate leaves them out)
     kernel_efficiency: float = 0.5
+    # the paged engine's rollout (r1v2_jax.plan.engine): completion lengths assumed, the
+    # sampler meshes' tensor widths searched, the latency of one tensor-parallel all-reduce
+    completion_dist: str = "exponential"
+    completion_mean_fraction: float = 0.5
+    engine_tensor: tuple[int, ...] = (4, 8, 16)
+    collective_latency_s: float = 1e-5
+    # grpo.rollout_ahead=1: bytes/s the learner -> sampler weight push is assumed to move at,
+    # all of it through one chip's link; 0: one ICI link one way of the topology's chips
+    # (r1v2_jax.plan.topology; v5p: 4,800 Gbit/s per chip over 6 links: 50 GB/s one way)
+    weight_push_bandwidth: float = 0.0
 
     def __post_init__(self):
+        if not (math.isfinite(self.weight_push_bandwidth) and self.weight_push_bandwidth >= 0):
+            raise ValueError(
+                f"weight_push_bandwidth: must be >= 0 bytes/s (0: the topology's link), got {self.weight_push_bandwidth}"
+            )
         _mesh_shape("mesh", self.mesh)
         _mesh_shape("sampler_mesh", self.sampler_mesh)
         if self.tiles_per_sample < 0:
             raise ValueError(f"tiles_per_sample: must be >= 0, got {self.tiles_per_sample}")
-        for f in ("assumed_mfu", "assumed_bandwidth_util", "kernel_efficiency"):
+        for f in ("assumed_mfu", "assumed_bandwidth_util", "kernel_efficiency", "completion_mean_fraction"):
             v = getattr(self, f)
             if not (math.isfinite(v) and 0 < v <= 1):
                 raise ValueError(f"{f}: must be in (0, 1], got {v}")
+        _choice("completion_dist", self.completion_dist, COMPLETION_DISTS)
+        if not self.engine_tensor or any(t < 1 for t in self.engine_tensor):
+            raise ValueError(f"engine_tensor: tensor widths >= 1 to search, got {self.engine_tensor}")
+        if not (math.isfinite(self.collective_latency_s) and self.collective_latency_s >= 0):
+            raise ValueError(f"collective_latency_s: must be >= 0, got {self.collective_latency_s}")
 
 
 @dataclasses.dataclass(frozen=True)
 class RolloutEngineSection(EngineConfig):
     """The paged rollout engine (:class:`~r1v2_jax.sampling.engine.EngineConfig`'s fields) for
     GRPO rollouts, MPO candidates and evaluation when ``enabled``: the same samples as the
-    static sampler; one host, no mesh."""
+    static sampler; on the sampler mesh (or the learner's)."""
 
     enabled: bool = False
 
@@ -239,8 +264,13 @@ def _base_fields() -> list[tuple[str, Any, dataclasses.Field]]:
         # processes without a mesh use (1, -1, 1): FSDP over every device.
         ("mesh", tuple[int, ...], dataclasses.field(default=())),
         # (data, fsdp, tensor) for the sampler (rollouts, MPO candidates, evaluation) over the same
-        # devices; () = the learner's mesh. Parameters are resharded onto it before each rollout.
+        # devices (over its own with sampler_devices); () = the learner's mesh. Parameters are
+        # resharded onto it before each rollout.
         ("sampler_mesh", tuple[int, ...], dataclasses.field(default=())),
+        # > 0: the sampler gets the last this many devices, the learner the others (disjoint
+        # meshes: ``mesh`` over the learner's, default (1, -1, 1); ``sampler_mesh`` over the
+        # sampler's, default (-1, 1, 1)); needed by grpo.rollout_ahead=1. 0: both over all devices
+        ("sampler_devices", int, dataclasses.field(default=0)),
         ("rollout_engine", RolloutEngineSection, dataclasses.field(default_factory=RolloutEngineSection)),
         ("plan", PlanSection, dataclasses.field(default_factory=PlanSection)),
         ("export", bool, dataclasses.field(default=True)),
@@ -257,9 +287,23 @@ def _check_experiment(self) -> None:
             close = difflib.get_close_matches(s, list(STAGES), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"stages: unknown stage {s!r} (known: {', '.join(STAGES)}){hint}")
+    for i, s in enumerate(self.stages):  # a reward model of kind "ours" is the rm stage's, trained before
+        section = getattr(self, s)
+        pairs = getattr(section, "pairs", None)
+        for where, rm in (
+            ("reward_model", getattr(section, "reward_model", None)),
+            ("pairs.reward_model", getattr(pairs, "reward_model", None)),
+        ):
+            if rm is not None and rm.kind == "ours" and "rm" not in self.stages[:i]:
+                raise ValueError(
+                    f"{s}.{where}.kind: 'ours' scores with the reward model the rm stage trains; "
+                    f"stages {list(self.stages)} has no 'rm' before {s!r}"
+                )
     _mesh_shape("mesh", self.mesh)
     _mesh_shape("sampler_mesh", self.sampler_mesh)
-    if self.sampler_mesh and not self.mesh:
+    if self.sampler_devices < 0:
+        raise ValueError(f"sampler_devices: must be >= 0 (0 = the learner's devices), got {self.sampler_devices}")
+    if self.sampler_mesh and not self.mesh and not self.sampler_devices:
         raise ValueError("sampler_mesh: set mesh too (the learner's mesh over the same devices)")
     if not self.run_dir:
         raise ValueError("run_dir: must not be empty")

@@ -114,6 +114,9 @@ class TrainState:
     bco_count: jax.Array  # i32[] batches averaged into δ (its running mean needs the count to resume)
     skipped: jax.Array  # i32[] steps skipped for non-finite loss/gradients
     ssb: Any = None  # SSBState (GRPO) or None
+    # GRPO with rollout_ahead=1: the next step's scored rollout, sampled with the parameters of
+    # the step before (r1v2_jax.train.stages.overlap.Pending); checkpointed with the rest
+    pending: Any = None
 
 
 def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int, ssb=None) -> TrainState:

@@ -21,7 +21,7 @@ from r1v2_jax.model.vlm import R1V2, param_shardings
 from r1v2_jax.parallel.multihost import batch_shards
 from r1v2_jax.parallel.sharding import DEFAULT_RULES, use_mesh_rules
 from r1v2_jax.rewards.reward_model import RewardModel, bradley_terry_loss
-from r1v2_jax.rl.losses import LossSum, PolicyLossConfig, policy_loss, sequence_logprobs
+from r1v2_jax.rl.losses import LossSum, PolicyLossConfig, masked_mean, policy_loss, sequence_logprobs
 from r1v2_jax.rl.mpo import MPOConfig, batch_reward_mean, bco_delta_update, implicit_rewards, mpo_loss
 from r1v2_jax.train.logprobs import chunked_logprobs
 from r1v2_jax.train.state import TrainState, apply_gradients, trainable_labels
@@ -61,8 +61,36 @@ def sft_loss(module, params, batch, ref_params=None, state=None):
     return loss, {"nll": loss.value}
 
 
+def _slot_sums(x: jax.Array, batch: dict, shift: int) -> jax.Array:
+    """Per-token values x f[R, L - shift] of packed rows (aligned with tokens shift..L-1) summed
+    into their example's slot and sequence: f[R, K, 2] (``packed_slot`` / ``packed_name``;
+    padding tokens, slot -1, go nowhere)."""
+    slot, name = batch["packed_slot"][:, shift:], batch["packed_name"][:, shift:]
+    r, k = batch["packed_valid"].shape
+    rows = jnp.broadcast_to(jnp.arange(r)[:, None], slot.shape)
+    where = jnp.where(slot < 0, k, slot)  # out of range: dropped
+    return jnp.zeros((r, k, 2), x.dtype).at[rows, where, jnp.maximum(name, 0)].add(x, mode="drop")
+
+
 def rm_loss(module: RewardModel, params, batch, ref_params=None, state=None):
+    """Bradley-Terry over the batch's pairs; packed rows (``packed_*``, several pairs per row,
+    see :func:`r1v2_jax.data.pipeline.collate_packed`): each sequence's score is read at its
+    segment's last token and the pairs are the rows' valid slots."""
     pix = batch.get("pixel_values")
+    if "packed_ids" in batch:
+        seg = batch["packed_mask"]
+        scores = module.apply(
+            {"params": params},
+            batch["packed_ids"],
+            pix,
+            seg,
+            batch["packed_positions"],
+            method=RewardModel.token_scores,
+        )
+        nxt = jnp.concatenate([seg[:, 1:], jnp.zeros_like(seg[:, :1])], axis=1)
+        last = ((seg > 0) & (nxt != seg)).astype(scores.dtype)
+        s = _slot_sums(scores * last, batch, 0)
+        return bradley_terry_loss(s[..., 0].ravel(), s[..., 1].ravel(), batch["packed_valid"].ravel())
     both = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]])
     mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
     pix2 = None if pix is None else jnp.concatenate([pix, pix])
@@ -77,12 +105,41 @@ def _seq_logps(module, params, batch, name):
     return sequence_logprobs(lp, m), m.sum(axis=1)
 
 
+def pair_logps(module, params, batch) -> dict[str, jax.Array]:
+    """Sequence log-probs of a batch's pairs: chosen, rejected, chosen_tokens, and valid (None
+    unless packed). Unpacked: f32[B] each. Packed rows (``packed_*``: both sequences of a pair
+    in one row, several pairs per row): [R, K], one entry per pair slot of each row, ``valid``
+    where a slot holds a pair; a token counts only within its own sequence's segment."""
+    if "packed_ids" not in batch:
+        pc, nc = _seq_logps(module, params, batch, "chosen")
+        pr, _ = _seq_logps(module, params, batch, "rejected")
+        return {"chosen": pc, "rejected": pr, "chosen_tokens": nc, "valid": None}
+    seg = batch["packed_mask"]
+    lp = next_token_logprobs(
+        module, params, batch["packed_ids"], seg, batch.get("pixel_values"), positions=batch["packed_positions"]
+    )
+    m = (batch["packed_loss_mask"][:, 1:] & (seg[:, 1:] == seg[:, :-1])).astype(jnp.float32)
+    s, n = _slot_sums(lp * m, batch, 1), _slot_sums(m, batch, 1)
+    return {"chosen": s[..., 0], "rejected": s[..., 1], "chosen_tokens": n[..., 0], "valid": batch["packed_valid"]}
+
+
 def mpo_loss_fn(cfg: MPOConfig, delta, tokens_per_pair, module, params, batch, ref_params=None, state=None):
-    """MPO on a micro-batch whose reference log-probs (``_ref_chosen``/``_ref_rejected``, f32[B])
-    came from :func:`mpo_sequence_logps`; ``delta`` and ``tokens_per_pair`` are the whole batch's."""
-    pc, nc = _seq_logps(module, params, batch, "chosen")
-    pr, _ = _seq_logps(module, params, batch, "rejected")
-    return mpo_loss(pc, pr, batch["_ref_chosen"], batch["_ref_rejected"], nc, delta, cfg, tokens_per_pair)
+    """MPO on a micro-batch whose reference log-probs (``_ref_chosen``/``_ref_rejected``, f32[B]
+    or, packed, [R, K]) came from :func:`mpo_sequence_logps`; ``delta`` and ``tokens_per_pair``
+    are the whole batch's."""
+    lp = pair_logps(module, params, batch)
+    flat = lambda x: None if x is None else x.reshape(-1)  # noqa: E731 - packed [R, K] -> pair slots
+    return mpo_loss(
+        flat(lp["chosen"]),
+        flat(lp["rejected"]),
+        flat(batch["_ref_chosen"]),
+        flat(batch["_ref_rejected"]),
+        flat(lp["chosen_tokens"]),
+        delta,
+        cfg,
+        tokens_per_pair,
+        valid=flat(lp["valid"]),
+    )
 
 
 def mpo_sequence_logps(module, params, ref_params, batch: dict, n_micro: int) -> dict[str, jax.Array]:
@@ -96,11 +153,12 @@ def mpo_sequence_logps(module, params, ref_params, batch: dict, n_micro: int) ->
     micro = jax.tree.map(lambda x: x.reshape((n_micro, x.shape[0] // n_micro) + x.shape[1:]), batch)
 
     def one(mb):
-        pc, nc = _seq_logps(module, params, mb, "chosen")
-        pr, _ = _seq_logps(module, params, mb, "rejected")
-        rc, _ = _seq_logps(module, ref_params, mb, "chosen")
-        rr, _ = _seq_logps(module, ref_params, mb, "rejected")
-        return {"policy_chosen": pc, "policy_rejected": pr, "ref_chosen": rc, "ref_rejected": rr, "chosen_tokens": nc}
+        pol, ref = pair_logps(module, params, mb), pair_logps(module, ref_params, mb)
+        out = {"policy_chosen": pol["chosen"], "policy_rejected": pol["rejected"], "ref_chosen": ref["chosen"]}
+        out.update(ref_rejected=ref["rejected"], chosen_tokens=pol["chosen_tokens"])
+        if pol["valid"] is not None:
+            out["valid"] = pol["valid"]
+        return out
 
     out = jax.lax.map(one, micro)
     return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), out)
@@ -230,12 +288,16 @@ def make_train_step(
             loss_fn = fn
             if kind == "mpo":  # BCO's δ first, from this batch's rewards (see r1v2_jax.rl.mpo)
                 seq = mpo_sequence_logps(module, state.params, ref_params, batch, n_micro)
+                flat = {k: v.reshape(-1) for k, v in seq.items()}  # packed: [R, K] pair slots
+                valid = flat.get("valid")
                 x = batch_reward_mean(
-                    implicit_rewards(seq["policy_chosen"], seq["ref_chosen"], mcfg),
-                    implicit_rewards(seq["policy_rejected"], seq["ref_rejected"], mcfg),
+                    implicit_rewards(flat["policy_chosen"], flat["ref_chosen"], mcfg),
+                    implicit_rewards(flat["policy_rejected"], flat["ref_rejected"], mcfg),
+                    valid,
                 )
                 extra["bco_delta"], extra["bco_count"] = bco_delta_update(state.bco_delta, state.bco_count, x, mcfg)
-                per_pair = seq["chosen_tokens"].astype(jnp.float32).mean()
+                n = flat["chosen_tokens"].astype(jnp.float32)
+                per_pair = n.mean() if valid is None else masked_mean(n, valid)
                 loss_fn = functools.partial(mpo_loss_fn, mcfg, extra["bco_delta"], per_pair)
                 batch = dict(batch, _ref_chosen=seq["ref_chosen"], _ref_rejected=seq["ref_rejected"])
             grads, loss, metrics = accumulate(

@@ -10,7 +10,7 @@ from r1v2_jax.train.stages.sft import SFTSection, run_sft
 
 STAGES: dict[str, Stage] = {
     "sft": Stage("sft", SFTSection, run_sft),
-    "rm": Stage("rm", RMSection, run_rm),
+    "rm": Stage("rm", RMSection, run_rm, changes_policy=False),
     "mpo": Stage("mpo", MPOSection, run_mpo),
     "grpo": Stage("grpo", GRPOSection, run_grpo),
 }

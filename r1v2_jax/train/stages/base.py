@@ -46,6 +46,9 @@ class Stage:
     name: str
     section: type  # the frozen dataclass of its config
     run: Callable  # run(ctx: StageContext, params, section) -> params
+    # False: the stage passes the policy through unchanged (rm), so the held-out evaluation
+    # after it is the previous stage's, not run again
+    changes_policy: bool = True
 
 
 def positive(section, *names: str) -> None:

@@ -9,11 +9,13 @@ from r1v2_jax.data.formats import SkipCounter
 from r1v2_jax.data.pipeline import sequence_iterator
 from r1v2_jax.rewards.format import FormatConfig
 from r1v2_jax.rewards.hybrid import HybridConfig
+from r1v2_jax.rewards.rm_config import RewardModelConfig
 from r1v2_jax.rl.mpo import MPOConfig
 from r1v2_jax.sampling.sampler import SamplingParams
 from r1v2_jax.train.loop import run_loop
 from r1v2_jax.train.preference_pairs import make_preference_records
-from r1v2_jax.train.program import BATCH_LAYOUTS, build_program
+from r1v2_jax.train.program import BATCH_LAYOUTS, PACKED_PAIR_KEYS, build_program
+from r1v2_jax.train.reward_scoring import make_rollout_rm
 from r1v2_jax.train.run import device_batch, init_run_state, row_tiles
 from r1v2_jax.train.stages.base import StageContext, positive
 from r1v2_jax.train.state import OptimConfig
@@ -22,7 +24,10 @@ from r1v2_jax.train.state import OptimConfig
 @dataclasses.dataclass(frozen=True)
 class PairMining:
     """How preference pairs are mined: ``candidates`` policy samples for each of the first
-    ``prompts`` training prompts at ``temperature`` / ``top_p``, chosen = reward >= ``threshold``."""
+    ``prompts`` training prompts at ``temperature`` / ``top_p``, chosen = reward >= ``threshold``.
+    ``reward_model`` scores the candidates too (:mod:`r1v2_jax.train.reward_scoring`; its score
+    enters the combined reward with ``reward.w_rm``); ``threshold_on``: ``total`` (the combined
+    reward) or ``rm`` (the reward model's score alone, as the paper's thresholds 7 / 10 / 15)."""
 
     candidates: int = 4
     threshold: float = 1.5
@@ -31,9 +36,17 @@ class PairMining:
     top_p: float = 1.0
     reward: HybridConfig = dataclasses.field(default_factory=HybridConfig)
     format: FormatConfig = dataclasses.field(default_factory=FormatConfig)
+    reward_model: RewardModelConfig = dataclasses.field(default_factory=RewardModelConfig)
+    threshold_on: str = "total"
+    # RM thresholds the pair-mining line's ``calibration`` reports (empty: score percentiles)
+    sweep: tuple[float, ...] = ()
 
     def __post_init__(self):
         positive(self, "prompts")
+        if self.threshold_on not in ("total", "rm"):
+            raise ValueError(f"threshold_on: expected 'total' or 'rm', got {self.threshold_on!r}")
+        if self.threshold_on == "rm" and self.reward_model.kind == "none":
+            raise ValueError("threshold_on: 'rm' needs a reward_model (kind is 'none')")
         if self.candidates < 2:
             raise ValueError(f"candidates: must be >= 2 (a pair needs two), got {self.candidates}")
         if not 0 < self.top_p <= 1 or not self.temperature >= 0:
@@ -64,6 +77,9 @@ def mine_pairs(ctx: StageContext, params, stage: str, pairs: PairMining) -> list
         hybrid=pairs.reward,
         fmt=pairs.format,
         seed=run.seed,
+        rm=make_rollout_rm(pairs.reward_model, run, ctx.train, ctx.reward_params, where=f"{stage}.pairs.reward_model"),
+        threshold_on=pairs.threshold_on,
+        sweep=pairs.sweep,
     )
     if run.logged(f"{stage}_pairs") is None:
         run.metrics.write({"stage": f"{stage}_pairs", "step": 0, **info})
@@ -105,7 +121,8 @@ def train_on_pairs(ctx: StageContext, stage: str, params, pref: list[dict], sec,
     keys = [k for k, _ in BATCH_LAYOUTS[prog.kind]]
 
     def one(state, batch):
-        state, m = prog.step(state, device_batch(run, {k: batch[k] for k in keys}, row_tiles(run, batch)), ref)
+        names = PACKED_PAIR_KEYS if "packed_ids" in batch else keys  # data.pack_length > 0: packed rows
+        state, m = prog.step(state, device_batch(run, {k: batch[k] for k in names}, row_tiles(run, batch)), ref)
         return state, {k: float(v) for k, v in m.items()}
 
     return run_loop(run, stage, state, sec.steps, it, one, max_consecutive_skips=sec.optim.max_consecutive_skips).params

@@ -37,7 +37,11 @@ def run_rm(ctx: StageContext, params, sec: RMSection):
     run = ctx.run
     pref = mine_pairs(ctx, params, "rm", sec.pairs)
     if not pref:
-        return params
+        raise RuntimeError(
+            f"rm: no preference pairs from {sec.pairs.prompts} prompts (every candidate on one side of "
+            f"rm.pairs.threshold={sec.pairs.threshold}): nothing to train a reward model on; the policy "
+            "may need a cold start (an sft stage before rm) or another threshold"
+        )
     rm_params = init_reward_params(
         run.model_config, jax.random.key(run.seed + 1), backbone_params=jax.tree.map(lambda x: x.copy(), params)
     )
