@@ -155,7 +155,10 @@ def test_two_processes_match_one(tmp_path):
     r = subprocess.run(
         _cmd(one, 4, f"--config.mesh=(1,{2 * PER_PROCESS},1)"),
         env=_env(2 * PER_PROCESS),
-        cwd=ROOT, capture_output=True, text=True, timeout=900
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert r.returncode == 0, r.stderr[-4000:]
 

@@ -54,7 +54,6 @@ AHEAD = [
 TIS = ["--config.grpo.use_ssb=false", "--config.grpo.loss.tis_cap=2.0"]
 
 
-
 def _run(run_dir, *extra):
     run_experiment(load_config("configs/demo.py", [f"--config.run_dir={run_dir}", *BASE, *extra]))
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
