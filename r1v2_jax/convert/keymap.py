@@ -94,7 +94,8 @@ _TEXT_TOP = [
     ("language_model.model.norm.weight", "language_model/norm/scale", IDENTITY),
     ("language_model.lm_head.weight", "language_model/lm_head/kernel", LINEAR),
 ]
-_TEXT_LAYER = [  # under language_model.model.layers.{i}. <-> language_model/layers/block
+# One Qwen2 decoder layer's rules; the Skywork-VL-Reward converter (convert/skywork_vl.py) uses them too
+QWEN2_LAYER = [  # under language_model.model.layers.{i}. <-> language_model/layers/block
     ("self_attn.q_proj.weight", "self_attn/q_proj/kernel", LINEAR),
     ("self_attn.q_proj.bias", "self_attn/q_proj/bias", IDENTITY),
     ("self_attn.k_proj.weight", "self_attn/k_proj/kernel", LINEAR),
@@ -110,7 +111,7 @@ _TEXT_LAYER = [  # under language_model.model.layers.{i}. <-> language_model/lay
 ]
 _TOWERS = [  # (released layer prefix, our stack path, per-layer rules, config field with the layer count)
     ("vision_model.encoder.layers.{i}.", "vision_model/layers", _VISION_LAYER, "vision"),
-    ("language_model.model.layers.{i}.", "language_model/layers", _TEXT_LAYER, "text"),
+    ("language_model.model.layers.{i}.", "language_model/layers", QWEN2_LAYER, "text"),
 ]
 
 

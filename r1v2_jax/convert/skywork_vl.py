@@ -40,7 +40,15 @@ from typing import Any, Iterator, Mapping
 import jax
 import numpy as np
 
-from r1v2_jax.convert.keymap import IDENTITY, LINEAR, CheckpointKeyError, KeyEntry, Transform, _unflatten
+from r1v2_jax.convert.keymap import (
+    IDENTITY,
+    LINEAR,
+    QWEN2_LAYER,
+    CheckpointKeyError,
+    KeyEntry,
+    Transform,
+    _unflatten,
+)
 from r1v2_jax.convert.safetensors_io import (
     SafetensorsDir,
     SafetensorsFile,
@@ -75,20 +83,6 @@ _MERGER = [
     ("merger.mlp.0.bias", "visual/merger/fc1/bias", IDENTITY),
     ("merger.mlp.2.weight", "visual/merger/fc2/kernel", LINEAR),
     ("merger.mlp.2.bias", "visual/merger/fc2/bias", IDENTITY),
-]
-_TEXT_LAYER = [  # under <text>layers.{i}. <-> language_model/layers/block
-    ("self_attn.q_proj.weight", "self_attn/q_proj/kernel", LINEAR),
-    ("self_attn.q_proj.bias", "self_attn/q_proj/bias", IDENTITY),
-    ("self_attn.k_proj.weight", "self_attn/k_proj/kernel", LINEAR),
-    ("self_attn.k_proj.bias", "self_attn/k_proj/bias", IDENTITY),
-    ("self_attn.v_proj.weight", "self_attn/v_proj/kernel", LINEAR),
-    ("self_attn.v_proj.bias", "self_attn/v_proj/bias", IDENTITY),
-    ("self_attn.o_proj.weight", "self_attn/o_proj/kernel", LINEAR),
-    ("mlp.gate_proj.weight", "mlp/gate_proj/kernel", LINEAR),
-    ("mlp.up_proj.weight", "mlp/up_proj/kernel", LINEAR),
-    ("mlp.down_proj.weight", "mlp/down_proj/kernel", LINEAR),
-    ("input_layernorm.weight", "input_layernorm/scale", IDENTITY),
-    ("post_attention_layernorm.weight", "post_attention_layernorm/scale", IDENTITY),
 ]
 
 
@@ -137,7 +131,7 @@ def key_entries(config: QwenVLConfig, naming: str = "v4") -> tuple[KeyEntry, ...
     for key, path, tr in _MERGER:
         add(vis + key, path, tr)
     add(f"{txt}embed_tokens.weight", "language_model/embed_tokens/embedding", IDENTITY)
-    tower(f"{txt}layers.", "language_model/layers", _TEXT_LAYER, config.text.num_layers)
+    tower(f"{txt}layers.", "language_model/layers", QWEN2_LAYER, config.text.num_layers)
     add(f"{txt}norm.weight", "language_model/norm/scale", IDENTITY)
     if config.lm_head:
         add("lm_head.weight", "language_model/lm_head/kernel", LINEAR)
