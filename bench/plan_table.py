@@ -57,7 +57,7 @@ def plan_once(algo: str, trainable: str, family: str, chips: int, xla: bool = Fa
         topology,
         "--json",
         out,
-        f"--config.{algo}.trainable={trainable}",
+        f"--config.{algo}.optim.trainable={trainable}",
         f"--config.{algo}.micro_batches={micro}",
         f"--config.plan.mesh=(1,{fsdp},{tp})",
         f"--config.plan.sampler_mesh=(1,{fsdp},{tp})",
