@@ -130,6 +130,9 @@ def test_plan_mpo_and_a_separate_sampler_mesh(tmp_path, capsys):
     assert tr["kernel_flops"] > 0
     assert tr["kernel_seconds"] == pytest.approx(tr["kernel_flops"] / (4 * 459e12 * r["kernel_efficiency"]))
     assert tr["xla_seconds"] == pytest.approx(tr["xla_seconds_outside_kernels"] + tr["kernel_seconds"])
+    # and the MFU of what the step computes (no weight gradients for a frozen LLM) beside it
+    assert 0 < tr["needed_flops"] <= tr["flops"]
+    assert tr["xla_mfu_needed"] == pytest.approx(tr["needed_flops"] / (tr["xla_seconds"] * 4 * 459e12))
     text = capsys.readouterr().out
     assert "step time (XLA's cost model, loops counted by trip count)" in text
     assert "kernel FLOPs at 50% of peak" in text and "train program, before -> now" in text

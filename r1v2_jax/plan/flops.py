@@ -4,6 +4,7 @@ once and leaves Pallas kernels out)."""
 from __future__ import annotations
 
 from r1v2_jax.model.attention import attention_flops
+from r1v2_jax.train.state import TRAINABLE
 
 
 def _matmul_params(mc) -> int:
@@ -31,6 +32,19 @@ def train_step_flops(mc, tokens: int, seq: int, forwards: int = 1) -> float:
     forward-only passes (e.g. MPO's frozen reference)."""
     f = forward_flops(mc, tokens, seq)
     return 3.0 * f + (forwards - 1) * f
+
+
+def llm_trains(trainable: str) -> bool:
+    """Whether ``trainable`` (``grpo.optim.trainable`` / ``mpo.optim.trainable``) trains the LLM."""
+    return "language_model" in TRAINABLE[trainable]
+
+
+def needed_train_flops(mc, flops: float, tokens: int, trainable: str) -> float:
+    """The train step's FLOPs (``train_step_flops`` over ``tokens`` trained tokens) less what
+    a frozen LLM does not compute: its weight gradients (2 x matmul parameters per token). The
+    backward still computes every activation gradient (attention's too) down to the adapter, so
+    adapter-only training does about 2x forward where ``train_step_flops`` counts 3x."""
+    return flops if llm_trains(trainable) else flops - 2.0 * _matmul_params(mc) * tokens
 
 
 def kernel_flops(job, mc, rows: int, seq: int) -> float:

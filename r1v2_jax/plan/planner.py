@@ -44,7 +44,7 @@ from r1v2_jax.model.attention import resolve_impl
 from r1v2_jax.parallel.multihost import batch_shards
 from r1v2_jax.parallel.sharding import make_mesh, use_mesh_rules
 from r1v2_jax.plan.engine import format_engine, plan_engine
-from r1v2_jax.plan.flops import forward_flops, kernel_flops, train_step_flops
+from r1v2_jax.plan.flops import forward_flops, kernel_flops, needed_train_flops, train_step_flops
 from r1v2_jax.plan.overlap import format_overlap, overlap_plan
 from r1v2_jax.plan.programs import (
     Job,
@@ -128,6 +128,8 @@ def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
         "attention_impl": impl,
         "logprob_chunk_size": mc.logprob_chunk_size,
         "kernel_flops": kernel_flops(job, mc, n, t) if impl == "splash" else 0.0,
+        # what the step computes by that count when the LLM is frozen (no weight gradients for it)
+        "needed_flops": needed_train_flops(mc, flops, tokens, stage.optim.trainable),
     }
     # the same step as before issue 15 (materialised attention, whole-sequence logits), side by side
     before = mc.replace(attention_impl="xla", logprob_chunk_size=t)
@@ -192,6 +194,7 @@ def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
         tr["xla_seconds_outside_kernels"] = tr["xla_seconds"]
         tr["xla_seconds"] += tr["kernel_seconds"]
         tr["xla_mfu"] = tr["flops"] / (tr["xla_seconds"] * peak_s)
+        tr["xla_mfu_needed"] = tr["needed_flops"] / (tr["xla_seconds"] * peak_s)
     leaves = []
     for kp, x in jax.tree_util.tree_flatten_with_path((state.params, state.opt_state))[0]:
         leaves.append((shard_bytes(x), jax.tree_util.keystr(kp)))
@@ -202,7 +205,8 @@ def _plan(cfg, topology: str, hbm_bytes: int | None) -> dict:
     xla_s = sum(p_.get("xla_seconds", 0.0) for p_ in programs.values()) if cfg.plan.xla_estimate else None
     overlap = None
     if algo == "grpo" and stage.rollout_ahead:
-        overlap = overlap_plan(cfg, job, mc, topo, devices, hbm, step_s, programs["train"]["flops"])
+        rollout_s = programs["prefill"]["seconds"] + programs["decode"]["seconds"]
+        overlap = overlap_plan(cfg, job, mc, topo, devices, hbm, step_s, programs["train"]["flops"], rollout_s)
     return {
         "overlap": overlap,
         "algorithm": algo,
@@ -280,6 +284,13 @@ def format_plan(r: dict) -> str:
             f"  train step (XLA outside the kernels {_secs(tr['xla_seconds_outside_kernels'])} s + "
             f"{tr['kernel_flops']:.3e} kernel FLOPs at {r['kernel_efficiency']:.0%} of peak "
             f"{_secs(tr['kernel_seconds'])} s): {_secs(tr['xla_seconds'])} s -> train MFU {tr['xla_mfu']:.1%}"
+            " (model FLOPs: forward + backward = 3x forward)"
+            + (
+                f"; {tr['xla_mfu_needed']:.1%} of the FLOPs this step computes ({r['trainable']}: the frozen "
+                "LLM's weight gradients are not)"
+                if tr["needed_flops"] != tr["flops"]
+                else ""
+            )
         )
     if r["xla_step_seconds"] is not None:
         lines.append(
