@@ -230,6 +230,9 @@ def test_plan_reports_the_overlapped_step_for_a_split(tmp_path):
         assert e["step_seconds"] == pytest.approx(max(e["train_seconds"], e["rollout_seconds"]) + e["push_seconds"])
     assert best["step_seconds"] == min(e["step_seconds"] for e in o["splits"] if e.get("fits", True))
     assert o["ratio"] == pytest.approx(o["overlapped_seconds"] / o["sequential_seconds"])
+    # the bound holds for every split's own estimate, and is reached by none faster
+    assert all(e["step_seconds"] / o["sequential_seconds"] >= o["ratio_bound"] - 1e-9 for e in o["splits"])
+    assert o["ratio_bound"] >= 0.5 and o["ratio_bound_split"] in {e["sampler_chips"] for e in o["splits"]}
     assert o["weight_push_bandwidth"] == topo.link_one_way == 50e9
 
 

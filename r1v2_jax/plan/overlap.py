@@ -108,7 +108,21 @@ def split_estimate(cfg, job: Job, mc, topo, devices, k: int, train_flops: float)
     }
 
 
-def overlap_plan(cfg, job: Job, mc, topo, devices, hbm: int, sequential_s: float, train_flops: float) -> dict:
+def ratio_bound(cfg, topo, n: int, sequential_s: float, train_flops: float, rollout_n: float, ks: list[int]):
+    """The smallest overlapped / sequential ratio any of the splits ``ks`` (sampler chips) could
+    reach, and its split: the train step at a fixed MFU takes ``n / (n - k)`` times as long on the
+    learner's ``n - k`` chips, and a rollout (prefill + decode, ``rollout_n`` on all ``n`` chips in
+    the sequential plan) on ``k`` chips is no faster than on all ``n`` (in the
+    roofline each chip reads no fewer weight bytes and more KV bytes per token step), so the step is
+    at least max(train_n * n / (n - k), rollout_n): at best 2/3 of the sequential step when half
+    the chips learn, whatever the rollout costs."""
+    train_n = train_flops / (n * topo.peak_flops * cfg.plan.assumed_mfu)
+    return min((max(train_n * n / (n - k), rollout_n) / sequential_s, k) for k in ks)
+
+
+def overlap_plan(
+    cfg, job: Job, mc, topo, devices, hbm: int, sequential_s: float, train_flops: float, rollout_s: float
+) -> dict:
     """The splits' estimates (fastest first) and the proposed one: the fastest whose programs
     fit, each of its programs' memory report included."""
     splits = [
@@ -137,7 +151,11 @@ def overlap_plan(cfg, job: Job, mc, topo, devices, hbm: int, sequential_s: float
     for e in splits:
         e.pop("_meshes", None)
     best = chosen or splits[0]
+    ks = [e["sampler_chips"] for e in splits]
+    bound, bound_k = ratio_bound(cfg, topo, len(devices), sequential_s, train_flops, rollout_s, ks)
     return {
+        "ratio_bound": bound,
+        "ratio_bound_split": bound_k,
         "splits": splits,
         "proposed": best,
         "fits": chosen is not None,
@@ -158,6 +176,8 @@ def format_overlap(o: dict) -> list[str]:
         f"({b['push_bytes'] / 1e9:.2f} GB at {o['weight_push_bandwidth'] / 1e9:.0f} GB/s; all parameters: "
         f"{b['full_push_seconds']:.2f} s) = {o['overlapped_seconds']:.1f} s against {o['sequential_seconds']:.1f} s "
         f"sequential on all chips: {o['ratio']:.2f}x" + ("" if o["fits"] else " (NO split fits)"),
+        f"    bound: with the train step scaling with its chips and no rollout faster on fewer chips, no split "
+        f"tried beats {o['ratio_bound']:.2f}x (split {o['ratio_bound_split']} sampler chips)",
     ]
     for e in o["splits"]:
         mem = e.get("programs")
