@@ -262,7 +262,7 @@ def _stacked_weight_copies(sampler, m, layer_loop):
 
     sp = SamplingParams(max_new_tokens=4)
     ids, mask, _ = _left_pad(np.ones((2, 8), np.int32), None, sampler.bucket, 0)
-    logits, cache, kv_valid, rep = sampler._prefill(
+    logits, cache, kv_valid, rep = sampler.decode_inputs(
         m.params, jnp.asarray(ids), jnp.asarray(mask), None, cache_len=64, num_samples=1
     )
     hlo = (
@@ -272,8 +272,8 @@ def _stacked_weight_copies(sampler, m, layer_loop):
             cache,
             kv_valid,
             rep,
-            jnp.uint32(0),
-            jnp.arange(2, dtype=jnp.int32),
+            jax.ShapeDtypeStruct((), jnp.uint32),
+            jax.ShapeDtypeStruct((2,), jnp.int32),
             num_samples=1,
             sp=sp,
         )

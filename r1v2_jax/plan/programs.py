@@ -16,10 +16,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from r1v2_jax.model.qwen2 import CACHE_AXES
 from r1v2_jax.model.vlm import R1V2Model, abstract_params, param_shardings
 from r1v2_jax.parallel.multihost import batch_shards
-from r1v2_jax.parallel.sharding import logical_to_pspec
 from r1v2_jax.rl.ssb import ssb_init
 from r1v2_jax.sampling.sampler import Sampler
 from r1v2_jax.train.program import PIXEL_DTYPE, abstract_args, build_program
@@ -202,25 +200,19 @@ def pixels(job: Job, mc, n: int, sharding):
 
 def sampler_programs(job: Job, mc, mesh, decode_loops: tuple[int, ...] = (1,)):
     """Compile the sampler's prefill (``batch_size`` prompts) and decode loop (``batch_size x
-    group_size`` rows). Returns (prefill, decode programs, parameters, KV cache) as compiled
-    (or OutOfMemory) programs and ShapeDtypeStructs: one decode program per entry of
-    ``decode_loops``, each running the whole loop that many times over the same cache (more
-    than once: for costing one trip of the loop body, see :func:`xla_estimate`)."""
+    group_size`` rows) as the sampler does: decode first, the cache's layout the compiler's
+    choice, then prefill returning the cache in that layout. Returns (prefill, decode
+    programs, parameters, KV cache) as compiled (or OutOfMemory) programs and
+    ShapeDtypeStructs: one decode program per entry of ``decode_loops``, each running the
+    whole loop that many times over the same cache (more than once: for costing one trip of
+    the loop body, see :func:`xla_estimate`); the first entry's cache layout is the one prefill
+    returns (the default layout when that decode program does not fit)."""
 
     sampler, pre_args, kw, row = _sampler_args(job, mc, mesh)
     cfg, stage, params = job.cfg, job.cfg.grpo, pre_args[0]
     b = cfg.data.batch_size
-    pre = compile_program(sampler.lower_prefill(*pre_args, **kw))
-    logits, cache, kv_valid, ids = sampler.prefill_shapes(*pre_args, **kw)
-    if isinstance(pre, OutOfMemory):  # decode's inputs as the constraints lay them out
-        outs = _constrained_outs(mesh, cache, row)
-    else:
-        outs = tuple(pre.output_shardings)
-    logits, cache, kv_valid, ids = jax.tree.map(
-        lambda a, s: sds(a.shape, a.dtype, s), (logits, cache, kv_valid, ids), outs
-    )
+    logits, cache, kv_valid, ids = sampler.decode_inputs(*pre_args, **kw)
     sp = stage.sampling(())
-
     decs = tuple(
         compile_program(
             sampler.lower_decode(
@@ -238,6 +230,8 @@ def sampler_programs(job: Job, mc, mesh, decode_loops: tuple[int, ...] = (1,)):
         )
         for loops in decode_loops
     )
+    formats = None if isinstance(decs[0], OutOfMemory) else sampler.cache_formats(decs[0])
+    pre = compile_program(sampler.lower_prefill(*pre_args, **kw, cache_formats=formats))
     return pre, decs, params, cache
 
 
@@ -258,18 +252,11 @@ def _sampler_args(job: Job, mc, mesh):
     return sampler, pre_args, kw, row
 
 
-def _constrained_outs(mesh, cache, row):
-    cache_sh = NamedSharding(mesh, logical_to_pspec(CACHE_AXES, shape=cache[0].shape, mesh=mesh))
-    return (row, (cache_sh, cache_sh), row, row)
-
-
 def sampler_shapes(job: Job, mc, mesh):
     """(parameters, KV cache) of the sampler on ``mesh`` as ShapeDtypeStructs, the cache laid
-    out as the sampler's constraints place it: the decode roofline's inputs, without compiling."""
-    sampler, pre_args, kw, row = _sampler_args(job, mc, mesh)
-    out = sampler.prefill_shapes(*pre_args, **kw)
-    cache = jax.tree.map(lambda a, s: sds(a.shape, a.dtype, s), out[1], _constrained_outs(mesh, out[1], row)[1])
-    return pre_args[0], cache
+    out as the sampler places it: the decode roofline's inputs, without compiling."""
+    sampler, pre_args, kw, _ = _sampler_args(job, mc, mesh)
+    return pre_args[0], sampler.decode_inputs(*pre_args, **kw)[1]
 
 
 def cost_of(compiled) -> dict:

@@ -9,6 +9,17 @@ holds two compiled programs per shape bucket:
   then samples up to ``max_new_tokens`` tokens inside one ``lax.while_loop``, the cache
   donated and updated in place.
 
+The KV cache crosses from prefill to decode in the layout the decode loop wants. Left to
+the default, XLA:TPU keeps the cache arguments in the default layout and copies each of K
+and V into the loop's preferred layout before the loop and back after it: two temporaries
+the size of the whole cache (2 x 24 GiB per chip for configs/grpo_38b.py on v5p-32, 16 chips,
+read from XLA's buffer assignment: what kept adapter-only GRPO off that slice). So decode is compiled first with
+``Layout.AUTO`` for the cache (in and out, donated: the compiler picks one layout and aliases
+the buffers), and prefill is compiled to return the cache in exactly that layout (as
+MaxText's inference engine does with its decode state). Both programs are compiled ahead of
+time, once per call signature (shapes, shardings, settings); on CPU every layout is the
+default one and nothing changes.
+
 Prompt lengths are left-padded up to a multiple of ``bucket`` so recompiles are rare; the
 sampler counts them (``num_compiles``). Each sample has its own PRNG key, derived from
 ``seed``, its prompt's index in the batch and its sample index: the same call gives the same
@@ -29,12 +40,14 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.layout import Format, Layout
+from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from r1v2_jax.model.qwen2 import CACHE_AXES, init_cache
 from r1v2_jax.model.vlm import R1V2, R1V2Model
 from r1v2_jax.parallel import multihost as dist
 from r1v2_jax.parallel.multihost import global_rows
-from r1v2_jax.parallel.sharding import constrain, use_mesh_rules
+from r1v2_jax.parallel.sharding import constrain, logical_to_pspec, use_mesh_rules
 from r1v2_jax.sampling import unrolled
 from r1v2_jax.sampling.processing import NEG, SampleOutput, SamplingParams, process_logits, sample_step
 
@@ -93,36 +106,62 @@ class Sampler:
         self._split = jax.jit(functools.partial(unrolled.split_layers, config=model.config))
         self._split_for: tuple = (None, None)  # (parameter object, its decode layout)
         self.prefill_batches: list[int] = []  # batch size of every prefill run, in order
-        self._prefill = jax.jit(self._prefill_impl, static_argnames=("cache_len", "num_samples"))
-        self._decode = jax.jit(self._decode_impl, static_argnames=("sp", "num_samples"), donate_argnames=("cache",))
+        self._compiled: dict = {}  # call signature -> (prefill, decode) compiled programs
 
     @property
     def num_compiles(self) -> int:
-        """Programs compiled so far: prefill and decode executables in jit's caches (one of
-        each per prompt bucket and settings; a second call of the same shapes compiles nothing)."""
-        return self._prefill._cache_size() + self._decode._cache_size()
+        """Programs compiled so far: a prefill and a decode executable per call signature (one
+        of each per prompt bucket and settings; a second call of the same shapes compiles nothing)."""
+        return 2 * len(self._compiled)
 
     def set_params(self, params) -> None:
         """Sample with new parameters (same shapes and shardings: nothing recompiles)."""
         self.model.params = params
 
-    # --- the compiled programs, for ahead-of-time use (r1v2 plan) ------------------------------
+    # --- the compiled programs (also for ahead-of-time use: r1v2 plan) -------------------------
 
-    def lower_prefill(self, params, ids, kv_valid_prompt, pixel_values, *, cache_len: int, num_samples: int):
-        """The prefill program lowered for these (abstract or concrete) arguments."""
-        return self._prefill.lower(
-            params, ids, kv_valid_prompt, pixel_values, cache_len=cache_len, num_samples=num_samples
-        )
-
-    def prefill_shapes(self, params, ids, kv_valid_prompt, pixel_values, *, cache_len: int, num_samples: int):
-        """(logits, cache, kv_valid, ids) that prefill returns, as ShapeDtypeStructs: decode's inputs."""
-        return jax.eval_shape(
+    def decode_inputs(self, params, ids, kv_valid_prompt, pixel_values, *, cache_len: int, num_samples: int):
+        """(logits, cache, kv_valid, ids) that prefill returns and decode takes, as
+        ShapeDtypeStructs with the shardings both programs use: rows over the batch axes
+        (``act_batch``), the cache by ``CACHE_AXES`` under the model's rules; one device's
+        (the parameters') without a mesh."""
+        shapes = jax.eval_shape(
             lambda *a: self._prefill_impl(*a, cache_len=cache_len, num_samples=num_samples),
             params,
             ids,
             kv_valid_prompt,
             pixel_values,
         )
+        mesh = self.model.mesh
+        if mesh is None:
+            one = SingleDeviceSharding(_device_of(params))
+            return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), shapes)
+
+        def placed(names, a):
+            spec = logical_to_pspec(names, self.model.rules, a.shape, mesh)
+            return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, spec))
+
+        logits, cache, kv_valid, rep = shapes
+        rows = [placed(("act_batch",) + (None,) * (a.ndim - 1), a) for a in (logits, kv_valid, rep)]
+        return rows[0], jax.tree.map(lambda c: placed(CACHE_AXES, c), cache), rows[1], rows[2]
+
+    def lower_prefill(
+        self, params, ids, kv_valid_prompt, pixel_values, *, cache_len: int, num_samples: int, cache_formats=None
+    ):
+        """The prefill program lowered for these (abstract or concrete) arguments, its outputs
+        placed as :meth:`decode_inputs` says and the cache in ``cache_formats`` (a tree of
+        :class:`Format` like the cache, from :meth:`cache_formats` of the compiled decode;
+        None: the default layout)."""
+        outs = self.decode_inputs(
+            params, ids, kv_valid_prompt, pixel_values, cache_len=cache_len, num_samples=num_samples
+        )
+        shardings = [a.sharding for a in (outs[0], outs[2], outs[3])]
+        cache = cache_formats if cache_formats is not None else jax.tree.map(lambda c: c.sharding, outs[1])
+        fn = jax.jit(
+            functools.partial(self._prefill_impl, cache_len=cache_len, num_samples=num_samples),
+            out_shardings=(shardings[0], cache, shardings[1], shardings[2]),
+        )
+        return fn.lower(params, ids, kv_valid_prompt, pixel_values)
 
     def lower_decode(
         self,
@@ -138,23 +177,59 @@ class Sampler:
         sp: SamplingParams,
         loops: int = 1,
     ):
-        """The decode program (the whole token loop) lowered for these arguments; ``loops`` > 1
-        runs the loop that many times over the same cache in one program (for costing one trip
-        of its body: the difference from ``loops=1``)."""
-        if loops == 1:
-            return self._decode.lower(params, logits, cache, kv_valid, ids, seed, prompt_index, num_samples, sp=sp)
+        """The decode program (the whole token loop) lowered for these abstract arguments
+        (ShapeDtypeStructs with shardings, as :meth:`decode_inputs` gives them), the cache's
+        layout left to the compiler (``Layout.AUTO`` in and out, donated). ``loops`` > 1 runs
+        the loop that many times over the same cache in one program (for costing one trip of
+        its body: the difference from ``loops=1``); it returns (a list of each loop's outputs,
+        cache) instead of (outputs..., cache)."""
 
-        def repeated(params, logits, cache, kv_valid, ids, seed, prompt_index, num_samples, sp):
+        def run(params, logits, cache, kv_valid, ids, seed, prompt_index):
             outs = []
             for _ in range(loops):
                 *out, cache = self._decode_impl(
                     params, logits, cache, kv_valid, ids, seed, prompt_index, num_samples, sp
                 )
-                outs.append(out)
-            return outs, cache
+                outs.append(tuple(out))
+            return (*outs[0], cache) if loops == 1 else (outs, cache)
 
-        fn = jax.jit(repeated, static_argnames=("sp", "num_samples"), donate_argnames=("cache",))
-        return fn.lower(params, logits, cache, kv_valid, ids, seed, prompt_index, num_samples, sp=sp)
+        auto = jax.tree.map(lambda c: Format(Layout.AUTO, c.sharding), cache)
+        args = (params, logits, cache, kv_valid, ids, seed, prompt_index)
+        placed = tuple(jax.tree.map(lambda a: getattr(a, "sharding", None), a) for a in args)
+        fn = jax.jit(
+            run,
+            in_shardings=(*placed[:2], auto, *placed[3:]),
+            out_shardings=(*(None,) * 6, auto) if loops == 1 else (None, auto),
+            donate_argnums=(2,),
+        )
+        return fn.lower(*args)
+
+    @staticmethod
+    def cache_formats(decode):
+        """The cache's formats (layouts and shardings) a compiled decode program takes: what
+        prefill must return (see :meth:`lower_prefill`)."""
+        return decode.input_formats[0][2]
+
+    def _programs(self, params, dparams, ids, mask, pix, index, *, cache_len: int, num_samples: int, sp):
+        """(prefill, decode) compiled for this call signature; decode first, then prefill
+        returning the cache in the layout decode chose."""
+        key = (
+            _signature((params, dparams, ids, mask, pix, index)),
+            cache_len,
+            num_samples,
+            sp,
+        )
+        if key not in self._compiled:
+            kw = dict(cache_len=cache_len, num_samples=num_samples)
+            logits, cache, kv_valid, rep = self.decode_inputs(params, ids, mask, pix, **kw)
+            seed = jax.ShapeDtypeStruct((), jnp.uint32)
+            index = _abstract(index)
+            decode = self.lower_decode(
+                _abstract(dparams), logits, cache, kv_valid, rep, seed, index, num_samples=num_samples, sp=sp
+            ).compile()
+            prefill = self.lower_prefill(params, ids, mask, pix, **kw, cache_formats=self.cache_formats(decode))
+            self._compiled[key] = (prefill.compile(), decode)
+        return self._compiled[key]
 
     def decode_params(self):
         """The parameters the decode program takes: the model's (``scan``), or their decode
@@ -306,11 +381,13 @@ class Sampler:
             put = functools.partial(global_rows, mesh=mesh)
         ids_d, mask_d, index_d = put(ids), put(mask), put(index)
         pix_d = None if pix is None else put(pix)
-        logits, cache, kv_valid, rep_ids = self._prefill(
-            self.model.params, ids_d, mask_d, pix_d, cache_len=cache_len, num_samples=num_samples
+        params, dparams = self.model.params, self.decode_params()
+        prefill, decode = self._programs(
+            params, dparams, ids_d, mask_d, pix_d, index_d, cache_len=cache_len, num_samples=num_samples, sp=sp
         )
-        out, lp, ref, lengths, finished, prompt_len, _ = self._decode(
-            self.decode_params(), logits, cache, kv_valid, rep_ids, jnp.uint32(seed), index_d, num_samples, sp=sp
+        logits, cache, kv_valid, rep_ids = prefill(params, ids_d, mask_d, pix_d)
+        out, lp, ref, lengths, finished, prompt_len, _ = decode(
+            dparams, logits, cache, kv_valid, rep_ids, np.uint32(seed), index_d
         )
         result = SampleOutput(
             tokens=jnp.concatenate([rep_ids[:, p - t :], out], axis=1),
@@ -324,6 +401,35 @@ class Sampler:
         if host_rows is not None and jax.process_count() == 1:  # one host: drop the padding rows here
             result = jax.tree.map(lambda x: x[:host_rows], result).replace(host_rows=None)
         return result
+
+
+def _abstract(tree):
+    """Arrays -> ShapeDtypeStructs with their shardings (an uncommitted array's: none, jit
+    places it as it would the array; ShapeDtypeStructs and None pass through)."""
+
+    def one(a):
+        sharding = getattr(a, "sharding", None) if getattr(a, "committed", True) else None
+        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+
+    return jax.tree.map(one, tree)
+
+
+def _signature(tree) -> tuple:
+    """What a compiled program is specialised on: the tree's structure and each leaf's shape,
+    dtype and sharding."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple(
+        (a.shape, jnp.dtype(a.dtype), getattr(a, "sharding", None), getattr(a, "committed", True)) for a in leaves
+    )
+
+
+def _device_of(params):
+    """The device the (single-device) parameters live on; the default device otherwise."""
+    for a in jax.tree.leaves(params):
+        sharding = getattr(a, "sharding", None)
+        if sharding is not None and len(sharding.device_set) == 1:
+            return next(iter(sharding.device_set))
+    return jax.devices()[0]
 
 
 def _pad_rows(ids, mask, pix, rows: int, length: int, pad_id: int):
