@@ -241,7 +241,11 @@ def test_xla_estimate_counts_every_layer_and_loop_trip():
         body = xla_seconds(dec2) - once
         assert 0 < body < once
         assert est["decode"] == pytest.approx(once + 15 * body, rel=0.1)
-        assert est["decode"] < 0.8 * 16 * once  # what multiplying the whole program by the tokens would say
+        # less than multiplying the whole program by the tokens would say; the margin is what runs
+        # once outside the loop (the sampling keys, the output buffers; until the sampler handed
+        # the cache to decode in the loop's layout, also a copy of K and V in and out, which
+        # made it over 20%)
+        assert est["decode"] < 16 * once
         # what the correction is for: the scanned program's own figure counts one layer per tower
         assert xla_seconds(compile_program(train_program(job, mc, mesh, rows // 2, 1)[0])) < 0.75 * truth_half
 
