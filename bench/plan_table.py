@@ -4,8 +4,9 @@ adapter-only, adapter+LLM and full training, the smallest v5p / v6e slice that f
 
     python bench/plan_table.py [--families v5p v6e] [--out plan_table.jsonl]
 
-For each row it tries slices from a starting size upwards (doubling) and stops at the first
-that fits; when the starting size already fits, it halves until a slice does not. The
+For each row it tries slices from a starting size (``--start``, else a guess per trainable)
+upwards (doubling) and stops at the first that fits; when the starting size already fits, it
+halves until a slice does not. The
 micro-batch count is chosen so that every micro-batch has one sequence (GRPO) or one pair
 (MPO) per FSDP group. When the train step's temporaries alone exceed a chip's
 HBM by a quarter, a bigger slice cannot help (those are per-sequence activations, and the
@@ -75,7 +76,10 @@ def plan_once(algo: str, trainable: str, family: str, chips: int, xla: bool = Fa
     return rep
 
 
-def start_chips(trainable: str, family: str) -> int:
+def start_chips(trainable: str, family: str, start: int | None = None) -> int:
+    """Chips the search starts from: ``start`` when given (``--start``), else START's guess."""
+    if start:
+        return start
     return START[trainable] if family == "v5p" else START[trainable] * 2
 
 
@@ -100,8 +104,8 @@ def refine_down(row: dict, log) -> dict:
     return dict(row, refined=True)
 
 
-def search(algo: str, trainable: str, family: str, max_chips: int, log) -> dict:
-    chips = start_chips(trainable, family)
+def search(algo: str, trainable: str, family: str, max_chips: int, log, start: int | None = None) -> dict:
+    chips = start_chips(trainable, family, start)
     tried = []
     while chips <= max_chips:
         rep = plan_once(algo, trainable, family, chips)
@@ -177,6 +181,12 @@ def main() -> int:
     p.add_argument("--algorithms", nargs="+", default=["grpo", "mpo"], choices=sorted(CONFIGS))
     p.add_argument("--trainables", nargs="+", default=["adapter", "adapter+llm", "all"], choices=sorted(START))
     p.add_argument("--max-chips", type=int, default=256)
+    p.add_argument(
+        "--start",
+        type=int,
+        default=None,
+        help="chips every search starts from (default: a guess per trainable; a smaller start saves the plans above)",
+    )
     p.add_argument("--out", default=None, help="append each row as JSON to this file")
     p.add_argument("--xla", action="store_true", help="add XLA's step-time estimate for each row's slice")
     p.add_argument("--replan", action="store_true", help="plan each stored row's slice again (after a planner change)")
@@ -197,7 +207,11 @@ def main() -> int:
             for family in a.families:
                 if (algo, trainable, family) in done:
                     r = done[algo, trainable, family]
-                    if r["fits"] and not r.get("refined") and r["report"]["chips"] == start_chips(trainable, family):
+                    if (
+                        r["fits"]
+                        and not r.get("refined")
+                        and r["report"]["chips"] == start_chips(trainable, family, a.start)
+                    ):
                         r = refine_down(r, lambda s: print(s, flush=True))
                         keep(r)
                     if r["fits"] and (a.replan or (a.xla and not r["report"].get("xla_step_seconds"))):
@@ -206,7 +220,7 @@ def main() -> int:
                         keep(r)
                     rows.append(r)
                     continue
-                r = search(algo, trainable, family, a.max_chips, lambda s: print(s, flush=True))
+                r = search(algo, trainable, family, a.max_chips, lambda s: print(s, flush=True), a.start)
                 if a.xla and r["fits"]:
                     r = replan(r, xla=True)
                 rows.append(r)
