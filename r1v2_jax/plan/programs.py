@@ -231,7 +231,8 @@ def sampler_programs(job: Job, mc, mesh, decode_loops: tuple[int, ...] = (1,)):
         for loops in decode_loops
     )
     formats = None if isinstance(decs[0], OutOfMemory) else sampler.cache_formats(decs[0])
-    pre = compile_program(sampler.lower_prefill(*pre_args, **kw, cache_formats=formats))
+    outputs = (logits, cache, kv_valid, ids)
+    pre = compile_program(sampler.lower_prefill(*pre_args, outputs, **kw, cache_formats=formats))
     return pre, decs, params, cache
 
 

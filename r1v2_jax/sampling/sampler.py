@@ -146,20 +146,26 @@ class Sampler:
         return rows[0], jax.tree.map(lambda c: placed(CACHE_AXES, c), cache), rows[1], rows[2]
 
     def lower_prefill(
-        self, params, ids, kv_valid_prompt, pixel_values, *, cache_len: int, num_samples: int, cache_formats=None
+        self,
+        params,
+        ids,
+        kv_valid_prompt,
+        pixel_values,
+        outputs,
+        *,
+        cache_len: int,
+        num_samples: int,
+        cache_formats=None,
     ):
         """The prefill program lowered for these (abstract or concrete) arguments, its outputs
-        placed as :meth:`decode_inputs` says and the cache in ``cache_formats`` (a tree of
-        :class:`Format` like the cache, from :meth:`cache_formats` of the compiled decode;
-        None: the default layout)."""
-        outs = self.decode_inputs(
-            params, ids, kv_valid_prompt, pixel_values, cache_len=cache_len, num_samples=num_samples
-        )
-        shardings = [a.sharding for a in (outs[0], outs[2], outs[3])]
-        cache = cache_formats if cache_formats is not None else jax.tree.map(lambda c: c.sharding, outs[1])
+        placed as ``outputs`` says (what :meth:`decode_inputs` gives for these arguments) and the
+        cache in ``cache_formats`` (a tree of :class:`Format` like the cache, from
+        :meth:`cache_formats` of the compiled decode; None: the default layout)."""
+        logits, cache, kv_valid, rep = outputs
+        cache = cache_formats if cache_formats is not None else jax.tree.map(lambda c: c.sharding, cache)
         fn = jax.jit(
             functools.partial(self._prefill_impl, cache_len=cache_len, num_samples=num_samples),
-            out_shardings=(shardings[0], cache, shardings[1], shardings[2]),
+            out_shardings=(logits.sharding, cache, kv_valid.sharding, rep.sharding),
         )
         return fn.lower(params, ids, kv_valid_prompt, pixel_values)
 
@@ -221,13 +227,16 @@ class Sampler:
         )
         if key not in self._compiled:
             kw = dict(cache_len=cache_len, num_samples=num_samples)
-            logits, cache, kv_valid, rep = self.decode_inputs(params, ids, mask, pix, **kw)
+            outputs = self.decode_inputs(params, ids, mask, pix, **kw)
+            logits, cache, kv_valid, rep = outputs
             seed = jax.ShapeDtypeStruct((), jnp.uint32)
             index = _abstract(index)
             decode = self.lower_decode(
                 _abstract(dparams), logits, cache, kv_valid, rep, seed, index, num_samples=num_samples, sp=sp
             ).compile()
-            prefill = self.lower_prefill(params, ids, mask, pix, **kw, cache_formats=self.cache_formats(decode))
+            prefill = self.lower_prefill(
+                params, ids, mask, pix, outputs, **kw, cache_formats=self.cache_formats(decode)
+            )
             self._compiled[key] = (prefill.compile(), decode)
         return self._compiled[key]
 
