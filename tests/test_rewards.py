@@ -176,6 +176,29 @@ def test_hybrid_combination_and_gate():
     assert "reward_rm" not in m and total.tolist() == [2, 1, 1, 0]
 
 
+def test_sigmoid_rm_term_never_outweighs_the_verifier():
+    """rm_transform='sigmoid': σ(score) by hand; with w_rm <= w_rule a wrong answer the RM loves
+    never totals above a right one it hates (below, when w_rm < w_rule); NaN stays NaN (the group is dropped, never zero)."""
+    rule, fmt = np.array([1, 0, 1, 0.0]), np.ones(4)
+    rm = np.array([0.0, 2.0, -1000.0, np.nan])
+    total, m = combine(rule, fmt, rm, HybridConfig(rm_transform="sigmoid"))
+    s = 1 / (1 + np.exp(-2.0))
+    np.testing.assert_allclose(total[:3], [2.5, 1 + s, 2.0], rtol=1e-6)
+    assert np.isnan(total[3])
+    fin = combine(rule[:3], fmt[:3], rm[:3], HybridConfig(rm_transform="sigmoid"))[1]
+    assert fin["reward_rm"] == pytest.approx((0 + 2 - 1000) / 3)  # the raw scores' mean
+    assert fin["reward_rm_term"] == pytest.approx((0.5 + s + 0) / 3)  # what entered the total
+    one_each = (np.array([1, 0.0]), np.ones(2), np.array([-50.0, 50.0]))  # right but hated, wrong but loved
+    right, wrong = combine(*one_each, HybridConfig(rm_transform="sigmoid"))[0]
+    assert right >= wrong  # equal only where float32 saturates σ to 0 and 1
+    right, wrong = combine(*one_each, HybridConfig(rm_transform="sigmoid", w_rm=0.5))[0]
+    assert right > wrong
+    raw = combine(np.array([1, 0.0]), np.ones(2), np.array([-50.0, 50.0]))[0]
+    assert raw[0] < raw[1]  # raw scores can: what the transform is for
+    with pytest.raises(ValueError, match="rm_transform"):
+        HybridConfig(rm_transform="tanh")
+
+
 def test_reward_model_bradley_terry_training():
     """On an easy synthetic preference set (the chosen response ends in a 'good' token),
     held-out pairwise accuracy rises from chance to >= 0.9."""

@@ -9,7 +9,7 @@ import numpy as np
 
 from r1v2_jax.parallel import multihost as dist
 from r1v2_jax.rewards.format import FormatConfig, format_reward
-from r1v2_jax.rewards.hybrid import HybridConfig, combine
+from r1v2_jax.rewards.hybrid import HybridConfig, combine, rm_metrics, rm_term
 from r1v2_jax.sampling.sampler import Sampler, SamplingParams
 from r1v2_jax.train.run import Run, row_tiles
 
@@ -96,8 +96,11 @@ def score_completions(run: Run, out, answers, choices, group: int, hybrid: Hybri
     if rm is not None:
         total = np.where(bad, np.nan, total).astype(np.float32)
         kept = ~bad
+        if kept.any():
+            metrics.update(rm_metrics(rm_scores[kept], rm_term(rm_scores[kept], hybrid.rm_transform), hybrid))
+        else:
+            metrics.update(reward_rm=float("nan"))
         metrics.update(
-            reward_rm=float(rm_scores[kept].mean()) if kept.any() else float("nan"),
             reward_total=float(total[kept].mean()) if kept.any() else float("nan"),
             rm_failed=int(res.failed),
             rm_dropped_groups=int(bad.sum() // group),
