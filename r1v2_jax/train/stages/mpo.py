@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 
 from r1v2_jax.data.formats import SkipCounter
 from r1v2_jax.data.pipeline import sequence_iterator
@@ -18,7 +19,10 @@ from r1v2_jax.train.program import BATCH_LAYOUTS, PACKED_PAIR_KEYS, build_progra
 from r1v2_jax.train.reward_scoring import make_rollout_rm
 from r1v2_jax.train.run import device_batch, init_run_state, row_tiles
 from r1v2_jax.train.stages.base import StageContext, positive
+from r1v2_jax.train.stages.sft import cold_start_response
 from r1v2_jax.train.state import OptimConfig
+
+PAIR_SOURCES = ("policy", "answers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +31,16 @@ class PairMining:
     ``prompts`` training prompts at ``temperature`` / ``top_p``, chosen = reward >= ``threshold``.
     ``reward_model`` scores the candidates too (:mod:`r1v2_jax.train.reward_scoring`; its score
     enters the combined reward with ``reward.w_rm``); ``threshold_on``: ``total`` (the combined
-    reward) or ``rm`` (the reward model's score alone, as the paper's thresholds 7 / 10 / 15)."""
+    reward) or ``rm`` (the reward model's score alone, as the paper's thresholds 7 / 10 / 15).
+
+    ``source``: ``policy`` (the above) or ``answers``: no sampling; each of the first
+    ``prompts`` records gives one pair, its known answer in the cold-start format (chosen)
+    against a wrong answer in the same format (rejected), drawn (seeded) from the other choices
+    of a multiple-choice record or else from the answers of the other records of its category
+    (:func:`answer_pairs`). Curated pairs, as a released reward model is trained on rather than
+    on the policy's own samples; a record with no wrong answer to draw is skipped and counted."""
+
+    source: str = "policy"
 
     candidates: int = 4
     threshold: float = 1.5
@@ -43,6 +56,8 @@ class PairMining:
 
     def __post_init__(self):
         positive(self, "prompts")
+        if self.source not in PAIR_SOURCES:
+            raise ValueError(f"source: expected one of {', '.join(PAIR_SOURCES)}, got {self.source!r}")
         if self.threshold_on not in ("total", "rm"):
             raise ValueError(f"threshold_on: expected 'total' or 'rm', got {self.threshold_on!r}")
         if self.threshold_on == "rm" and self.reward_model.kind == "none":
@@ -55,8 +70,59 @@ class PairMining:
             )
 
 
+def wrong_answers(record: dict, by_category: dict) -> list[str]:
+    """The wrong answers a pair can give for ``record``: its other choices (letters when its
+    answer is a letter, else the choices' texts), or else the other answers seen in its category."""
+    ans = str(record["answer"]).strip()
+    choices = record.get("choices") or []
+    if choices:
+        letters = [chr(65 + i) for i in range(len(choices))]
+        pool = letters if ans.upper() in letters else [str(c).strip() for c in choices]
+    else:
+        pool = by_category.get(record.get("category", ""), ())
+    return sorted({a for a in pool if a.lower() != ans.lower()})
+
+
+def answer_pairs(records: list[dict], seed: int) -> tuple[list[dict], dict]:
+    """One curated pair per record (``PairMining.source = "answers"``): the known answer's
+    cold-start response against a seeded draw of :func:`wrong_answers`. Deterministic, so every
+    host builds the same list from the same records."""
+    by_category: dict[str, set] = {}
+    for r in records:
+        by_category.setdefault(r.get("category", ""), set()).add(str(r["answer"]).strip())
+    rng = random.Random(seed)
+    out, skipped = [], 0
+    for r in records:
+        wrong = wrong_answers(r, by_category)
+        if not wrong:
+            skipped += 1
+            continue
+        out.append(
+            {
+                "images": r["images"],
+                "prompt": r["question"],
+                "chosen": cold_start_response(r),
+                "rejected": cold_start_response(dict(r, answer=rng.choice(wrong))),
+                "_root": r["_root"],
+                "_where": r["_where"],
+            }
+        )
+    return out, {"prompts": len(records), "pairs": len(out), "source": "answers", "no_wrong_answer": skipped}
+
+
 def mine_pairs(ctx: StageContext, params, stage: str, pairs: PairMining) -> list[dict]:
     """This experiment's pairs for ``stage`` (logged once as ``<stage>_pairs``)."""
+    run = ctx.run
+    if pairs.source == "answers":
+        pref, info = answer_pairs(ctx.train[: pairs.prompts], run.seed)
+    else:
+        pref, info = _policy_pairs(ctx, params, stage, pairs)
+    if run.logged(f"{stage}_pairs") is None:
+        run.metrics.write({"stage": f"{stage}_pairs", "step": 0, **info})
+    return pref
+
+
+def _policy_pairs(ctx: StageContext, params, stage: str, pairs: PairMining) -> tuple[list[dict], dict]:
     run = ctx.run
     eos = run.eos_ids()
     sp = SamplingParams(
@@ -66,7 +132,7 @@ def mine_pairs(ctx: StageContext, params, stage: str, pairs: PairMining) -> list
         eos_ids=eos,
         pad_id=eos[0] if eos else 0,
     )
-    pref, info = make_preference_records(
+    return make_preference_records(
         run,
         params,
         ctx.train[: pairs.prompts],
@@ -81,9 +147,6 @@ def mine_pairs(ctx: StageContext, params, stage: str, pairs: PairMining) -> list
         threshold_on=pairs.threshold_on,
         sweep=pairs.sweep,
     )
-    if run.logged(f"{stage}_pairs") is None:
-        run.metrics.write({"stage": f"{stage}_pairs", "step": 0, **info})
-    return pref
 
 
 @dataclasses.dataclass(frozen=True)
