@@ -19,6 +19,12 @@ timed after one warm-up call (compilation excluded), best of two; transformers a
 warm-up call. Batch 1 is also given as a fraction of the memory-bandwidth bound: the bytes of
 the decoder parameters read per token (embedding table excluded: one row is read) over a
 measured copy bandwidth (read + write counted). The machine is shared: figures vary.
+
+``matmul floor``: the decode step's matrix products alone (q, k, v, o, gate, up, down of every
+layer and the LM head, at the shape's widths and the batch, float32, random weights), in a
+jitted loop of ``new-tokens`` steps: no attention, norms, sampling or cache. No decode engine
+on this CPU can beat it with XLA's matmul, so ``floor / transformers`` is the ratio an engine
+doing nothing but those products would reach.
 """
 
 import argparse
@@ -97,6 +103,39 @@ def torch_model(model):
     return hf.eval()
 
 
+def matmul_floor(cfg, batch: int, steps: int) -> float:
+    """Tokens/s of the decoder's matrix products alone (module docstring), best of three."""
+    import jax
+    import jax.numpy as jnp
+
+    c = cfg.text
+    hd = c.resolved_head_dim
+    shapes = [
+        (c.hidden_size, c.num_heads * hd),
+        (c.hidden_size, c.num_kv_heads * hd),
+        (c.hidden_size, c.num_kv_heads * hd),
+        (c.num_heads * hd, c.hidden_size),
+        (c.hidden_size, c.intermediate_size),
+        (c.hidden_size, c.intermediate_size),
+        (c.intermediate_size, c.hidden_size),
+    ]
+    rng = np.random.default_rng(0)
+    w = [[jnp.asarray(rng.standard_normal(s, np.float32) * 0.02) for s in shapes] for _ in range(c.num_layers)]
+    head = jnp.asarray(rng.standard_normal((c.hidden_size, c.vocab_size), np.float32) * 0.02)
+
+    def step(x):
+        for q, k, v, o, g, u, d in w:
+            h = (x @ q)[:, : o.shape[0]] + (x @ k).sum() + (x @ v).sum()
+            x = x + h @ o
+            x = x + ((x @ g) * (x @ u)) @ d
+        return x + (x @ head)[:, : x.shape[1]] * 1e-3
+
+    loop = jax.jit(lambda x: jax.lax.fori_loop(0, steps, lambda i, x: step(x), x))
+    x = jnp.asarray(rng.standard_normal((batch, c.hidden_size), np.float32))
+    jax.block_until_ready(loop(x))
+    return batch * steps / min(_timed(lambda: jax.block_until_ready(loop(x))) for _ in range(3))
+
+
 def bench_shape(name, model, batches, prompt_len, new_tokens):
     import jax
     import torch
@@ -124,7 +163,8 @@ def bench_shape(name, model, batches, prompt_len, new_tokens):
             t_hf = _timed(run_hf)
             theirs = run_hf().numpy()
         same = np.array_equal(np.asarray(samplers["unrolled"](ids, sp=sp).tokens), theirs)
-        rows.append((name, b, tps["unrolled"], tps["scan"], b * new_tokens / t_hf, same))
+        floor = matmul_floor(model.config, b, new_tokens)
+        rows.append((name, b, tps["unrolled"], tps["scan"], b * new_tokens / t_hf, floor, same))
     llm = model.params["language_model"]
     import r1v2_jax
 
@@ -161,16 +201,17 @@ def main():
     )
     print(
         f"{'shape':>6} | {'tokens':>8} | {'batch':>5} | {'r1v2-jax tok/s':>14} | {'(scan) tok/s':>12} | "
-        f"{'transformers':>12} | {'ratio':>5} | {'of bound':>8} | same tokens"
+        f"{'transformers':>12} | {'ratio':>5} | {'of bound':>8} | {'matmul floor':>12} | {'of floor':>8} | "
+        f"{'floor/transformers':>18} | same tokens"
     )
-    print("-" * 108)
+    print("-" * 155)
     for name, plen, new, rows, param_bytes in results:
         bound = bw / param_bytes
-        for _, b, tj, ts, th, same in rows:
+        for _, b, tj, ts, th, floor, same in rows:
             frac = f"{tj / bound:8.0%}" if b == 1 else " " * 8
             print(
                 f"{name:>6} | {plen:>3}+{new:<4} | {b:>5} | {tj:14.1f} | {ts:12.1f} | {th:12.1f} | {tj / th:5.2f} | "
-                f"{frac} | {same}"
+                f"{frac} | {floor:12.1f} | {tj / floor:8.0%} | {floor / th:18.2f} | {same}"
             )
     print()
     for name, _, _, _, param_bytes in results:
