@@ -32,6 +32,7 @@ from r1v2_jax.train.config_files import CONFIG_ERRORS, experiment_from, load_exp
 from r1v2_jax.train.evaluate import evaluate
 from r1v2_jax.train.experiment import (
     demo_config,
+    demo_hybrid_config,
     experiment_meshes,
     format_summary,
     load_experiment_model,
@@ -83,9 +84,10 @@ def _run(exp) -> int:
 
 
 def cmd_demo(args, overrides) -> int:
-    """The main job: SFT -> MPO -> GRPO on the synthetic task with a tiny model, evaluated after
-    each stage, exported to the released format and reloaded."""
-    cfg = demo_config()
+    """The main job: SFT -> RM -> MPO -> GRPO (rule + reward model + format) on the synthetic
+    task with a tiny model, evaluated after each stage, exported to the released format and
+    reloaded (:func:`~r1v2_jax.train.experiment.demo_hybrid_config`)."""
+    cfg = demo_hybrid_config()
     if args.out:
         cfg.run_dir = args.out
     try:

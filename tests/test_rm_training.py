@@ -73,6 +73,14 @@ def test_rm_score_is_added_and_an_unscored_group_is_nan_not_zero(tmp_path):
         assert m["reward_rm"] == pytest.approx(7.0)  # over the scored groups only
         _, _, _, m, _ = score_completions(run, out, ["1", "3"], [[], []], 2, hy, FormatConfig())
         assert "reward_rm" not in m and "weight_rm" not in m
+        sig = HybridConfig(w_rm=0.5, rm_transform="sigmoid")
+        total, _, _, m, _ = score_completions(
+            run, out, ["1", "3"], [[], []], 2, sig, FormatConfig(), lambda t: RMScores(np.array([2.0, np.nan, 6, 8]), 1)
+        )
+        s6, s8 = 1 / (1 + np.exp(-6.0)), 1 / (1 + np.exp(-8.0))
+        np.testing.assert_allclose(total[2:], [0 + 1 + 0.5 * s6, 1 + 1 + 0.5 * s8], rtol=1e-6)
+        assert np.isnan(total[:2]).all()
+        assert m["reward_rm"] == pytest.approx(7.0) and m["reward_rm_term"] == pytest.approx((s6 + s8) / 2)
     finally:
         run.close()
 
@@ -197,7 +205,51 @@ def test_rm_stage_feeds_mpo_split_and_grpo_reward(tmp_path):
     means = summary["rewards"]["grpo"]
     for k in ("reward_rule", "reward_format", "reward_rm", "reward_total"):
         assert means[k] == pytest.approx(np.mean([r[k] for r in grpo]), rel=1e-6)
-    assert re.search(r"\| rule +\| format +\| rm +\| total", format_summary(summary))
+    assert re.search(r"\| rule +\| format +\| rm score +\| rm term +\| total", format_summary(summary))
+
+
+@pytest.mark.slow
+def test_the_demo_runs_the_hybrid_reward(tmp_path):
+    """configs/demo_hybrid.py (what `r1v2 demo` runs), shrunk: the rm stage trains on one curated
+    pair per training record (no sampling), GRPO's total is rule + format + 0.5 x sigmoid(RM
+    score) (the logged means add up, the term within [0, 1]) and the summary prints each
+    component's mean."""
+    c = load_config(
+        "configs/demo_hybrid.py",
+        [
+            f"--config.run_dir={tmp_path / 'run'}",
+            "--config.sft.steps=10",
+            "--config.rm.steps=2",
+            "--config.data.batch_size=4",
+            "--config.mpo.steps=1",
+            "--config.mpo.pairs.prompts=4",
+            "--config.grpo.steps=2",
+            "--config.grpo.group_size=4",
+            "--config.grpo.max_new_tokens=8",
+            "--config.data.synthetic_n=24",
+            "--config.eval.prompts=2",
+            "--config.eval.max_new_tokens=8",
+            "--config.progress=False",
+            "--config.export=False",
+            "--config.checkpoint.async_save=False",
+        ],
+    )
+    assert tuple(c.stages) == ("sft", "rm", "mpo", "grpo")
+    summary = run_experiment(c)
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    n_train = sum(1 for _ in open(tmp_path / "run" / "data" / "train.jsonl"))
+    pairs = next(r for r in rows if r["stage"] == "rm_pairs")
+    assert pairs["source"] == "answers" and pairs["pairs"] == pairs["prompts"] == n_train
+    grpo = [r for r in rows if r["stage"] == "grpo"]
+    assert len(grpo) == 2
+    for r in grpo:
+        assert r["weight_rm"] == 0.5 and 0 <= r["reward_rm_term"] <= 1
+        want = r["reward_rule"] + r["reward_format"] + 0.5 * r["reward_rm_term"]
+        assert r["reward_total"] == pytest.approx(want, rel=1e-5, abs=1e-5)
+    means = summary["rewards"]["grpo"]
+    assert set(means) >= {"reward_rule", "reward_format", "reward_rm", "reward_rm_term", "reward_total"}
+    assert re.search(r"grpo +\| [0-9.]+ +\| [0-9.]+ +\| -?[0-9.]+ +\| [0-9.]+ +\| [0-9.]+", format_summary(summary))
 
 
 def _qwen_like_tokenizer(path):

@@ -16,6 +16,7 @@ from r1v2_jax.convert.safetensors_io import SafetensorsDir
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = [
     "--config.sft.steps=40",
+    "--config.rm.steps=3",
     "--config.mpo.pairs.threshold=0.5",
     "--config.mpo.steps=6",
     "--config.grpo.steps=6",

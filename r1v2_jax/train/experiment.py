@@ -41,22 +41,34 @@ log = logging.getLogger("r1v2_jax")
 
 
 def demo_config() -> ml_collections.ConfigDict:
-    """The CPU demo: a tiny model from scratch on the synthetic colour task, SFT -> MPO -> GRPO
-    with SSB (the schema's defaults). The hybrid reward with a reward model of our own is
-    :func:`demo_hybrid_config` (configs/demo_hybrid.py)."""
+    """The schema's defaults: the demo's task and recipe with rule + format rewards only
+    (SFT -> MPO -> GRPO with SSB; configs/demo.py, ``r1v2 train --config configs/demo.py``), the
+    base the 38B configs and the tests build on. ``r1v2 demo`` runs :func:`demo_hybrid_config`."""
     return default_config()
 
 
 def demo_hybrid_config() -> ml_collections.ConfigDict:
-    """The demo with the whole hybrid reward: SFT -> RM -> MPO -> GRPO, the ``rm`` stage training
-    a reward model on pairs mined from the SFT policy and GRPO's reward rule + 0.5 x RM + format.
-    On this tiny task the policy learns to please that small reward model (README: reward
-    hacking, seen by the monitor's ``rm_high_on_wrong``)."""
+    """The CPU demo (``r1v2 demo``, configs/demo_hybrid.py): the whole hybrid reward, SFT -> RM ->
+    MPO -> GRPO. The ``rm`` stage trains a reward model (the SFT policy's backbone + a value head)
+    with the Bradley–Terry loss on curated pairs, each training record's known answer against a
+    wrong one (``rm.pairs.source = "answers"``, all 480 records, 40 steps); GRPO's reward is rule
+    + 0.5 x σ(RM score) + format (``rm_transform = "sigmoid"``: bounded, so pleasing the reward
+    model never pays more than the verifier), group advantages with ``adv_eps = 0.1``. Before 2026-12-03 the reward model was trained on
+    ~40 pairs mined from the SFT policy and entered raw: GRPO learned to please it (seed 0's
+    held-out pass@1 0.258 against 0.775 without it; README)."""
     c = demo_config()
-    c.run_dir = "runs/demo_hybrid"
     c.stages = ("sft", "rm", "mpo", "grpo")
+    c.rm.steps = 40
+    c.rm.pairs.source = "answers"
+    c.rm.pairs.prompts = 512  # every training record of the demo's 480
     c.grpo.reward_model.kind = "ours"
     c.grpo.reward.w_rm = 0.5
+    c.grpo.reward.rm_transform = "sigmoid"
+    # A group the verifier scores alike (all right or all wrong) differs only by the RM term;
+    # with eps 1e-6 its std normalisation blows differences of 1e-3 up to unit advantages, and
+    # on a seed whose RM learned nothing (seed 3: scores constant to 1e-3) GRPO walked on that
+    # noise to held-out 0.000. eps 0.1 keeps such advantages as small as the differences (0.283).
+    c.grpo.adv_eps = 0.1
     return c
 
 
@@ -365,7 +377,8 @@ def _export(run: Run, params) -> dict:
     return {"path": out, "reload_identical": same}
 
 
-REWARD_COMPONENTS = ("reward_rule", "reward_format", "reward_rm", "reward_total")
+# reward_rm: the raw score; reward_rm_term: what entered the total with a transform (before w_rm)
+REWARD_COMPONENTS = ("reward_rule", "reward_format", "reward_rm", "reward_rm_term", "reward_total")
 
 
 def reward_means(rows) -> dict:
@@ -394,7 +407,7 @@ def format_summary(summary: dict) -> str:
         rows.append((name, f"{r['pass@1']:.3f}", str(r["n"])))
     lines = _table(rows)
     if summary.get("rewards"):
-        head = ("stage (mean reward)", "rule", "format", "rm", "total")
+        head = ("stage (mean reward)", "rule", "format", "rm score", "rm term", "total")
         lines += [""] + _table(
             [head]
             + [
