@@ -69,6 +69,10 @@ def demo_hybrid_config() -> ml_collections.ConfigDict:
     # on a seed whose RM learned nothing (seed 3: scores constant to 1e-3) GRPO walked on that
     # noise to held-out 0.000. eps 0.1 keeps such advantages as small as the differences (0.283).
     c.grpo.adv_eps = 0.1
+    # The colour task's prompts are 59 tokens (chat template, 4 image tokens, the question); the
+    # schema's 192 leaves room for other tasks and tilings. Padding every batch to 192 + 32 made
+    # the demo's GRPO step 2.3x slower (1.30 -> 0.58 s; attention and activations over padding).
+    c.data.max_prompt_len = 64
     return c
 
 
